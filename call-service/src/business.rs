@@ -1,0 +1,199 @@
+//! The call service's side of the business hook: approvals and notices.
+//!
+//! - **Approval** of a REQUEST is one unary call with its own deadline
+//!   ([`BusinessConfig::deadline`]), made from its own task, never queued
+//!   behind notices. A timeout, a transport error or an error status is
+//!   turned into a verdict by the failure policy.
+//! - **Notices** (every other event) go through [`LANES`] ordered lanes: a
+//!   call always maps to the same lane, and a lane delivers one notice at a
+//!   time, so the business service sees each call's events in order while
+//!   different calls proceed in parallel. Delivery is best-effort: a notice
+//!   that fails is logged and counted, not retried.
+//! - **Full lanes**: each lane holds at most [`LANE_QUEUE`] notices. When
+//!   one is full the *newest* notice is dropped, counted in
+//!   [`Business::dropped`] and logged; the call flow never waits for the
+//!   business service.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+use tracing::warn;
+use videocall_proto::v1::business_hook_client::BusinessHookClient;
+
+use crate::codes;
+use crate::convert::notice_to_proto;
+use crate::machine::{Initiator, Notice, Verdict};
+
+/// Ordered delivery lanes for notices.
+pub const LANES: usize = 8;
+/// Notices a lane holds before it drops new ones.
+pub const LANE_QUEUE: usize = 4096;
+
+/// What to do when the business service does not answer an approval in time
+/// or fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Refuse the call with RESULT_CODE_BUSINESS_UNAVAILABLE (100201).
+    Refuse,
+    /// Let the call ring as if approved.
+    Allow,
+}
+
+/// How to reach the business service.
+#[derive(Clone, Debug)]
+pub struct BusinessConfig {
+    /// e.g. `http://127.0.0.1:50061`.
+    pub url: String,
+    /// The longest the call service waits for an approval (and for a
+    /// notice to be taken).
+    pub deadline: Duration,
+    pub failure_policy: FailurePolicy,
+}
+
+/// Invalid business service settings.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid business service URL {url:?}: {source}")]
+pub struct BusinessUrlError {
+    url: String,
+    source: tonic::transport::Error,
+}
+
+/// A handle to the business service. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Business {
+    client: BusinessHookClient<Channel>,
+    deadline: Duration,
+    policy: FailurePolicy,
+    lanes: Arc<[mpsc::Sender<Notice>]>,
+    dropped: Arc<AtomicU64>,
+    clock: Clock,
+}
+
+/// Turns the machine's monotonic times into wall-clock times for notices.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// The instant the machine's time counts from.
+    pub start: Instant,
+    /// The wall-clock time at `start`.
+    pub wall: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Self { start: Instant::now(), wall: SystemTime::now() }
+    }
+
+    pub fn wall_time(&self, at: Duration) -> SystemTime {
+        self.wall + at
+    }
+}
+
+impl Business {
+    /// Prepares a lazily connected channel (the business service may start
+    /// later or restart at any time) and starts the notice lanes on `tasks`;
+    /// they stop on `shutdown`.
+    pub fn start(
+        config: &BusinessConfig,
+        clock: Clock,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BusinessUrlError> {
+        let endpoint = Endpoint::from_shared(config.url.clone())
+            .map_err(|source| BusinessUrlError { url: config.url.clone(), source })?
+            .connect_timeout(config.deadline)
+            .tcp_nodelay(true);
+        let client = BusinessHookClient::new(endpoint.connect_lazy());
+        let mut lanes = Vec::with_capacity(LANES);
+        for _ in 0..LANES {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            lanes.push(tx);
+            tasks.spawn(lane(client.clone(), config.deadline, clock, rx, shutdown.clone()));
+        }
+        Ok(Self {
+            client,
+            deadline: config.deadline,
+            policy: config.failure_policy,
+            lanes: lanes.into(),
+            dropped: Arc::new(AtomicU64::new(0)),
+            clock,
+        })
+    }
+
+    /// Asks whether a call may proceed. Always returns within the deadline.
+    pub async fn approve(&self, notice: Notice) -> Verdict {
+        let call_id = notice.call_id;
+        let mut request = tonic::Request::new(notice_to_proto(&notice, self.clock.wall_time(notice.at)));
+        request.set_timeout(self.deadline);
+        let mut client = self.client.clone();
+        let failure = match tokio::time::timeout(self.deadline, client.on_call_event(request)).await {
+            Ok(Ok(ack)) => {
+                let code = ack.into_inner().result_code;
+                return if code == codes::OK {
+                    Verdict::Allow
+                } else {
+                    Verdict::Refuse { code, initiator: Initiator::Business }
+                };
+            }
+            Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+            Err(_) => format!("no answer within {:?}", self.deadline),
+        };
+        warn!(call_id = %call_id, error = %failure, policy = ?self.policy, "approval failed; applying the failure policy");
+        match self.policy {
+            FailurePolicy::Allow => Verdict::Allow,
+            FailurePolicy::Refuse => {
+                Verdict::Refuse { code: codes::BUSINESS_UNAVAILABLE, initiator: Initiator::Service }
+            }
+        }
+    }
+
+    /// Queues a notice on its call's lane without waiting.
+    pub fn notify(&self, notice: Notice) {
+        let lane = (notice.call_id.0.as_u128() % self.lanes.len() as u128) as usize;
+        if let Err(e) = self.lanes[lane].try_send(notice) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let notice = e.into_inner();
+            warn!(call_id = %notice.call_id, seq = notice.seq, dropped_total = n, "notice lane full: notice dropped");
+        }
+    }
+
+    /// Notices dropped because their lane was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn lane(
+    client: BusinessHookClient<Channel>,
+    deadline: Duration,
+    clock: Clock,
+    mut rx: mpsc::Receiver<Notice>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            () = shutdown.cancelled() => return,
+            n = rx.recv() => match n { Some(n) => n, None => return },
+        };
+        let mut request = tonic::Request::new(notice_to_proto(&notice, clock.wall_time(notice.at)));
+        request.set_timeout(deadline);
+        let mut client = client.clone();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = tokio::time::timeout(deadline, client.on_call_event(request)) => r,
+        };
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                warn!(call_id = %notice.call_id, seq = notice.seq, error = %status.message(), code = ?status.code(), "notice not delivered")
+            }
+            Err(_) => warn!(call_id = %notice.call_id, seq = notice.seq, "notice not delivered: deadline passed"),
+        }
+    }
+}

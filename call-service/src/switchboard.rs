@@ -1,0 +1,428 @@
+//! Where the call state lives, and who may touch it.
+//!
+//! **One owner.** All call state of a node is one [`Machine`], owned by one
+//! task, the switchboard actor ([`LocalSwitchboard`]). Everything else talks
+//! to it through a bounded command channel: device streams send controls and
+//! their own end, approval tasks send verdicts, the admin API sends forced
+//! FINISHes and queries. The actor applies each command to the machine and
+//! performs the effects in the same order, so the events of a call reach each
+//! device, and the business hook, in the order they happened. Nothing holds a
+//! lock; the actor never awaits anything but its next command or timer.
+//!
+//! **The seam for several nodes.** The gRPC edge only sees the
+//! [`Switchboard`] trait. A shared-store implementation (Redis: users
+//! reserved with one atomic script, events routed over pub/sub to the node
+//! that holds the device) can implement the same trait without the edge
+//! changing.
+//!
+//! **Slow consumers.** Each device has a bounded queue of outgoing messages
+//! ([`DEVICE_QUEUE`]). A device that lets it fill up is disconnected (its
+//! stream ends, its calls end as "connection lost" for the peer): dropping
+//! call events instead would break the contract's event lines.
+//!
+//! **Grace window (later).** A dropped stream is applied as a disconnect at
+//! once. A resume window fits in here: park the device instead of calling
+//! `Machine::disconnect`, and let a stream that resumes take its place.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+use tracing::{debug, info, warn};
+use videocall_proto::v1 as pb;
+
+use crate::business::Business;
+use crate::machine::{
+    Call, CallId, ConnId, Control, Effect, EventKind, Machine, MachineConfig, Notice, Outcome,
+    Phase, Time, UserId, UserState, Verdict,
+};
+use crate::{codes, convert};
+
+/// Outgoing messages a device may have queued before it counts as a slow
+/// consumer and is disconnected.
+pub const DEVICE_QUEUE: usize = 256;
+/// Commands waiting for the actor. Senders wait when it is full
+/// (backpressure), which is what a burst should do.
+const COMMAND_QUEUE: usize = 4096;
+
+/// The receiving half of a device's outgoing queue: what its gRPC response
+/// stream reads.
+pub type DeviceRx = mpsc::Receiver<Result<pb::ServerMessage, Status>>;
+type DeviceTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+/// The switchboard is gone (the node is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the call service is shutting down")]
+pub struct ShuttingDown;
+
+/// A control as it came off the wire: validated, or the reason it was not.
+pub type CheckedControl = Result<Control, (u32, &'static str)>;
+
+/// A live call as listed by the admin API.
+#[derive(Clone, Debug)]
+pub struct CallSummary {
+    pub call_id: CallId,
+    pub caller: UserId,
+    pub callee: UserId,
+    pub phase: Phase,
+    pub flags: u32,
+    pub param: u32,
+    pub user_str: Arc<str>,
+    pub age: Duration,
+}
+
+/// A user's state as reported by the admin API.
+#[derive(Clone, Debug)]
+pub struct UserSummary {
+    pub state: UserState,
+    pub connections: usize,
+    pub call: Option<CallSummary>,
+}
+
+/// What the gRPC edge needs from the owner of call state. See the module
+/// docs for why this is a trait.
+pub trait Switchboard: Clone + Send + Sync + 'static {
+    /// Registers a device of `user`. Its first queued message is
+    /// `Connected`; the device can be called once that is queued.
+    fn connect(
+        &self,
+        user: UserId,
+    ) -> impl Future<Output = Result<(ConnId, DeviceRx), ShuttingDown>> + Send;
+    /// A control from a device; its result goes to the device's queue.
+    fn control(
+        &self,
+        conn: ConnId,
+        seq: u64,
+        control: CheckedControl,
+    ) -> impl Future<Output = Result<(), ShuttingDown>> + Send;
+    /// The device's stream ended.
+    fn disconnect(&self, conn: ConnId) -> impl Future<Output = ()> + Send;
+    /// Forced FINISH of `user`'s call.
+    fn force_finish(
+        &self,
+        user: UserId,
+        code: u32,
+        flags: u32,
+        param: u32,
+        user_str: Arc<str>,
+    ) -> impl Future<Output = Result<Outcome, ShuttingDown>> + Send;
+    fn list_calls(&self) -> impl Future<Output = Result<Vec<CallSummary>, ShuttingDown>> + Send;
+    fn user_state(
+        &self,
+        user: UserId,
+    ) -> impl Future<Output = Result<UserSummary, ShuttingDown>> + Send;
+}
+
+enum Command {
+    Connect { conn: ConnId, user: UserId, tx: DeviceTx },
+    Control { conn: ConnId, seq: u64, control: CheckedControl },
+    Disconnect { conn: ConnId },
+    Verdict { call_id: CallId, verdict: Verdict },
+    ForceFinish {
+        user: UserId,
+        code: u32,
+        flags: u32,
+        param: u32,
+        user_str: Arc<str>,
+        reply: oneshot::Sender<Outcome>,
+    },
+    ListCalls { reply: oneshot::Sender<Vec<CallSummary>> },
+    UserState { user: UserId, reply: oneshot::Sender<UserSummary> },
+}
+
+/// Handle to the in-process switchboard actor. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct LocalSwitchboard {
+    tx: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl LocalSwitchboard {
+    /// Starts the actor on `tasks`; it runs until `shutdown` is cancelled.
+    pub fn start(
+        config: MachineConfig,
+        start: Instant,
+        business: Option<Business>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let actor = Actor {
+            machine: Machine::new(config),
+            devices: HashMap::new(),
+            business,
+            tx: tx.clone(),
+            tasks: tasks.clone(),
+            start,
+            effects: Vec::new(),
+        };
+        tasks.spawn(actor.run(rx, shutdown));
+        Self { tx, next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ShuttingDown> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| ShuttingDown)?;
+        rx.await.map_err(|_| ShuttingDown)
+    }
+}
+
+impl Switchboard for LocalSwitchboard {
+    async fn connect(&self, user: UserId) -> Result<(ConnId, DeviceRx), ShuttingDown> {
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+        self.tx.send(Command::Connect { conn, user, tx }).await.map_err(|_| ShuttingDown)?;
+        Ok((conn, rx))
+    }
+
+    async fn control(&self, conn: ConnId, seq: u64, control: CheckedControl) -> Result<(), ShuttingDown> {
+        self.tx.send(Command::Control { conn, seq, control }).await.map_err(|_| ShuttingDown)
+    }
+
+    async fn disconnect(&self, conn: ConnId) {
+        // During shutdown the actor is gone and there is nothing to clean.
+        let _ = self.tx.send(Command::Disconnect { conn }).await;
+    }
+
+    async fn force_finish(
+        &self,
+        user: UserId,
+        code: u32,
+        flags: u32,
+        param: u32,
+        user_str: Arc<str>,
+    ) -> Result<Outcome, ShuttingDown> {
+        self.ask(|reply| Command::ForceFinish { user, code, flags, param, user_str, reply }).await
+    }
+
+    async fn list_calls(&self) -> Result<Vec<CallSummary>, ShuttingDown> {
+        self.ask(|reply| Command::ListCalls { reply }).await
+    }
+
+    async fn user_state(&self, user: UserId) -> Result<UserSummary, ShuttingDown> {
+        self.ask(|reply| Command::UserState { user, reply }).await
+    }
+}
+
+struct Actor {
+    machine: Machine,
+    devices: HashMap<ConnId, (UserId, DeviceTx)>,
+    business: Option<Business>,
+    /// For approval tasks to send their verdicts back.
+    tx: mpsc::Sender<Command>,
+    tasks: TaskTracker,
+    start: Instant,
+    effects: Vec<Effect>,
+}
+
+impl Actor {
+    fn now(&self) -> Time {
+        self.start.elapsed()
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut armed: Option<Time> = None;
+        loop {
+            let next = self.machine.next_deadline();
+            if next != armed {
+                armed = next;
+                if let Some(t) = next {
+                    timer.as_mut().reset(self.start + t);
+                }
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    let now = self.now();
+                    self.machine.tick(now, &mut self.effects);
+                    self.apply();
+                }
+            }
+        }
+        // Dropping the device queues ends every response stream.
+        debug!(devices = self.devices.len(), "switchboard stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Connect { conn, user, tx } => {
+                let hello = pb::ServerMessage {
+                    kind: Some(pb::server_message::Kind::Connected(pb::Connected {
+                        user_id: user.to_string(),
+                        connection_id: conn.0.to_string(),
+                    })),
+                };
+                if tx.try_send(Ok(hello)).is_err() {
+                    return;
+                }
+                info!(user = %user, conn = conn.0, "device connected");
+                self.devices.insert(conn, (user.clone(), tx));
+                self.machine.connect(conn, user, &mut self.effects);
+            }
+            Command::Control { conn, seq, control } => {
+                let outcome = match control {
+                    Ok(ctl) => {
+                        let call_id = CallId(uuid::Uuid::new_v4());
+                        self.machine.control(conn, &ctl, call_id, now, &mut self.effects)
+                    }
+                    Err((code, reason)) => Outcome { code, call_id: None, reason },
+                };
+                if outcome.code != codes::OK {
+                    debug!(conn = conn.0, seq, code = outcome.code, reason = outcome.reason, "control refused");
+                }
+                let msg = pb::ServerMessage {
+                    kind: Some(pb::server_message::Kind::Result(pb::ControlResult {
+                        seq,
+                        code: outcome.code,
+                        call_id: outcome.call_id.map(|c| c.to_string()).unwrap_or_default(),
+                        message: outcome.reason.to_string(),
+                    })),
+                };
+                self.send(conn, msg);
+            }
+            Command::Disconnect { conn } => {
+                if let Some((user, _)) = self.devices.remove(&conn) {
+                    info!(user = %user, conn = conn.0, "device disconnected");
+                }
+                self.machine.disconnect(conn, now, &mut self.effects);
+            }
+            Command::Verdict { call_id, verdict } => {
+                self.machine.approval_done(call_id, verdict, now, &mut self.effects);
+            }
+            Command::ForceFinish { user, code, flags, param, user_str, reply } => {
+                let o = self.machine.force_finish(&user, code, flags, param, user_str, now, &mut self.effects);
+                info!(user = %user, code, result = o.code, "forced FINISH");
+                let _ = reply.send(o);
+            }
+            Command::ListCalls { reply } => {
+                let calls = self.machine.calls().map(|c| summary(c, now)).collect();
+                let _ = reply.send(calls);
+            }
+            Command::UserState { user, reply } => {
+                let (state, connections, call) = self.machine.user_state(&user);
+                let _ = reply.send(UserSummary { state, connections, call: call.map(|c| summary(c, now)) });
+            }
+        }
+        self.apply();
+    }
+
+    /// Performs the machine's effects, in order. Effects can produce more
+    /// (an evicted slow device is a disconnect; an approval without a
+    /// business service is an immediate verdict), hence the loop.
+    fn apply(&mut self) {
+        while !self.effects.is_empty() {
+            let mut batch = std::mem::take(&mut self.effects);
+            for effect in batch.drain(..) {
+                self.perform(effect);
+            }
+            if self.effects.is_empty() {
+                // Keep the allocation for the next command.
+                self.effects = batch;
+            }
+        }
+    }
+
+    fn perform(&mut self, effect: Effect) {
+        {
+            match effect {
+                Effect::Send { conn, event } => {
+                    let msg = pb::ServerMessage {
+                        kind: Some(pb::server_message::Kind::Event(convert::event_to_proto(&event))),
+                    };
+                    self.send(conn, msg);
+                }
+                Effect::Approve(notice) => {
+                    log_notice(&notice);
+                    match &self.business {
+                        None => {
+                            let now = self.now();
+                            self.machine.approval_done(notice.call_id, Verdict::Allow, now, &mut self.effects);
+                        }
+                        Some(business) => {
+                            let business = business.clone();
+                            let tx = self.tx.clone();
+                            self.tasks.spawn(async move {
+                                let call_id = notice.call_id;
+                                let verdict = business.approve(notice).await;
+                                let _ = tx.send(Command::Verdict { call_id, verdict }).await;
+                            });
+                        }
+                    }
+                }
+                Effect::Notify(notice) => {
+                    log_notice(&notice);
+                    if let Some(business) = &self.business {
+                        business.notify(notice);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a message for a device; a device whose queue is full is
+    /// disconnected (see the module docs).
+    fn send(&mut self, conn: ConnId, msg: pb::ServerMessage) {
+        let Some((user, tx)) = self.devices.get(&conn) else { return };
+        if tx.try_send(Ok(msg)).is_ok() {
+            return;
+        }
+        warn!(user = %user, conn = conn.0, queue = DEVICE_QUEUE, "device not reading its stream: disconnecting it");
+        self.devices.remove(&conn);
+        let now = self.now();
+        self.machine.disconnect(conn, now, &mut self.effects);
+    }
+}
+
+fn log_notice(n: &Notice) {
+    let event = match n.kind {
+        EventKind::Request => "REQUEST",
+        EventKind::Reply => "REPLY",
+        EventKind::Start => "START",
+        EventKind::Finish => "FINISH",
+    };
+    info!(
+        call_id = %n.call_id,
+        event,
+        caller = %n.caller,
+        callee = %n.callee,
+        code = n.code,
+        initiator = ?n.initiator,
+        param = n.param,
+        "call event"
+    );
+}
+
+fn summary(c: &Call, now: Time) -> CallSummary {
+    CallSummary {
+        call_id: c.id,
+        caller: c.caller.clone(),
+        callee: c.callee.clone(),
+        phase: c.phase.clone(),
+        flags: c.flags,
+        param: c.param,
+        user_str: c.user_str.clone(),
+        age: now.saturating_sub(c.requested_at),
+    }
+}
