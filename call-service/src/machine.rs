@@ -380,8 +380,16 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        if self.users.get(&caller).is_some_and(|u| u.call.is_some()) {
-            return Outcome::refused(codes::ALREADY_IN_CALL, "the sender already has a call");
+        if let Some(current) = self.users.get(&caller).and_then(|u| u.call) {
+            // Glare: the sender is being called by the very peer it dials,
+            // and the call has not started. However the two REQUESTs crossed,
+            // this one gets REPLY 100103 (below) and the other call goes on.
+            let glare = self.calls.get(&current).is_some_and(|c| {
+                c.callee == caller && c.caller == ctl.peer && !matches!(c.phase, Phase::Talking { .. })
+            });
+            if !glare {
+                return Outcome::refused(codes::ALREADY_IN_CALL, "the sender already has a call");
+            }
         }
         let callee = ctl.peer.clone();
         let mut call = Call {

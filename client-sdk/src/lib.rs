@@ -1,1 +1,460 @@
-//! placeholder
+//! Rust client for the video-call service.
+//!
+//! A [`Client`] is one connected device of one user: it holds the single
+//! bidirectional stream to the call service. Controls ([`Client::request`],
+//! [`Client::reply`], [`Client::finish`]) return the service's result code;
+//! call events arrive on the [`Events`] stream returned next to the client.
+//!
+//! ```no_run
+//! use client_sdk::{Client, Code, Credentials, EventKind};
+//!
+//! # async fn demo() -> Result<(), client_sdk::Error> {
+//! let (alice, mut alice_events) =
+//!     Client::connect("http://127.0.0.1:50051", Credentials::dev_user("alice")).await?;
+//! let code = alice.request("bob", client_sdk::flags::AUDIO | client_sdk::flags::VIDEO, 0, "hello").await?;
+//! assert_eq!(code, Code::OK);
+//! while let Some(event) = alice_events.next().await {
+//!     match event.kind {
+//!         EventKind::Reply if event.code != Code::OK => println!("bob did not answer: {}", event.code),
+//!         EventKind::Start => println!("talking in room {}", event.param),
+//!         EventKind::Finish => break,
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: everything is in this file — [`Client`] and [`Events`], the
+//! typed [`CallEvent`], result [`Code`]s, [`Credentials`], and [`Error`].
+//!
+//! Events must be read: the SDK buffers [`EVENT_BUFFER`] of them, then stops
+//! reading the stream (results of controls wait too), and a server whose
+//! queue for this device fills up closes the stream.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tracing::warn;
+use videocall_proto::v1 as pb;
+use videocall_proto::v1::call_service_client::CallServiceClient;
+
+pub use videocall_proto;
+
+/// Events buffered in the SDK before it stops reading the stream.
+pub const EVENT_BUFFER: usize = 1024;
+/// Metadata key of the development identity.
+pub const DEV_USER_HEADER: &str = "x-videocall-user";
+
+/// The flag bits of the contract; pass them through `flags`.
+pub mod flags {
+    pub const AUDIO: u32 = 0x01;
+    pub const VIDEO: u32 = 0x02;
+    pub const BLOCK_CALLER_AUDIO: u32 = 0x10;
+    pub const BLOCK_CALLER_VIDEO: u32 = 0x20;
+    pub const BLOCK_CALLEE_AUDIO: u32 = 0x40;
+    pub const BLOCK_CALLEE_VIDEO: u32 = 0x80;
+    pub const ASSISTANCE_REQUEST: u32 = 0x100;
+    pub const CONTROL_REQUEST: u32 = 0x200;
+}
+
+/// A result or reason code: 0 for success, a contract code, a code added by
+/// the project, or a business service's own code.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Code(pub u32);
+
+impl Code {
+    pub const OK: Code = Code(pb::ResultCode::Ok as u32);
+    pub const CANCELLED: Code = Code(pb::ResultCode::Cancelled as u32);
+    pub const OFFLINE: Code = Code(pb::ResultCode::Offline as u32);
+    pub const BUSY: Code = Code(pb::ResultCode::Busy as u32);
+    pub const REJECTED: Code = Code(pb::ResultCode::Rejected as u32);
+    pub const NO_ANSWER: Code = Code(pb::ResultCode::NoAnswer as u32);
+    pub const CONNECTION_LOST: Code = Code(pb::ResultCode::ConnectionLost as u32);
+    pub const NOT_IN_CALL: Code = Code(pb::ResultCode::NotInCall as u32);
+    pub const ALREADY_IN_CALL: Code = Code(pb::ResultCode::AlreadyInCall as u32);
+    pub const BUSINESS_UNAVAILABLE: Code = Code(pb::ResultCode::BusinessUnavailable as u32);
+    pub const ANSWERED_ELSEWHERE: Code = Code(pb::ResultCode::AnsweredElsewhere as u32);
+    pub const INVALID_ARGUMENT: Code = Code(pb::ResultCode::InvalidArgument as u32);
+    pub const RATE_LIMITED: Code = Code(pb::ResultCode::RateLimited as u32);
+    pub const NOT_ALLOWED: Code = Code(pb::ResultCode::NotAllowed as u32);
+    pub const TERMINATED: Code = Code(pb::ResultCode::Terminated as u32);
+    pub const OVERLOADED: Code = Code(pb::ResultCode::Overloaded as u32);
+
+    pub fn is_ok(self) -> bool {
+        self == Code::OK
+    }
+
+    /// What the code means, in a few words; `None` for a code the system
+    /// does not define (a business service's own).
+    pub fn describe(self) -> Option<&'static str> {
+        Some(match pb::ResultCode::try_from(self.0 as i32).ok()? {
+            pb::ResultCode::Ok => "ok",
+            pb::ResultCode::Cancelled => "cancelled by the caller",
+            pb::ResultCode::Offline => "the callee is offline",
+            pb::ResultCode::Busy => "the callee is busy",
+            pb::ResultCode::Rejected => "rejected",
+            pb::ResultCode::NoAnswer => "no answer",
+            pb::ResultCode::ConnectionLost => "connection lost",
+            pb::ResultCode::NotInCall => "not in a call",
+            pb::ResultCode::AlreadyInCall => "already in a call",
+            pb::ResultCode::BusinessUnavailable => "the business service is unavailable",
+            pb::ResultCode::AnsweredElsewhere => "answered on another device",
+            pb::ResultCode::InvalidArgument => "invalid argument",
+            pb::ResultCode::RateLimited => "rate limited",
+            pb::ResultCode::NotAllowed => "not allowed now",
+            pb::ResultCode::Terminated => "ended by the service",
+            pb::ResultCode::Overloaded => "the service is overloaded",
+        })
+    }
+}
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.describe() {
+            Some(d) => write!(f, "{} ({d})", self.0),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The four event types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Request,
+    Reply,
+    Start,
+    Finish,
+}
+
+/// A call event for this device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallEvent {
+    pub kind: EventKind,
+    /// The other party.
+    pub peer: String,
+    /// REPLY: 0 accepted, otherwise why not; FINISH: the reason.
+    pub code: Code,
+    pub flags: u32,
+    /// START: the room id.
+    pub param: u32,
+    pub user_str: String,
+    pub call_id: String,
+}
+
+impl CallEvent {
+    /// The room id, for START.
+    pub fn room_id(&self) -> Option<u32> {
+        (self.kind == EventKind::Start).then_some(self.param)
+    }
+
+    fn from_proto(e: pb::CallEvent) -> Option<Self> {
+        let kind = match pb::EventType::try_from(e.event_type).ok()? {
+            pb::EventType::Request => EventKind::Request,
+            pb::EventType::Reply => EventKind::Reply,
+            pb::EventType::Start => EventKind::Start,
+            pb::EventType::Finish => EventKind::Finish,
+            pb::EventType::Unspecified => return None,
+        };
+        Some(Self {
+            kind,
+            peer: e.peer_user_id,
+            code: Code(e.error_code),
+            flags: e.flags,
+            param: e.param,
+            user_str: e.user_str,
+            call_id: e.call_id,
+        })
+    }
+}
+
+/// A control with every field of the contract.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// `pb::EventType` as a number (REQUEST 1, REPLY 2, FINISH 4).
+    pub event_type: i32,
+    pub peer: String,
+    pub code: u32,
+    pub flags: u32,
+    pub param: u32,
+    pub user_str: String,
+}
+
+/// The answer to a control.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlResult {
+    pub code: Code,
+    /// The call it applied to (a new REQUEST's call id), if any.
+    pub call_id: String,
+    /// Why a non-zero code was given.
+    pub message: String,
+}
+
+/// How the client proves who it is.
+#[derive(Clone)]
+pub enum Credentials {
+    /// A signed token, sent as `authorization: Bearer <token>`.
+    Bearer(String),
+    /// Development only: the user id, trusted as is by a call service
+    /// started with `--dev-identity`.
+    DevUser(String),
+}
+
+impl Credentials {
+    pub fn dev_user(user: impl Into<String>) -> Self {
+        Credentials::DevUser(user.into())
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Bearer(_) => f.write_str("Bearer(..)"),
+            Credentials::DevUser(u) => f.debug_tuple("DevUser").field(u).finish(),
+        }
+    }
+}
+
+/// What went wrong talking to the call service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid endpoint: {0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    #[error("cannot connect to the call service: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the call service refused the stream: {}: {}", .0.code(), .0.message())]
+    Refused(#[source] tonic::Status),
+    #[error("credentials cannot be sent as metadata (visible ASCII only)")]
+    Credentials,
+    #[error("the call service did not follow the protocol: {0}")]
+    Protocol(&'static str),
+    #[error("the stream to the call service has ended")]
+    Disconnected,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ControlResult>>>>;
+
+/// Aborts the reader task when the last of `Client` and `Events` is gone.
+#[derive(Debug)]
+struct ReaderGuard(JoinHandle<()>);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One connected device. Cheap to share by reference across tasks; every
+/// method takes `&self`. Dropping it closes the stream.
+#[derive(Debug)]
+pub struct Client {
+    tx: mpsc::Sender<pb::ClientMessage>,
+    pending: Pending,
+    next_seq: AtomicU64,
+    user_id: String,
+    connection_id: String,
+    _reader: Arc<ReaderGuard>,
+}
+
+/// The call events of one device, in order. Ends when the stream ends.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<CallEvent>,
+    _reader: Arc<ReaderGuard>,
+}
+
+impl Events {
+    /// The next event, or `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<CallEvent> {
+        self.rx.recv().await
+    }
+
+    /// An event that has already arrived, without waiting.
+    ///
+    /// Results and events share one ordered stream, so once a control's
+    /// result is back, every event the service sent before it is here.
+    pub fn try_next(&mut self) -> Option<CallEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl tokio_stream::Stream for Events {
+    type Item = CallEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<CallEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Client {
+    /// Connects to the call service at `url` (e.g. `http://127.0.0.1:50051`)
+    /// and waits until the device is registered, so it can be called as soon
+    /// as this returns.
+    pub async fn connect(url: impl Into<String>, credentials: Credentials) -> Result<(Client, Events), Error> {
+        let endpoint = Endpoint::from_shared(url.into())
+            .map_err(Error::Endpoint)?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(Error::Connect)?;
+        Self::connect_with_channel(channel, credentials).await
+    }
+
+    /// Like [`Client::connect`], on a channel the caller configured (TLS,
+    /// timeouts, a shared connection).
+    pub async fn connect_with_channel(channel: Channel, credentials: Credentials) -> Result<(Client, Events), Error> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let (key, value) = match &credentials {
+            Credentials::Bearer(t) => ("authorization", format!("Bearer {t}")),
+            Credentials::DevUser(u) => (DEV_USER_HEADER, u.clone()),
+        };
+        let value: MetadataValue<_> = value.parse().map_err(|_| Error::Credentials)?;
+        request.metadata_mut().insert(key, value);
+
+        let mut inbound = CallServiceClient::new(channel)
+            .session(request)
+            .await
+            .map_err(Error::Refused)?
+            .into_inner();
+        let connected = match inbound.message().await.map_err(Error::Refused)? {
+            Some(pb::ServerMessage { kind: Some(pb::server_message::Kind::Connected(c)) }) => c,
+            Some(_) => return Err(Error::Protocol("the first message was not Connected")),
+            None => return Err(Error::Disconnected),
+        };
+
+        let pending: Pending = Arc::default();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let reader = tokio::spawn(read(inbound, pending.clone(), events_tx));
+        let guard = Arc::new(ReaderGuard(reader));
+        let client = Client {
+            tx,
+            pending,
+            next_seq: AtomicU64::new(1),
+            user_id: connected.user_id,
+            connection_id: connected.connection_id,
+            _reader: guard.clone(),
+        };
+        Ok((client, Events { rx: events_rx, _reader: guard }))
+    }
+
+    /// The user id the service authenticated this device as.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// This device's connection id (as in the service's logs).
+    pub fn connection_id(&self) -> &str {
+        &self.connection_id
+    }
+
+    /// Dials `peer`. Code 0 means the call was placed (its outcome arrives
+    /// as a REPLY event); 440 means this user already has a call.
+    pub async fn request(&self, peer: &str, flags: u32, param: u32, user_str: &str) -> Result<Code, Error> {
+        let c = Control {
+            event_type: pb::EventType::Request as i32,
+            peer: peer.into(),
+            flags,
+            param,
+            user_str: user_str.into(),
+            ..Control::default()
+        };
+        Ok(self.control(c).await?.code)
+    }
+
+    /// Answers `peer`'s call: [`Code::OK`] accepts, any other code (usually
+    /// [`Code::REJECTED`]) rejects. A caller may send [`Code::CANCELLED`] to
+    /// give up.
+    pub async fn reply(&self, peer: &str, code: Code) -> Result<Code, Error> {
+        let c = Control {
+            event_type: pb::EventType::Reply as i32,
+            peer: peer.into(),
+            code: code.0,
+            ..Control::default()
+        };
+        Ok(self.control(c).await?.code)
+    }
+
+    /// Hangs up the call with `peer` (before START: cancels, or rejects).
+    pub async fn finish(&self, peer: &str) -> Result<Code, Error> {
+        let c = Control { event_type: pb::EventType::Finish as i32, peer: peer.into(), ..Control::default() };
+        Ok(self.control(c).await?.code)
+    }
+
+    /// Sends any control and waits for its result.
+    pub async fn control(&self, c: Control) -> Result<ControlResult, Error> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, tx);
+        let msg = pb::ClientMessage {
+            kind: Some(pb::client_message::Kind::Control(pb::CallControl {
+                seq,
+                event_type: c.event_type,
+                peer_user_id: c.peer,
+                error_code: c.code,
+                flags: c.flags,
+                param: c.param,
+                user_str: c.user_str,
+            })),
+        };
+        if self.tx.send(msg).await.is_err() {
+            lock(&self.pending).remove(&seq);
+            return Err(Error::Disconnected);
+        }
+        rx.await.map_err(|_| Error::Disconnected)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map stays consistent even if a holder panicked: each operation is
+    // one insert or remove.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn read(mut inbound: tonic::Streaming<pb::ServerMessage>, pending: Pending, events: mpsc::Sender<CallEvent>) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            Err(status) => {
+                warn!(code = ?status.code(), message = status.message(), "call service stream failed");
+                break;
+            }
+        };
+        match msg.kind {
+            Some(pb::server_message::Kind::Result(r)) => {
+                if let Some(tx) = lock(&pending).remove(&r.seq) {
+                    let _ = tx.send(ControlResult { code: Code(r.code), call_id: r.call_id, message: r.message });
+                }
+            }
+            Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {
+                Some(event) => {
+                    if events.send(event).await.is_err() {
+                        // Nobody reads events any more; keep serving results.
+                    }
+                }
+                None => warn!("ignoring an event of an unknown type"),
+            },
+            Some(pb::server_message::Kind::Connected(_)) | None => {}
+        }
+    }
+    // Waiting controls learn that the stream is gone.
+    lock(&pending).clear();
+}

@@ -77,10 +77,20 @@ fn glare_gives_one_call_and_one_busy() {
     let t = Duration::ZERO;
     assert_eq!(m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(1), t, &mut out).code, 0);
     out.clear();
-    // u1's REQUEST crosses u0's: u1 is reserved already, so it is "in a call".
+    // u1's REQUEST crosses u0's: u0 is busy calling u1, so u1 hears REPLY
+    // 100103 and u0's call goes on, whether or not it already rings.
     let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u0", 0), id(2), t, &mut out);
+    assert_eq!(o.code, 0);
+    assert_eq!(sends(&out), vec![(1, EventKind::Reply, codes::BUSY)]);
+    m.approval_done(id(1), Verdict::Allow, t, &mut out);
+    out.clear();
+    let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u0", 0), id(3), t, &mut out);
+    assert_eq!(sends(&out), vec![(1, EventKind::Reply, codes::BUSY)]);
+    assert_eq!(o.code, 0);
+    // A third party is no glare: u1 already has a call.
+    m.connect(ConnId(2), user_of(2), &mut out);
+    let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u2", 0), id(4), t, &mut out);
     assert_eq!(o.code, codes::ALREADY_IN_CALL);
-    assert!(out.is_empty());
     assert_eq!(m.calls().count(), 1);
 }
 
