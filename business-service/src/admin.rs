@@ -32,12 +32,19 @@ impl Admin {
             .connect()
             .await
             .map_err(AdminError::Connect)?;
-        Ok(Self { client: CallAdminClient::new(channel) })
+        Ok(Self {
+            client: CallAdminClient::new(channel),
+        })
     }
 
     /// Forced FINISH: ends `user`'s call with `code`. Returns the result
     /// code (0, or 100107 when the user has no call) and the call id.
-    pub async fn hang_up(&self, user: &str, code: u32, user_str: &str) -> Result<pb::AdminControlResult, AdminError> {
+    pub async fn hang_up(
+        &self,
+        user: &str,
+        code: u32,
+        user_str: &str,
+    ) -> Result<pb::AdminControlResult, AdminError> {
         let request = pb::AdminControl {
             event_type: pb::EventType::Finish as i32,
             user_id: user.into(),
@@ -46,15 +53,33 @@ impl Admin {
             param: 0,
             user_str: user_str.into(),
         };
-        Ok(self.client.clone().video_call_control(request).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .video_call_control(request)
+            .await?
+            .into_inner())
     }
 
     pub async fn calls(&self) -> Result<Vec<pb::CallInfo>, AdminError> {
-        Ok(self.client.clone().list_calls(pb::ListCallsRequest {}).await?.into_inner().calls)
+        Ok(self
+            .client
+            .clone()
+            .list_calls(pb::ListCallsRequest {})
+            .await?
+            .into_inner()
+            .calls)
     }
 
     pub async fn user_state(&self, user: &str) -> Result<pb::GetUserStateResponse, AdminError> {
-        let request = pb::GetUserStateRequest { user_id: user.into() };
-        Ok(self.client.clone().get_user_state(request).await?.into_inner())
+        let request = pb::GetUserStateRequest {
+            user_id: user.into(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .get_user_state(request)
+            .await?
+            .into_inner())
     }
 }

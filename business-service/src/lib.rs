@@ -54,7 +54,10 @@ pub struct Hook {
 impl Hook {
     pub fn new(policy: Policy) -> Self {
         let (observers, _) = broadcast::channel(OBSERVER_BUFFER);
-        Self { policy: Arc::new(policy), observers }
+        Self {
+            policy: Arc::new(policy),
+            observers,
+        }
     }
 
     /// Every notice received from now on. A receiver that falls more than
@@ -76,7 +79,10 @@ fn event_name(t: i32) -> &'static str {
 
 #[tonic::async_trait]
 impl BusinessHook for Hook {
-    async fn on_call_event(&self, request: Request<pb::CallEventNotice>) -> Result<Response<pb::CallEventAck>, Status> {
+    async fn on_call_event(
+        &self,
+        request: Request<pb::CallEventNotice>,
+    ) -> Result<Response<pb::CallEventAck>, Status> {
         let n = request.into_inner();
         let result_code = if n.decision_required && n.event_type == pb::EventType::Request as i32 {
             self.policy.decide(&n.caller_user_id, &n.callee_user_id)

@@ -36,8 +36,18 @@ pub struct ClientApi<S> {
 }
 
 impl<S: Switchboard> ClientApi<S> {
-    pub fn new(switchboard: S, auth: Authenticator, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
-        Self { switchboard, auth, tasks, shutdown }
+    pub fn new(
+        switchboard: S,
+        auth: Authenticator,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            switchboard,
+            auth,
+            tasks,
+            shutdown,
+        }
     }
 }
 
@@ -138,11 +148,17 @@ impl<S: Switchboard> pb::call_admin_server::CallAdmin for AdminApi<S> {
         request: Request<pb::AdminControl>,
     ) -> Result<Response<pb::AdminControlResult>, Status> {
         let c = request.into_inner();
-        let invalid = Response::new(pb::AdminControlResult { code: codes::INVALID_ARGUMENT, call_id: String::new() });
-        if c.event_type != pb::EventType::Finish as i32 || c.user_str.len() > convert::MAX_USER_STR {
+        let invalid = Response::new(pb::AdminControlResult {
+            code: codes::INVALID_ARGUMENT,
+            call_id: String::new(),
+        });
+        if c.event_type != pb::EventType::Finish as i32 || c.user_str.len() > convert::MAX_USER_STR
+        {
             return Ok(invalid);
         }
-        let Ok(user) = convert::user_id(&c.user_id) else { return Ok(invalid) };
+        let Ok(user) = convert::user_id(&c.user_id) else {
+            return Ok(invalid);
+        };
         let o = self
             .switchboard
             .force_finish(user, c.error_code, c.flags, c.param, Arc::from(c.user_str))
@@ -158,7 +174,9 @@ impl<S: Switchboard> pb::call_admin_server::CallAdmin for AdminApi<S> {
         _request: Request<pb::ListCallsRequest>,
     ) -> Result<Response<pb::ListCallsResponse>, Status> {
         let calls = self.switchboard.list_calls().await?;
-        Ok(Response::new(pb::ListCallsResponse { calls: calls.iter().map(convert::call_info).collect() }))
+        Ok(Response::new(pb::ListCallsResponse {
+            calls: calls.iter().map(convert::call_info).collect(),
+        }))
     }
 
     async fn get_user_state(

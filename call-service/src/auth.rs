@@ -36,10 +36,15 @@ impl Authenticator {
             Authenticator::DevIdentity => {
                 let raw = metadata
                     .get(DEV_USER_HEADER)
-                    .ok_or_else(|| Status::unauthenticated(format!("missing {DEV_USER_HEADER} metadata")))?
+                    .ok_or_else(|| {
+                        Status::unauthenticated(format!("missing {DEV_USER_HEADER} metadata"))
+                    })?
                     .to_str()
-                    .map_err(|_| Status::unauthenticated(format!("{DEV_USER_HEADER} is not visible ASCII")))?;
-                convert::user_id(raw).map_err(|e| Status::unauthenticated(format!("bad {DEV_USER_HEADER}: {e}")))
+                    .map_err(|_| {
+                        Status::unauthenticated(format!("{DEV_USER_HEADER} is not visible ASCII"))
+                    })?;
+                convert::user_id(raw)
+                    .map_err(|e| Status::unauthenticated(format!("bad {DEV_USER_HEADER}: {e}")))
             }
         }
     }
@@ -52,11 +57,20 @@ mod tests {
     #[test]
     fn dev_identity_reads_the_header_and_refuses_bad_ones() {
         let mut md = MetadataMap::new();
-        assert_eq!(Authenticator::DevIdentity.identify(&md).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            Authenticator::DevIdentity.identify(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         md.insert(DEV_USER_HEADER, "alice".parse().unwrap());
         assert_eq!(&*Authenticator::DevIdentity.identify(&md).unwrap(), "alice");
-        assert_eq!(Authenticator::RefuseAll.identify(&md).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            Authenticator::RefuseAll.identify(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         md.insert(DEV_USER_HEADER, "".parse().unwrap());
-        assert_eq!(Authenticator::DevIdentity.identify(&md).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            Authenticator::DevIdentity.identify(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

@@ -87,7 +87,10 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        Self { start: Instant::now(), wall: SystemTime::now() }
+        Self {
+            start: Instant::now(),
+            wall: SystemTime::now(),
+        }
     }
 
     pub fn wall_time(&self, at: Duration) -> SystemTime {
@@ -106,7 +109,10 @@ impl Business {
         shutdown: CancellationToken,
     ) -> Result<Self, BusinessUrlError> {
         let endpoint = Endpoint::from_shared(config.url.clone())
-            .map_err(|source| BusinessUrlError { url: config.url.clone(), source })?
+            .map_err(|source| BusinessUrlError {
+                url: config.url.clone(),
+                source,
+            })?
             .connect_timeout(config.deadline)
             .tcp_nodelay(true);
         let client = BusinessHookClient::new(endpoint.connect_lazy());
@@ -114,7 +120,13 @@ impl Business {
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             lanes.push(tx);
-            tasks.spawn(lane(client.clone(), config.deadline, clock, rx, shutdown.clone()));
+            tasks.spawn(lane(
+                client.clone(),
+                config.deadline,
+                clock,
+                rx,
+                shutdown.clone(),
+            ));
         }
         Ok(Self {
             client,
@@ -129,16 +141,21 @@ impl Business {
     /// Asks whether a call may proceed. Always returns within the deadline.
     pub async fn approve(&self, notice: Notice) -> Verdict {
         let call_id = notice.call_id;
-        let mut request = tonic::Request::new(notice_to_proto(&notice, self.clock.wall_time(notice.at)));
+        let mut request =
+            tonic::Request::new(notice_to_proto(&notice, self.clock.wall_time(notice.at)));
         request.set_timeout(self.deadline);
         let mut client = self.client.clone();
-        let failure = match tokio::time::timeout(self.deadline, client.on_call_event(request)).await {
+        let failure = match tokio::time::timeout(self.deadline, client.on_call_event(request)).await
+        {
             Ok(Ok(ack)) => {
                 let code = ack.into_inner().result_code;
                 return if code == codes::OK {
                     Verdict::Allow
                 } else {
-                    Verdict::Refuse { code, initiator: Initiator::Business }
+                    Verdict::Refuse {
+                        code,
+                        initiator: Initiator::Business,
+                    }
                 };
             }
             Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
@@ -147,9 +164,10 @@ impl Business {
         warn!(call_id = %call_id, error = %failure, policy = ?self.policy, "approval failed; applying the failure policy");
         match self.policy {
             FailurePolicy::Allow => Verdict::Allow,
-            FailurePolicy::Refuse => {
-                Verdict::Refuse { code: codes::BUSINESS_UNAVAILABLE, initiator: Initiator::Service }
-            }
+            FailurePolicy::Refuse => Verdict::Refuse {
+                code: codes::BUSINESS_UNAVAILABLE,
+                initiator: Initiator::Service,
+            },
         }
     }
 
@@ -193,7 +211,9 @@ async fn lane(
             Ok(Err(status)) => {
                 warn!(call_id = %notice.call_id, seq = notice.seq, error = %status.message(), code = ?status.code(), "notice not delivered")
             }
-            Err(_) => warn!(call_id = %notice.call_id, seq = notice.seq, "notice not delivered: deadline passed"),
+            Err(_) => {
+                warn!(call_id = %notice.call_id, seq = notice.seq, "notice not delivered: deadline passed")
+            }
         }
     }
 }

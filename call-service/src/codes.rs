@@ -28,10 +28,30 @@ mod tests {
     #[test]
     fn contract_numbers() {
         assert_eq!(
-            [OK, CANCELLED, OFFLINE, BUSY, REJECTED, NO_ANSWER, CONNECTION_LOST, NOT_IN_CALL, ALREADY_IN_CALL],
-            [0, 100101, 100102, 100103, 100104, 100105, 100106, 100107, 440]
+            [
+                OK,
+                CANCELLED,
+                OFFLINE,
+                BUSY,
+                REJECTED,
+                NO_ANSWER,
+                CONNECTION_LOST,
+                NOT_IN_CALL,
+                ALREADY_IN_CALL
+            ],
+            [
+                0, 100101, 100102, 100103, 100104, 100105, 100106, 100107, 440
+            ]
         );
-        let added = [BUSINESS_UNAVAILABLE, ANSWERED_ELSEWHERE, INVALID_ARGUMENT, RATE_LIMITED, NOT_ALLOWED, TERMINATED, OVERLOADED];
+        let added = [
+            BUSINESS_UNAVAILABLE,
+            ANSWERED_ELSEWHERE,
+            INVALID_ARGUMENT,
+            RATE_LIMITED,
+            NOT_ALLOWED,
+            TERMINATED,
+            OVERLOADED,
+        ];
         assert!(added.iter().all(|c| (100201..=100299).contains(c)));
     }
 }

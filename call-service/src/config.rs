@@ -11,12 +11,20 @@ use crate::business::FailurePolicy;
 #[command(name = "call-service", version, about = "Video-call signaling service")]
 pub struct Config {
     /// Where clients connect (the CallService API).
-    #[arg(long, env = "CALL_SERVICE_CLIENT_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CALL_SERVICE_CLIENT_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub client_addr: SocketAddr,
 
     /// Where the business service and operators connect (the CallAdmin API).
     /// Keep it off the public network.
-    #[arg(long, env = "CALL_SERVICE_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "CALL_SERVICE_ADMIN_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
     pub admin_addr: SocketAddr,
 
     /// The business service's BusinessHook endpoint, e.g.
@@ -31,7 +39,12 @@ pub struct Config {
 
     /// What a timed-out or failed approval means: refuse (REPLY 100201) or
     /// allow.
-    #[arg(long, env = "CALL_SERVICE_APPROVAL_FAILURE_POLICY", value_enum, default_value = "refuse")]
+    #[arg(
+        long,
+        env = "CALL_SERVICE_APPROVAL_FAILURE_POLICY",
+        value_enum,
+        default_value = "refuse"
+    )]
     pub approval_failure_policy: FailurePolicy,
 
     /// How long a call rings before the caller gets REPLY 100105.

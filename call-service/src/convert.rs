@@ -55,7 +55,9 @@ pub fn control(msg: pb::CallControl) -> Result<Control, (u32, &'static str)> {
         Ok(p) => p,
         Err(UserIdError::Empty) => return invalid("empty peer user id"),
         Err(UserIdError::TooLong) => return invalid("peer user id longer than 128 bytes"),
-        Err(UserIdError::ControlChars) => return invalid("peer user id contains control characters"),
+        Err(UserIdError::ControlChars) => {
+            return invalid("peer user id contains control characters");
+        }
     };
     if msg.user_str.len() > MAX_USER_STR {
         return invalid("user string longer than 4096 bytes");
@@ -151,7 +153,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn ctl(event_type: i32, peer: &str, user_str: String) -> pb::CallControl {
-        pb::CallControl { seq: 1, event_type, peer_user_id: peer.into(), error_code: 0, flags: 0, param: 0, user_str }
+        pb::CallControl {
+            seq: 1,
+            event_type,
+            peer_user_id: peer.into(),
+            error_code: 0,
+            flags: 0,
+            param: 0,
+            user_str,
+        }
     }
 
     #[test]
@@ -167,7 +177,11 @@ mod tests {
             ctl(1, "bob", "x".repeat(MAX_USER_STR + 1)),
         ];
         for c in bad {
-            assert_eq!(control(c.clone()).map_err(|e| e.0), Err(codes::INVALID_ARGUMENT), "{c:?}");
+            assert_eq!(
+                control(c.clone()).map_err(|e| e.0),
+                Err(codes::INVALID_ARGUMENT),
+                "{c:?}"
+            );
         }
         assert!(control(ctl(1, "bob", "x".repeat(MAX_USER_STR))).is_ok());
         assert!(control(ctl(4, &"x".repeat(128), String::new())).is_ok());

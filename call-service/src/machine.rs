@@ -136,7 +136,10 @@ pub enum Verdict {
     Allow,
     /// Refused with this (non-zero) code, by the business service itself or
     /// by the failure policy.
-    Refuse { code: u32, initiator: Initiator },
+    Refuse {
+        code: u32,
+        initiator: Initiator,
+    },
 }
 
 /// The phase of a live call.
@@ -145,7 +148,10 @@ pub enum Phase {
     /// Waiting for the business service; the callee has heard nothing.
     Approving,
     /// The callee's devices in `ringing` have received REQUEST.
-    Ringing { deadline: Time, ringing: Vec<ConnId> },
+    Ringing {
+        deadline: Time,
+        ringing: Vec<ConnId>,
+    },
     /// START was sent to `caller_conn` and `callee_conn`.
     Talking { callee_conn: ConnId, room: u32 },
 }
@@ -187,10 +193,18 @@ pub struct Outcome {
 
 impl Outcome {
     fn ok(call_id: CallId) -> Self {
-        Self { code: codes::OK, call_id: Some(call_id), reason: "" }
+        Self {
+            code: codes::OK,
+            call_id: Some(call_id),
+            reason: "",
+        }
     }
     fn refused(code: u32, reason: &'static str) -> Self {
-        Self { code, call_id: None, reason }
+        Self {
+            code,
+            call_id: None,
+            reason,
+        }
     }
 }
 
@@ -209,7 +223,9 @@ pub struct MachineConfig {
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self { ring_timeout: Duration::from_secs(30) }
+        Self {
+            ring_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -255,26 +271,33 @@ impl Machine {
             return;
         }
         self.conns.insert(conn, user.clone());
-        let entry = self
-            .users
-            .entry(user.clone())
-            .or_insert_with(|| User { conns: Vec::new(), call: None });
+        let entry = self.users.entry(user.clone()).or_insert_with(|| User {
+            conns: Vec::new(),
+            call: None,
+        });
         entry.conns.push(conn);
         let Some(call_id) = entry.call else { return };
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if call.callee != user {
             return;
         }
         if let Phase::Ringing { ringing, .. } = &mut call.phase {
             ringing.push(conn);
-            out.push(Effect::Send { conn, event: request_event(call) });
+            out.push(Effect::Send {
+                conn,
+                event: request_event(call),
+            });
         }
     }
 
     /// A device's stream ended. Its call ends if the device was needed for
     /// it: the peer hears 100106.
     pub fn disconnect(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
-        let Some(user) = self.conns.remove(&conn) else { return };
+        let Some(user) = self.conns.remove(&conn) else {
+            return;
+        };
         let call_id = match self.users.get_mut(&user) {
             Some(u) => {
                 u.conns.retain(|c| *c != conn);
@@ -296,7 +319,9 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         let lost = codes::CONNECTION_LOST;
         if call.caller_conn == conn {
             match &call.phase {
@@ -385,7 +410,9 @@ impl Machine {
             // and the call has not started. However the two REQUESTs crossed,
             // this one gets REPLY 100103 (below) and the other call goes on.
             let glare = self.calls.get(&current).is_some_and(|c| {
-                c.callee == caller && c.caller == ctl.peer && !matches!(c.phase, Phase::Talking { .. })
+                c.callee == caller
+                    && c.caller == ctl.peer
+                    && !matches!(c.phase, Phase::Talking { .. })
             });
             if !glare {
                 return Outcome::refused(codes::ALREADY_IN_CALL, "the sender already has a call");
@@ -419,7 +446,13 @@ impl Machine {
             req.user_str = call.user_str.clone();
             out.push(Effect::Notify(req));
             out.push(reply_to_caller(&call, code, 0, 0, empty()));
-            out.push(Effect::Notify(notice(&mut call, EventKind::Reply, code, Initiator::Service, now)));
+            out.push(Effect::Notify(notice(
+                &mut call,
+                EventKind::Reply,
+                code,
+                Initiator::Service,
+                now,
+            )));
             return Outcome::ok(call_id);
         }
         let mut req = notice(&mut call, EventKind::Request, 0, Initiator::Caller, now);
@@ -440,7 +473,10 @@ impl Machine {
     fn reserve(&mut self, user: &UserId, call_id: CallId) {
         self.users
             .entry(user.clone())
-            .or_insert_with(|| User { conns: Vec::new(), call: None })
+            .or_insert_with(|| User {
+                conns: Vec::new(),
+                call: None,
+            })
             .call = Some(call_id);
     }
 
@@ -454,8 +490,12 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Outcome {
         let no_call = Outcome::refused(codes::NOT_IN_CALL, "no call with this peer on this device");
-        let Some(call_id) = self.users.get(&user).and_then(|u| u.call) else { return no_call };
-        let Some(call) = self.calls.get_mut(&call_id) else { return no_call };
+        let Some(call_id) = self.users.get(&user).and_then(|u| u.call) else {
+            return no_call;
+        };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return no_call;
+        };
         let is_caller = call.caller == user && call.caller_conn == conn;
         let is_callee = call.callee == user
             && match &call.phase {
@@ -463,7 +503,11 @@ impl Machine {
                 Phase::Ringing { ringing, .. } => ringing.contains(&conn),
                 Phase::Talking { callee_conn, .. } => *callee_conn == conn,
             };
-        let peer = if is_caller { &call.callee } else { &call.caller };
+        let peer = if is_caller {
+            &call.callee
+        } else {
+            &call.caller
+        };
         if !(is_caller || is_callee) || *peer != ctl.peer {
             return no_call;
         }
@@ -472,10 +516,23 @@ impl Machine {
         match (ctl.kind, is_caller, talking) {
             // Hang-up after START, from either side.
             (ControlKind::Finish, _, true) => {
-                let Phase::Talking { callee_conn, .. } = call.phase else { return no_call };
+                let Phase::Talking { callee_conn, .. } = call.phase else {
+                    return no_call;
+                };
                 out.push(finish_to_caller(call, codes::OK, flags, param, us.clone()));
-                out.push(finish_to_callee(call, callee_conn, codes::OK, flags, param, us.clone()));
-                let who = if is_caller { Initiator::Caller } else { Initiator::Callee };
+                out.push(finish_to_callee(
+                    call,
+                    callee_conn,
+                    codes::OK,
+                    flags,
+                    param,
+                    us.clone(),
+                ));
+                let who = if is_caller {
+                    Initiator::Caller
+                } else {
+                    Initiator::Callee
+                };
                 let mut n = notice(call, EventKind::Finish, codes::OK, who, now);
                 if !is_caller {
                     n.source = call.callee.clone();
@@ -485,9 +542,10 @@ impl Machine {
                 self.end(call_id, vec![n], out);
                 Outcome::ok(call_id)
             }
-            (ControlKind::Reply, _, true) => {
-                Outcome { call_id: Some(call_id), ..Outcome::refused(codes::NOT_ALLOWED, "the call has started; use FINISH") }
-            }
+            (ControlKind::Reply, _, true) => Outcome {
+                call_id: Some(call_id),
+                ..Outcome::refused(codes::NOT_ALLOWED, "the call has started; use FINISH")
+            },
             // The caller gives up: FINISH, or REPLY 100101 as AnyChat sends.
             (ControlKind::Finish, true, false) => self.cancel(call_id, flags, param, us, now, out),
             (ControlKind::Reply, true, false) if ctl.code == codes::CANCELLED => {
@@ -495,7 +553,10 @@ impl Machine {
             }
             (ControlKind::Reply, true, false) => Outcome {
                 call_id: Some(call_id),
-                ..Outcome::refused(codes::NOT_ALLOWED, "a caller can only cancel (REPLY 100101 or FINISH)")
+                ..Outcome::refused(
+                    codes::NOT_ALLOWED,
+                    "a caller can only cancel (REPLY 100101 or FINISH)",
+                )
             },
             // The callee answers from one of its ringing devices.
             (ControlKind::Reply, false, false) if ctl.code == codes::OK => {
@@ -505,7 +566,11 @@ impl Machine {
                 self.reject(call_id, conn, ctl.code, flags, param, us, now, out)
             }
             (ControlKind::Finish, false, false) => {
-                let code = if ctl.code == codes::OK { codes::REJECTED } else { ctl.code };
+                let code = if ctl.code == codes::OK {
+                    codes::REJECTED
+                } else {
+                    ctl.code
+                };
                 self.reject(call_id, conn, code, flags, param, us, now, out)
             }
             (ControlKind::Request, _, _) => no_call,
@@ -521,7 +586,9 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        let Some(call) = self.calls.get_mut(&call_id) else { return Outcome::ok(call_id) };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return Outcome::ok(call_id);
+        };
         let code = codes::CANCELLED;
         out.push(reply_to_caller(call, code, flags, param, us.clone()));
         if let Phase::Ringing { ringing, .. } = &call.phase {
@@ -547,13 +614,27 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Outcome {
         let room = self.allocate_room();
-        let Some(call) = self.calls.get_mut(&call_id) else { return Outcome::ok(call_id) };
-        let Phase::Ringing { deadline, ringing } = &call.phase else { return Outcome::ok(call_id) };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return Outcome::ok(call_id);
+        };
+        let Phase::Ringing { deadline, ringing } = &call.phase else {
+            return Outcome::ok(call_id);
+        };
         self.timers.remove(&(*deadline, call_id));
         for &c in ringing.iter().filter(|c| **c != conn) {
-            out.push(finish_to_callee(call, c, codes::ANSWERED_ELSEWHERE, 0, 0, empty()));
+            out.push(finish_to_callee(
+                call,
+                c,
+                codes::ANSWERED_ELSEWHERE,
+                0,
+                0,
+                empty(),
+            ));
         }
-        call.phase = Phase::Talking { callee_conn: conn, room };
+        call.phase = Phase::Talking {
+            callee_conn: conn,
+            room,
+        };
         self.rooms.insert(room);
         out.push(reply_to_caller(call, codes::OK, flags, param, us.clone()));
         let mut start = Event {
@@ -565,7 +646,10 @@ impl Machine {
             param: room,
             user_str: empty(),
         };
-        out.push(Effect::Send { conn: call.caller_conn, event: start.clone() });
+        out.push(Effect::Send {
+            conn: call.caller_conn,
+            event: start.clone(),
+        });
         start.peer = call.caller.clone();
         out.push(Effect::Send { conn, event: start });
         let mut reply = notice(call, EventKind::Reply, codes::OK, Initiator::Callee, now);
@@ -590,8 +674,12 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        let Some(call) = self.calls.get_mut(&call_id) else { return Outcome::ok(call_id) };
-        let Phase::Ringing { ringing, .. } = &call.phase else { return Outcome::ok(call_id) };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return Outcome::ok(call_id);
+        };
+        let Phase::Ringing { ringing, .. } = &call.phase else {
+            return Outcome::ok(call_id);
+        };
         out.push(reply_to_caller(call, code, flags, param, us.clone()));
         for &c in ringing {
             let (code, flags, param, us) = if c == conn {
@@ -620,23 +708,35 @@ impl Machine {
             out.extend(notices.into_iter().map(Effect::Notify));
             return;
         }
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if call.phase != Phase::Approving {
             return;
         }
         let (code, initiator) = match verdict {
             Verdict::Refuse { code, initiator } if code != codes::OK => (code, initiator),
             _ => {
-                let conns = self.users.get(&call.callee).map(|u| u.conns.clone()).unwrap_or_default();
+                let conns = self
+                    .users
+                    .get(&call.callee)
+                    .map(|u| u.conns.clone())
+                    .unwrap_or_default();
                 if conns.is_empty() {
                     // Every device of the callee left during the approval.
                     (codes::OFFLINE, Initiator::Service)
                 } else {
                     let deadline = now + self.config.ring_timeout;
                     for &c in &conns {
-                        out.push(Effect::Send { conn: c, event: request_event(call) });
+                        out.push(Effect::Send {
+                            conn: c,
+                            event: request_event(call),
+                        });
                     }
-                    call.phase = Phase::Ringing { deadline, ringing: conns };
+                    call.phase = Phase::Ringing {
+                        deadline,
+                        ringing: conns,
+                    };
                     self.timers.insert((deadline, call_id));
                     return;
                 }
@@ -670,12 +770,23 @@ impl Machine {
         let n = match &call.phase {
             Phase::Talking { callee_conn, .. } => {
                 out.push(finish_to_caller(call, code, flags, param, us.clone()));
-                out.push(finish_to_callee(call, *callee_conn, code, flags, param, us.clone()));
+                out.push(finish_to_callee(
+                    call,
+                    *callee_conn,
+                    code,
+                    flags,
+                    param,
+                    us.clone(),
+                ));
                 notice(call, EventKind::Finish, code, Initiator::Business, now)
             }
             phase => {
                 // A REPLY 0 would read as "accepted".
-                let code = if code == codes::OK { codes::TERMINATED } else { code };
+                let code = if code == codes::OK {
+                    codes::TERMINATED
+                } else {
+                    code
+                };
                 out.push(reply_to_caller(call, code, flags, param, us.clone()));
                 if let Phase::Ringing { ringing, .. } = phase {
                     for &c in ringing {
@@ -698,8 +809,12 @@ impl Machine {
                 break;
             }
             self.timers.pop_first();
-            let Some(call) = self.calls.get_mut(&call_id) else { continue };
-            let Phase::Ringing { ringing, .. } = &call.phase else { continue };
+            let Some(call) = self.calls.get_mut(&call_id) else {
+                continue;
+            };
+            let Phase::Ringing { ringing, .. } = &call.phase else {
+                continue;
+            };
             let code = codes::NO_ANSWER;
             out.push(reply_to_caller(call, code, 0, 0, empty()));
             for &c in ringing {
@@ -718,7 +833,9 @@ impl Machine {
     // ----- queries ------------------------------------------------------
 
     pub fn user_state(&self, user: &str) -> (UserState, usize, Option<&Call>) {
-        let Some(u) = self.users.get(user) else { return (UserState::Offline, 0, None) };
+        let Some(u) = self.users.get(user) else {
+            return (UserState::Offline, 0, None);
+        };
         let call = u.call.and_then(|id| self.calls.get(&id));
         let state = match call {
             None if u.conns.is_empty() => UserState::Offline,
@@ -750,8 +867,16 @@ impl Machine {
 
     /// [`Machine::end`]; `approval_out` is false when the verdict of an
     /// approving call has just come in.
-    fn end_call(&mut self, call_id: CallId, notices: Vec<Notice>, approval_out: bool, out: &mut Vec<Effect>) {
-        let Some(call) = self.calls.remove(&call_id) else { return };
+    fn end_call(
+        &mut self,
+        call_id: CallId,
+        notices: Vec<Notice>,
+        approval_out: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(call) = self.calls.remove(&call_id) else {
+            return;
+        };
         match call.phase {
             Phase::Approving if approval_out => {
                 self.ended_while_approving.insert(call_id, notices);
@@ -775,7 +900,11 @@ impl Machine {
     }
 
     fn forget_if_unused(&mut self, user: &UserId) {
-        if self.users.get(user).is_some_and(|u| u.conns.is_empty() && u.call.is_none()) {
+        if self
+            .users
+            .get(user)
+            .is_some_and(|u| u.conns.is_empty() && u.call.is_none())
+        {
             self.users.remove(user);
         }
     }
@@ -822,7 +951,10 @@ impl Machine {
                         return Err(format!("call {id} rings without a timer"));
                     }
                     devices.extend(ringing);
-                    if ringing.iter().any(|c| self.conns.get(c) != Some(&call.callee)) {
+                    if ringing
+                        .iter()
+                        .any(|c| self.conns.get(c) != Some(&call.callee))
+                    {
                         return Err(format!("call {id} rings a device that is not the callee's"));
                     }
                 }
@@ -845,7 +977,11 @@ impl Machine {
         if seen_rooms.len() != self.rooms.len() {
             return Err("a room is recorded with no live call".into());
         }
-        let ringing = self.calls.values().filter(|c| matches!(c.phase, Phase::Ringing { .. })).count();
+        let ringing = self
+            .calls
+            .values()
+            .filter(|c| matches!(c.phase, Phase::Ringing { .. }))
+            .count();
         if self.timers.len() != ringing {
             return Err("a timer is left for a call that is not ringing".into());
         }

@@ -10,7 +10,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let config = call_service::Config::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
 
@@ -21,7 +23,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (admin API)", config.admin_addr))?;
     // One line on stdout, for people and for scripts that started us on port 0.
-    println!("call-service listening: client={} admin={}", client.local_addr()?, admin.local_addr()?);
+    println!(
+        "call-service listening: client={} admin={}",
+        client.local_addr()?,
+        admin.local_addr()?
+    );
 
     call_service::serve(client, admin, config, shutdown_signal()).await?;
     Ok(())

@@ -30,7 +30,10 @@ pub enum ServeError {
     #[error(transparent)]
     BusinessUrl(#[from] BusinessUrlError),
     #[error("the {api} server failed: {source}")]
-    Transport { api: &'static str, source: tonic::transport::Error },
+    Transport {
+        api: &'static str,
+        source: tonic::transport::Error,
+    },
 }
 
 /// Runs the call service on `client` (CallService) and `admin` (CallAdmin)
@@ -58,18 +61,24 @@ pub async fn serve(
             token.clone(),
         )?),
         None => {
-            warn!("no business service configured: every call is allowed and no events are reported");
+            warn!(
+                "no business service configured: every call is allowed and no events are reported"
+            );
             None
         }
     };
     let auth = if config.dev_identity {
-        warn!("DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production");
+        warn!(
+            "DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production"
+        );
         Authenticator::DevIdentity
     } else {
         Authenticator::RefuseAll
     };
     let switchboard = LocalSwitchboard::start(
-        MachineConfig { ring_timeout: config.ring_timeout },
+        MachineConfig {
+            ring_timeout: config.ring_timeout,
+        },
         clock.start,
         business,
         &tasks,
@@ -83,7 +92,8 @@ pub async fn serve(
         token.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE);
-    let admin_api = CallAdminServer::new(AdminApi::new(switchboard)).max_decoding_message_size(MAX_MESSAGE);
+    let admin_api =
+        CallAdminServer::new(AdminApi::new(switchboard)).max_decoding_message_size(MAX_MESSAGE);
 
     info!(
         client = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -95,10 +105,16 @@ pub async fn serve(
     );
     let client_srv = builder()
         .add_service(client_api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(client), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(client),
+            token.clone().cancelled_owned(),
+        );
     let admin_srv = builder()
         .add_service(admin_api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(admin), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(admin),
+            token.clone().cancelled_owned(),
+        );
     // Whichever ends first (shutdown asked, or a server failed) stops the rest.
     let stop = |r: Result<(), tonic::transport::Error>, api| {
         token.cancel();

@@ -121,10 +121,23 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
 }
 
 enum Command {
-    Connect { conn: ConnId, user: UserId, tx: DeviceTx },
-    Control { conn: ConnId, seq: u64, control: CheckedControl },
-    Disconnect { conn: ConnId },
-    Verdict { call_id: CallId, verdict: Verdict },
+    Connect {
+        conn: ConnId,
+        user: UserId,
+        tx: DeviceTx,
+    },
+    Control {
+        conn: ConnId,
+        seq: u64,
+        control: CheckedControl,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Verdict {
+        call_id: CallId,
+        verdict: Verdict,
+    },
     ForceFinish {
         user: UserId,
         code: u32,
@@ -133,8 +146,13 @@ enum Command {
         user_str: Arc<str>,
         reply: oneshot::Sender<Outcome>,
     },
-    ListCalls { reply: oneshot::Sender<Vec<CallSummary>> },
-    UserState { user: UserId, reply: oneshot::Sender<UserSummary> },
+    ListCalls {
+        reply: oneshot::Sender<Vec<CallSummary>>,
+    },
+    UserState {
+        user: UserId,
+        reply: oneshot::Sender<UserSummary>,
+    },
 }
 
 /// Handle to the in-process switchboard actor. Cheap to clone.
@@ -166,14 +184,21 @@ impl LocalSwitchboard {
             business,
             tx: tx.clone(),
             tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
             start,
             effects: Vec::new(),
         };
         tasks.spawn(actor.run(rx, shutdown));
-        Self { tx, next_conn: Arc::new(AtomicU64::new(1)) }
+        Self {
+            tx,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ShuttingDown> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ShuttingDown> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| ShuttingDown)?;
         rx.await.map_err(|_| ShuttingDown)
@@ -184,12 +209,23 @@ impl Switchboard for LocalSwitchboard {
     async fn connect(&self, user: UserId) -> Result<(ConnId, DeviceRx), ShuttingDown> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-        self.tx.send(Command::Connect { conn, user, tx }).await.map_err(|_| ShuttingDown)?;
+        self.tx
+            .send(Command::Connect { conn, user, tx })
+            .await
+            .map_err(|_| ShuttingDown)?;
         Ok((conn, rx))
     }
 
-    async fn control(&self, conn: ConnId, seq: u64, control: CheckedControl) -> Result<(), ShuttingDown> {
-        self.tx.send(Command::Control { conn, seq, control }).await.map_err(|_| ShuttingDown)
+    async fn control(
+        &self,
+        conn: ConnId,
+        seq: u64,
+        control: CheckedControl,
+    ) -> Result<(), ShuttingDown> {
+        self.tx
+            .send(Command::Control { conn, seq, control })
+            .await
+            .map_err(|_| ShuttingDown)
     }
 
     async fn disconnect(&self, conn: ConnId) {
@@ -205,7 +241,15 @@ impl Switchboard for LocalSwitchboard {
         param: u32,
         user_str: Arc<str>,
     ) -> Result<Outcome, ShuttingDown> {
-        self.ask(|reply| Command::ForceFinish { user, code, flags, param, user_str, reply }).await
+        self.ask(|reply| Command::ForceFinish {
+            user,
+            code,
+            flags,
+            param,
+            user_str,
+            reply,
+        })
+        .await
     }
 
     async fn list_calls(&self) -> Result<Vec<CallSummary>, ShuttingDown> {
@@ -224,6 +268,7 @@ struct Actor {
     /// For approval tasks to send their verdicts back.
     tx: mpsc::Sender<Command>,
     tasks: TaskTracker,
+    shutdown: CancellationToken,
     start: Instant,
     effects: Vec<Effect>,
 }
@@ -285,12 +330,23 @@ impl Actor {
                 let outcome = match control {
                     Ok(ctl) => {
                         let call_id = CallId(uuid::Uuid::new_v4());
-                        self.machine.control(conn, &ctl, call_id, now, &mut self.effects)
+                        self.machine
+                            .control(conn, &ctl, call_id, now, &mut self.effects)
                     }
-                    Err((code, reason)) => Outcome { code, call_id: None, reason },
+                    Err((code, reason)) => Outcome {
+                        code,
+                        call_id: None,
+                        reason,
+                    },
                 };
                 if outcome.code != codes::OK {
-                    debug!(conn = conn.0, seq, code = outcome.code, reason = outcome.reason, "control refused");
+                    debug!(
+                        conn = conn.0,
+                        seq,
+                        code = outcome.code,
+                        reason = outcome.reason,
+                        "control refused"
+                    );
                 }
                 let msg = pb::ServerMessage {
                     kind: Some(pb::server_message::Kind::Result(pb::ControlResult {
@@ -309,10 +365,26 @@ impl Actor {
                 self.machine.disconnect(conn, now, &mut self.effects);
             }
             Command::Verdict { call_id, verdict } => {
-                self.machine.approval_done(call_id, verdict, now, &mut self.effects);
+                self.machine
+                    .approval_done(call_id, verdict, now, &mut self.effects);
             }
-            Command::ForceFinish { user, code, flags, param, user_str, reply } => {
-                let o = self.machine.force_finish(&user, code, flags, param, user_str, now, &mut self.effects);
+            Command::ForceFinish {
+                user,
+                code,
+                flags,
+                param,
+                user_str,
+                reply,
+            } => {
+                let o = self.machine.force_finish(
+                    &user,
+                    code,
+                    flags,
+                    param,
+                    user_str,
+                    now,
+                    &mut self.effects,
+                );
                 info!(user = %user, code, result = o.code, "forced FINISH");
                 let _ = reply.send(o);
             }
@@ -322,7 +394,11 @@ impl Actor {
             }
             Command::UserState { user, reply } => {
                 let (state, connections, call) = self.machine.user_state(&user);
-                let _ = reply.send(UserSummary { state, connections, call: call.map(|c| summary(c, now)) });
+                let _ = reply.send(UserSummary {
+                    state,
+                    connections,
+                    call: call.map(|c| summary(c, now)),
+                });
             }
         }
         self.apply();
@@ -349,7 +425,9 @@ impl Actor {
             match effect {
                 Effect::Send { conn, event } => {
                     let msg = pb::ServerMessage {
-                        kind: Some(pb::server_message::Kind::Event(convert::event_to_proto(&event))),
+                        kind: Some(pb::server_message::Kind::Event(convert::event_to_proto(
+                            &event,
+                        ))),
                     };
                     self.send(conn, msg);
                 }
@@ -358,14 +436,23 @@ impl Actor {
                     match &self.business {
                         None => {
                             let now = self.now();
-                            self.machine.approval_done(notice.call_id, Verdict::Allow, now, &mut self.effects);
+                            self.machine.approval_done(
+                                notice.call_id,
+                                Verdict::Allow,
+                                now,
+                                &mut self.effects,
+                            );
                         }
                         Some(business) => {
                             let business = business.clone();
                             let tx = self.tx.clone();
+                            let shutdown = self.shutdown.clone();
                             self.tasks.spawn(async move {
                                 let call_id = notice.call_id;
-                                let verdict = business.approve(notice).await;
+                                let verdict = tokio::select! {
+                                    v = business.approve(notice) => v,
+                                    () = shutdown.cancelled() => return,
+                                };
                                 let _ = tx.send(Command::Verdict { call_id, verdict }).await;
                             });
                         }
@@ -384,7 +471,9 @@ impl Actor {
     /// Queues a message for a device; a device whose queue is full is
     /// disconnected (see the module docs).
     fn send(&mut self, conn: ConnId, msg: pb::ServerMessage) {
-        let Some((user, tx)) = self.devices.get(&conn) else { return };
+        let Some((user, tx)) = self.devices.get(&conn) else {
+            return;
+        };
         if tx.try_send(Ok(msg)).is_ok() {
             return;
         }

@@ -306,7 +306,10 @@ impl Client {
     /// Connects to the call service at `url` (e.g. `http://127.0.0.1:50051`)
     /// and waits until the device is registered, so it can be called as soon
     /// as this returns.
-    pub async fn connect(url: impl Into<String>, credentials: Credentials) -> Result<(Client, Events), Error> {
+    pub async fn connect(
+        url: impl Into<String>,
+        credentials: Credentials,
+    ) -> Result<(Client, Events), Error> {
         let endpoint = Endpoint::from_shared(url.into())
             .map_err(Error::Endpoint)?
             .tcp_nodelay(true)
@@ -319,7 +322,10 @@ impl Client {
 
     /// Like [`Client::connect`], on a channel the caller configured (TLS,
     /// timeouts, a shared connection).
-    pub async fn connect_with_channel(channel: Channel, credentials: Credentials) -> Result<(Client, Events), Error> {
+    pub async fn connect_with_channel(
+        channel: Channel,
+        credentials: Credentials,
+    ) -> Result<(Client, Events), Error> {
         let (tx, rx) = mpsc::channel(64);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         let (key, value) = match &credentials {
@@ -335,7 +341,9 @@ impl Client {
             .map_err(Error::Refused)?
             .into_inner();
         let connected = match inbound.message().await.map_err(Error::Refused)? {
-            Some(pb::ServerMessage { kind: Some(pb::server_message::Kind::Connected(c)) }) => c,
+            Some(pb::ServerMessage {
+                kind: Some(pb::server_message::Kind::Connected(c)),
+            }) => c,
             Some(_) => return Err(Error::Protocol("the first message was not Connected")),
             None => return Err(Error::Disconnected),
         };
@@ -352,7 +360,13 @@ impl Client {
             connection_id: connected.connection_id,
             _reader: guard.clone(),
         };
-        Ok((client, Events { rx: events_rx, _reader: guard }))
+        Ok((
+            client,
+            Events {
+                rx: events_rx,
+                _reader: guard,
+            },
+        ))
     }
 
     /// The user id the service authenticated this device as.
@@ -367,7 +381,13 @@ impl Client {
 
     /// Dials `peer`. Code 0 means the call was placed (its outcome arrives
     /// as a REPLY event); 440 means this user already has a call.
-    pub async fn request(&self, peer: &str, flags: u32, param: u32, user_str: &str) -> Result<Code, Error> {
+    pub async fn request(
+        &self,
+        peer: &str,
+        flags: u32,
+        param: u32,
+        user_str: &str,
+    ) -> Result<Code, Error> {
         let c = Control {
             event_type: pb::EventType::Request as i32,
             peer: peer.into(),
@@ -394,7 +414,11 @@ impl Client {
 
     /// Hangs up the call with `peer` (before START: cancels, or rejects).
     pub async fn finish(&self, peer: &str) -> Result<Code, Error> {
-        let c = Control { event_type: pb::EventType::Finish as i32, peer: peer.into(), ..Control::default() };
+        let c = Control {
+            event_type: pb::EventType::Finish as i32,
+            peer: peer.into(),
+            ..Control::default()
+        };
         Ok(self.control(c).await?.code)
     }
 
@@ -428,7 +452,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn read(mut inbound: tonic::Streaming<pb::ServerMessage>, pending: Pending, events: mpsc::Sender<CallEvent>) {
+async fn read(
+    mut inbound: tonic::Streaming<pb::ServerMessage>,
+    pending: Pending,
+    events: mpsc::Sender<CallEvent>,
+) {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
@@ -441,7 +469,11 @@ async fn read(mut inbound: tonic::Streaming<pb::ServerMessage>, pending: Pending
         match msg.kind {
             Some(pb::server_message::Kind::Result(r)) => {
                 if let Some(tx) = lock(&pending).remove(&r.seq) {
-                    let _ = tx.send(ControlResult { code: Code(r.code), call_id: r.call_id, message: r.message });
+                    let _ = tx.send(ControlResult {
+                        code: Code(r.code),
+                        call_id: r.call_id,
+                        message: r.message,
+                    });
                 }
             }
             Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {

@@ -1,1 +1,245 @@
-//! placeholder
+//! Harness for the end-to-end tests: real servers on `127.0.0.1:0`, real
+//! SDK clients, and helpers that wait for events (never for time).
+//!
+//! Layout: [`CallService`] and [`Business`] start and stop the services
+//! in-process; [`Phone`] is an SDK client with expectations; [`HookLog`]
+//! collects what the business hook received.
+
+use std::time::Duration;
+
+use business_service::{Hook, Policy, admin::Admin};
+use call_service::Config;
+use client_sdk::{CallEvent, Client, Code, Credentials, EventKind, Events};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use videocall_proto::v1 as pb;
+
+/// The longest any expected event may take before a test fails. A guard
+/// against hangs, not a way to synchronise: tests wait for events.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Logs for a failing test: `RUST_LOG=debug cargo test ...`.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A call service running in this process.
+#[derive(Debug)]
+pub struct CallService {
+    pub client_url: String,
+    pub admin_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), call_service::ServeError>>,
+}
+
+impl CallService {
+    /// Starts a call service with development identities, using `business`
+    /// as its hook (if any). `tweak` adjusts the configuration.
+    pub async fn start(business: Option<&str>, tweak: impl FnOnce(&mut Config)) -> Self {
+        init_tracing();
+        let mut config = Config::for_tests(business.map(str::to_owned));
+        tweak(&mut config);
+        let client = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind client port");
+        let admin = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin port");
+        let client_url = format!("http://{}", client.local_addr().expect("client addr"));
+        let admin_url = format!("http://{}", admin.local_addr().expect("admin addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(call_service::serve(client, admin, config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            client_url,
+            admin_url,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Connects a device of `user`.
+    pub async fn phone(&self, user: &str) -> Phone {
+        let (client, events) =
+            Client::connect(self.client_url.clone(), Credentials::dev_user(user))
+                .await
+                .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"));
+        Phone {
+            user: user.to_owned(),
+            client,
+            events,
+        }
+    }
+
+    pub async fn admin(&self) -> Admin {
+        Admin::connect(self.admin_url.clone())
+            .await
+            .expect("admin connect")
+    }
+
+    /// Stops the service and checks that it stopped cleanly.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = tokio::time::timeout(PATIENCE, &mut self.task).await;
+        match result {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("call service did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+/// The reference business service running in this process.
+#[derive(Debug)]
+pub struct Business {
+    pub url: String,
+    pub hook: Hook,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Business {
+    pub async fn start(policy: Policy) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind hook port");
+        let url = format!("http://{}", listener.local_addr().expect("hook addr"));
+        let hook = Hook::new(policy);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(business_service::serve(listener, hook.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            hook,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn log(&self) -> HookLog {
+        HookLog {
+            rx: self.hook.subscribe(),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(PATIENCE, &mut self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("business service did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+/// What the business hook received, in order.
+#[derive(Debug)]
+pub struct HookLog {
+    rx: broadcast::Receiver<pb::CallEventNotice>,
+}
+
+impl HookLog {
+    /// The next notice received by the hook.
+    pub async fn next(&mut self) -> pb::CallEventNotice {
+        match tokio::time::timeout(PATIENCE, self.rx.recv()).await {
+            Ok(Ok(n)) => n,
+            other => panic!("no notice reached the business hook: {other:?}"),
+        }
+    }
+
+    /// The next `count` notices of call `call_id`, skipping other calls'.
+    pub async fn call(&mut self, call_id: &str, count: usize) -> Vec<pb::CallEventNotice> {
+        let mut out = Vec::new();
+        while out.len() < count {
+            let n = self.next().await;
+            if n.call_id == call_id {
+                out.push(n);
+            }
+        }
+        out
+    }
+}
+
+/// One connected device, with expectations about its events.
+#[derive(Debug)]
+pub struct Phone {
+    pub user: String,
+    pub client: Client,
+    pub events: Events,
+}
+
+impl Phone {
+    /// The next event; fails the test if none comes within [`PATIENCE`].
+    pub async fn next(&mut self) -> CallEvent {
+        match tokio::time::timeout(PATIENCE, self.events.next()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => panic!("{}: stream ended while an event was expected", self.user),
+            Err(_) => panic!("{}: no event within {PATIENCE:?}", self.user),
+        }
+    }
+
+    /// The next event, which must be `kind` from `peer` with `code`.
+    pub async fn expect(&mut self, kind: EventKind, peer: &str, code: Code) -> CallEvent {
+        let e = self.next().await;
+        assert_eq!(
+            (e.kind, e.peer.as_str(), e.code),
+            (kind, peer, code),
+            "{}: unexpected event {e:?}",
+            self.user
+        );
+        e
+    }
+
+    /// Places a call; the control must be taken.
+    pub async fn call(&self, peer: &str) -> String {
+        let r = self
+            .client
+            .control(client_sdk::Control {
+                event_type: pb::EventType::Request as i32,
+                peer: peer.into(),
+                flags: client_sdk::flags::AUDIO | client_sdk::flags::VIDEO,
+                param: 42,
+                user_str: format!("{} calling", self.user),
+                ..Default::default()
+            })
+            .await
+            .expect("request");
+        assert_eq!(
+            r.code,
+            Code::OK,
+            "{}: REQUEST to {peer} refused: {}",
+            self.user,
+            r.message
+        );
+        r.call_id
+    }
+
+    /// Asserts no event is waiting. Sound without sleeping: a control's
+    /// result travels on the same ordered stream as events, so once it is
+    /// back, every event sent before it has arrived.
+    pub async fn assert_quiet(&mut self) {
+        let code = self
+            .client
+            .finish("nobody-at-all")
+            .await
+            .expect("barrier control");
+        assert_eq!(code, Code::NOT_IN_CALL);
+        if let Some(e) = self.events.try_next() {
+            panic!("{}: unexpected event {e:?}", self.user);
+        }
+    }
+}
+
+/// A user's state through the admin API.
+pub async fn user_state(admin: &Admin, user: &str) -> pb::UserState {
+    let s = admin.user_state(user).await.expect("user state");
+    pb::UserState::try_from(s.state).expect("known state")
+}

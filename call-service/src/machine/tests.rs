@@ -17,7 +17,14 @@ fn user_of(conn: u64) -> UserId {
 }
 
 fn ctl(kind: ControlKind, peer: &str, code: u32) -> Control {
-    Control { kind, peer: Arc::from(peer), code, flags: 3, param: 7, user_str: Arc::from("hi") }
+    Control {
+        kind,
+        peer: Arc::from(peer),
+        code,
+        flags: 3,
+        param: 7,
+        user_str: Arc::from("hi"),
+    }
 }
 
 fn sends(out: &[Effect]) -> Vec<(u64, EventKind, u32)> {
@@ -44,7 +51,13 @@ fn full_call_then_hang_up() {
     m.connect(ConnId(0), user_of(0), &mut out);
     m.connect(ConnId(1), user_of(1), &mut out);
     let t = Duration::ZERO;
-    let o = m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(1), t, &mut out);
+    let o = m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(1),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
     assert!(matches!(out.as_slice(), [Effect::Approve(n)] if n.decision_required && n.seq == 1));
     assert_eq!(m.user_state("u1").0, UserState::Ringing);
@@ -52,17 +65,36 @@ fn full_call_then_hang_up() {
     m.approval_done(id(1), Verdict::Allow, t, &mut out);
     assert_eq!(sends(&out), vec![(1, EventKind::Request, 0)]);
     out.clear();
-    let o = m.control(ConnId(1), &ctl(ControlKind::Reply, "u0", 0), id(2), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Reply, "u0", 0),
+        id(2),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
     assert_eq!(
         sends(&out),
-        vec![(0, EventKind::Reply, 0), (0, EventKind::Start, 0), (1, EventKind::Start, 0)]
+        vec![
+            (0, EventKind::Reply, 0),
+            (0, EventKind::Start, 0),
+            (1, EventKind::Start, 0)
+        ]
     );
     assert_eq!(m.user_state("u0").0, UserState::Talking);
     out.clear();
-    let o = m.control(ConnId(1), &ctl(ControlKind::Finish, "u0", 0), id(3), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Finish, "u0", 0),
+        id(3),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
-    assert_eq!(sends(&out), vec![(0, EventKind::Finish, 0), (1, EventKind::Finish, 0)]);
+    assert_eq!(
+        sends(&out),
+        vec![(0, EventKind::Finish, 0), (1, EventKind::Finish, 0)]
+    );
     assert_eq!(m.user_state("u0").0, UserState::Idle);
     assert_eq!(m.user_state("u1").0, UserState::Idle);
     m.check_invariants().unwrap();
@@ -75,21 +107,49 @@ fn glare_gives_one_call_and_one_busy() {
     m.connect(ConnId(0), user_of(0), &mut out);
     m.connect(ConnId(1), user_of(1), &mut out);
     let t = Duration::ZERO;
-    assert_eq!(m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(1), t, &mut out).code, 0);
+    assert_eq!(
+        m.control(
+            ConnId(0),
+            &ctl(ControlKind::Request, "u1", 0),
+            id(1),
+            t,
+            &mut out
+        )
+        .code,
+        0
+    );
     out.clear();
     // u1's REQUEST crosses u0's: u0 is busy calling u1, so u1 hears REPLY
     // 100103 and u0's call goes on, whether or not it already rings.
-    let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u0", 0), id(2), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Request, "u0", 0),
+        id(2),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
     assert_eq!(sends(&out), vec![(1, EventKind::Reply, codes::BUSY)]);
     m.approval_done(id(1), Verdict::Allow, t, &mut out);
     out.clear();
-    let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u0", 0), id(3), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Request, "u0", 0),
+        id(3),
+        t,
+        &mut out,
+    );
     assert_eq!(sends(&out), vec![(1, EventKind::Reply, codes::BUSY)]);
     assert_eq!(o.code, 0);
     // A third party is no glare: u1 already has a call.
     m.connect(ConnId(2), user_of(2), &mut out);
-    let o = m.control(ConnId(1), &ctl(ControlKind::Request, "u2", 0), id(4), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Request, "u2", 0),
+        id(4),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, codes::ALREADY_IN_CALL);
     assert_eq!(m.calls().count(), 1);
 }
@@ -102,14 +162,32 @@ fn offline_and_busy_answer_with_reply() {
         m.connect(ConnId(c), user_of(c), &mut out);
     }
     let t = Duration::ZERO;
-    let o = m.control(ConnId(0), &ctl(ControlKind::Request, "u3", 0), id(1), t, &mut out);
+    let o = m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u3", 0),
+        id(1),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
     assert_eq!(sends(&out), vec![(0, EventKind::Reply, codes::OFFLINE)]);
     assert_eq!(m.user_state("u0").0, UserState::Idle);
     out.clear();
-    m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(2), t, &mut out);
+    m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(2),
+        t,
+        &mut out,
+    );
     out.clear();
-    m.control(ConnId(2), &ctl(ControlKind::Request, "u1", 0), id(3), t, &mut out);
+    m.control(
+        ConnId(2),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(3),
+        t,
+        &mut out,
+    );
     assert_eq!(sends(&out), vec![(2, EventKind::Reply, codes::BUSY)]);
 }
 
@@ -121,15 +199,33 @@ fn multi_device_first_answer_wins() {
     m.connect(ConnId(1), user_of(1), &mut out);
     m.connect(ConnId(5), user_of(5), &mut out);
     let t = Duration::ZERO;
-    m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(1), t, &mut out);
+    m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(1),
+        t,
+        &mut out,
+    );
     m.approval_done(id(1), Verdict::Allow, t, &mut out);
     out.clear();
-    m.control(ConnId(5), &ctl(ControlKind::Reply, "u0", 0), id(9), t, &mut out);
+    m.control(
+        ConnId(5),
+        &ctl(ControlKind::Reply, "u0", 0),
+        id(9),
+        t,
+        &mut out,
+    );
     assert!(sends(&out).contains(&(1, EventKind::Finish, codes::ANSWERED_ELSEWHERE)));
     assert!(sends(&out).contains(&(5, EventKind::Start, 0)));
     out.clear();
     // The losing device's late answer matches no call of that device.
-    let o = m.control(ConnId(1), &ctl(ControlKind::Reply, "u0", 0), id(9), t, &mut out);
+    let o = m.control(
+        ConnId(1),
+        &ctl(ControlKind::Reply, "u0", 0),
+        id(9),
+        t,
+        &mut out,
+    );
     assert_eq!(o.code, codes::NOT_IN_CALL);
     assert!(out.is_empty());
 }
@@ -140,7 +236,13 @@ fn ring_timeout_and_forced_finish() {
     let mut out = vec![];
     m.connect(ConnId(0), user_of(0), &mut out);
     m.connect(ConnId(1), user_of(1), &mut out);
-    m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(1), Duration::ZERO, &mut out);
+    m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(1),
+        Duration::ZERO,
+        &mut out,
+    );
     m.approval_done(id(1), Verdict::Allow, Duration::ZERO, &mut out);
     out.clear();
     m.tick(RING - Duration::from_millis(1), &mut out);
@@ -148,11 +250,20 @@ fn ring_timeout_and_forced_finish() {
     m.tick(RING, &mut out);
     assert_eq!(
         sends(&out),
-        vec![(0, EventKind::Reply, codes::NO_ANSWER), (1, EventKind::Finish, codes::NO_ANSWER)]
+        vec![
+            (0, EventKind::Reply, codes::NO_ANSWER),
+            (1, EventKind::Finish, codes::NO_ANSWER)
+        ]
     );
     assert_eq!(m.next_deadline(), None);
     out.clear();
-    m.control(ConnId(0), &ctl(ControlKind::Request, "u1", 0), id(2), RING, &mut out);
+    m.control(
+        ConnId(0),
+        &ctl(ControlKind::Request, "u1", 0),
+        id(2),
+        RING,
+        &mut out,
+    );
     out.clear();
     // Forced with 0 before START: not a REPLY 0.
     let o = m.force_finish("u1", 0, 0, 0, Arc::from("bye"), RING, &mut out);
@@ -162,7 +273,9 @@ fn ring_timeout_and_forced_finish() {
     assert!(!out.iter().any(|e| matches!(e, Effect::Notify(_))));
     out.clear();
     m.approval_done(id(2), Verdict::Allow, RING, &mut out);
-    assert!(matches!(out.as_slice(), [Effect::Notify(n)] if n.kind == EventKind::Reply && n.seq == 2));
+    assert!(
+        matches!(out.as_slice(), [Effect::Notify(n)] if n.kind == EventKind::Reply && n.seq == 2)
+    );
 }
 
 // ----- model-based property tests ---------------------------------------
@@ -171,15 +284,35 @@ fn ring_timeout_and_forced_finish() {
 enum Op {
     Connect(u64),
     Disconnect(u64),
-    Control { conn: u64, kind: ControlKind, peer: usize, code: u32 },
-    Approve { pick: usize, verdict: Option<u32> },
+    Control {
+        conn: u64,
+        kind: ControlKind,
+        peer: usize,
+        code: u32,
+    },
+    Approve {
+        pick: usize,
+        verdict: Option<u32>,
+    },
     Advance(u64),
-    Force { user: usize, code: u32 },
+    Force {
+        user: usize,
+        code: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let code = prop_oneof![Just(0u32), Just(codes::CANCELLED), Just(codes::REJECTED), Just(777_777u32)];
-    let kind = prop_oneof![Just(ControlKind::Request), Just(ControlKind::Reply), Just(ControlKind::Finish)];
+    let code = prop_oneof![
+        Just(0u32),
+        Just(codes::CANCELLED),
+        Just(codes::REJECTED),
+        Just(777_777u32)
+    ];
+    let kind = prop_oneof![
+        Just(ControlKind::Request),
+        Just(ControlKind::Reply),
+        Just(ControlKind::Finish)
+    ];
     prop_oneof![
         2 => (0..DEVICES).prop_map(Op::Connect),
         1 => (0..DEVICES).prop_map(Op::Disconnect),
@@ -243,7 +376,9 @@ impl Model {
                 continue;
             }
             let Some(call) = m.calls().find(|c| c.id == *call_id) else {
-                return Err(format!("device {conn} was left in ended call {call_id}: {line:?}"));
+                return Err(format!(
+                    "device {conn} was left in ended call {call_id}: {line:?}"
+                ));
             };
             let inside = call.caller_conn.0 == *conn
                 || match &call.phase {
@@ -252,12 +387,18 @@ impl Model {
                     Phase::Talking { callee_conn, .. } => callee_conn.0 == *conn,
                 };
             if !inside {
-                return Err(format!("device {conn} dropped from call {call_id} without FINISH"));
+                return Err(format!(
+                    "device {conn} dropped from call {call_id} without FINISH"
+                ));
             }
         }
         // Every live call's devices have heard what its phase says.
         for call in m.calls() {
-            let caller_line = self.lines.get(&(call.caller_conn.0, call.id)).map(Vec::len).unwrap_or(0);
+            let caller_line = self
+                .lines
+                .get(&(call.caller_conn.0, call.id))
+                .map(Vec::len)
+                .unwrap_or(0);
             let (caller_want, callee) = match &call.phase {
                 Phase::Approving => (0, vec![]),
                 Phase::Ringing { ringing, .. } => (0, ringing.iter().map(|c| (c.0, 1)).collect()),
@@ -312,11 +453,18 @@ fn check_line(line: &[(EventKind, u32, u32)]) -> Result<(), String> {
             | [(Request, _), (Start, _), (Finish, _)]
             | [(Request, _), (Finish, _)]
     );
-    if ok { Ok(()) } else { Err(format!("events break the contract's line: {kinds:?}")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("events break the contract's line: {kinds:?}"))
+    }
 }
 
 fn line_done(line: &[(EventKind, u32, u32)]) -> bool {
-    matches!(line.last(), Some((EventKind::Finish, _, _)) | Some((EventKind::Reply, 1.., _)))
+    matches!(
+        line.last(),
+        Some((EventKind::Finish, _, _)) | Some((EventKind::Reply, 1.., _))
+    )
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -339,7 +487,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.lines.retain(|(conn, _), _| *conn != c);
                 m.disconnect(ConnId(c), now, &mut out);
             }
-            Op::Control { conn, kind, peer, code } => {
+            Op::Control {
+                conn,
+                kind,
+                peer,
+                code,
+            } => {
                 if !model.connected.contains(&conn) {
                     continue;
                 }
@@ -359,7 +512,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let call_id = model.approvals.remove(pick % model.approvals.len());
                 let v = match verdict {
                     None | Some(0) => Verdict::Allow,
-                    Some(code) => Verdict::Refuse { code, initiator: Initiator::Business },
+                    Some(code) => Verdict::Refuse {
+                        code,
+                        initiator: Initiator::Business,
+                    },
                 };
                 m.approval_done(call_id, v, now, &mut out);
             }
@@ -375,7 +531,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         model.absorb(&m, &out).map_err(TestCaseError::fail)?;
         // A user is busy exactly when a live call names it.
         for u in USERS {
-            let in_call = m.calls().any(|c| c.caller.as_ref() == u || c.callee.as_ref() == u);
+            let in_call = m
+                .calls()
+                .any(|c| c.caller.as_ref() == u || c.callee.as_ref() == u);
             let busy = !matches!(m.user_state(u).0, UserState::Idle | UserState::Offline);
             prop_assert_eq!(in_call, busy);
         }
@@ -404,7 +562,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert_eq!(m.calls().count(), 0);
     for (call_id, notices) in &model.notices {
         let last = notices.last().map(|n| (n.kind, n.code));
-        let complete = matches!(last, Some((EventKind::Finish, _)) | Some((EventKind::Reply, 1..)));
+        let complete = matches!(
+            last,
+            Some((EventKind::Finish, _)) | Some((EventKind::Reply, 1..))
+        );
         prop_assert!(complete, "call {} notices end with {:?}", call_id, last);
     }
     Ok(())
