@@ -515,3 +515,106 @@ fn summary(c: &Call, now: Time) -> CallSummary {
         age: now.saturating_sub(c.requested_at),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::ControlKind;
+
+    fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
+        let tasks = TaskTracker::new();
+        let token = CancellationToken::new();
+        let sb = LocalSwitchboard::start(
+            MachineConfig::default(),
+            Instant::now(),
+            None,
+            &tasks,
+            token.clone(),
+        );
+        (sb, token, tasks)
+    }
+
+    fn control(kind: ControlKind, peer: &str, code: u32) -> CheckedControl {
+        Ok(Control {
+            kind,
+            peer: Arc::from(peer),
+            code,
+            flags: 0,
+            param: 0,
+            user_str: Arc::from(""),
+        })
+    }
+
+    /// The next event on a device queue, skipping `Connected` and results.
+    async fn event(rx: &mut DeviceRx) -> pb::CallEvent {
+        loop {
+            match rx.recv().await.expect("queue open").expect("no error").kind {
+                Some(pb::server_message::Kind::Event(e)) => return e,
+                _ => continue,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_ring_timeout_is_30_seconds() {
+        let (sb, token, tasks) = start();
+        let (alice, mut alice_rx) = sb.connect(Arc::from("alice")).await.unwrap();
+        let (_bob, mut bob_rx) = sb.connect(Arc::from("bob")).await.unwrap();
+        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+            .await
+            .unwrap();
+        let began = Instant::now();
+        assert_eq!(
+            event(&mut bob_rx).await.event_type,
+            pb::EventType::Request as i32
+        );
+        let reply = event(&mut alice_rx).await;
+        assert_eq!(
+            (reply.event_type, reply.error_code),
+            (pb::EventType::Reply as i32, codes::NO_ANSWER)
+        );
+        assert_eq!(began.elapsed(), Duration::from_secs(30));
+        let finish = event(&mut bob_rx).await;
+        assert_eq!(
+            (finish.event_type, finish.error_code),
+            (pb::EventType::Finish as i32, codes::NO_ANSWER)
+        );
+        token.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_device_that_stops_reading_is_disconnected_and_its_peer_told() {
+        let (sb, token, tasks) = start();
+        let (alice, _alice_rx_never_read) = sb.connect(Arc::from("alice")).await.unwrap();
+        let (bob, mut bob_rx) = sb.connect(Arc::from("bob")).await.unwrap();
+        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+            .await
+            .unwrap();
+        event(&mut bob_rx).await;
+        sb.control(bob, 1, control(ControlKind::Reply, "alice", 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            event(&mut bob_rx).await.event_type,
+            pb::EventType::Start as i32
+        );
+        // Every control is answered on alice's queue, which nobody reads.
+        for seq in 0..=DEVICE_QUEUE as u64 {
+            sb.control(alice, seq, control(ControlKind::Reply, "carol", 0))
+                .await
+                .unwrap();
+        }
+        let finish = event(&mut bob_rx).await;
+        assert_eq!(
+            (finish.event_type, finish.error_code),
+            (pb::EventType::Finish as i32, codes::CONNECTION_LOST)
+        );
+        let state = sb.user_state(Arc::from("alice")).await.unwrap();
+        assert_eq!(state.state, UserState::Offline);
+        token.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+}
