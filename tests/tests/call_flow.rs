@@ -424,8 +424,8 @@ impl pb::business_hook_server::BusinessHook for Silent {
 }
 
 async fn start_silent_hook() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::business_hook_server::BusinessHookServer::new(Silent))
@@ -436,8 +436,8 @@ async fn start_silent_hook() -> String {
 
 /// An address where nothing listens.
 async fn closed_port() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     drop(listener);
     url
 }
