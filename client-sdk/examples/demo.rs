@@ -40,7 +40,11 @@ impl Phone {
             .await
             .with_context(|| format!("{name} cannot connect to {url}"))?;
         println!("{name:>7}   connected as device {}", client.connection_id());
-        Ok(Self { name: name.to_owned(), client, events })
+        Ok(Self {
+            name: name.to_owned(),
+            client,
+            events,
+        })
     }
 
     /// Prints a control and its result.
@@ -81,7 +85,15 @@ async fn main() -> anyhow::Result<()> {
     let mut bob = Phone::connect(&args.url, "bob").await?;
 
     println!("\n== 1. alice calls bob, bob answers, they talk, alice hangs up");
-    let code = alice.client.request("bob", flags::AUDIO | flags::VIDEO, 0, "hi bob, got a minute?").await?;
+    let code = alice
+        .client
+        .request(
+            "bob",
+            flags::AUDIO | flags::VIDEO,
+            0,
+            "hi bob, got a minute?",
+        )
+        .await?;
     alice.sent("REQUEST bob (audio+video)".into(), code);
     bob.expect(EventKind::Request).await?;
     let code = bob.client.reply("alice", Code::OK).await?;
@@ -96,7 +108,10 @@ async fn main() -> anyhow::Result<()> {
     bob.expect(EventKind::Finish).await?;
 
     println!("\n== 2. bob calls alice, alice rejects");
-    let code = bob.client.request("alice", flags::AUDIO, 0, "quick question").await?;
+    let code = bob
+        .client
+        .request("alice", flags::AUDIO, 0, "quick question")
+        .await?;
     bob.sent("REQUEST alice (audio)".into(), code);
     alice.expect(EventKind::Request).await?;
     let code = alice.client.reply("bob", Code::REJECTED).await?;
@@ -109,14 +124,20 @@ async fn main() -> anyhow::Result<()> {
     alice.sent("REQUEST carol".into(), code);
     alice.expect(EventKind::Reply).await?;
 
-    println!("\n== 4. {} is blocked by the business service", args.blocked);
+    println!(
+        "\n== 4. {} is blocked by the business service",
+        args.blocked
+    );
     let mut mallory = Phone::connect(&args.url, &args.blocked).await?;
     let code = mallory.client.request("bob", flags::AUDIO, 0, "").await?;
     mallory.sent("REQUEST bob".into(), code);
     mallory.expect(EventKind::Reply).await?;
 
     println!("\n== 5. the business service forces a hang-up (admin API)");
-    let code = alice.client.request("bob", flags::VIDEO, 0, "one more thing").await?;
+    let code = alice
+        .client
+        .request("bob", flags::VIDEO, 0, "one more thing")
+        .await?;
     alice.sent("REQUEST bob (video)".into(), code);
     bob.expect(EventKind::Request).await?;
     let code = bob.client.reply("alice", Code::OK).await?;
@@ -137,7 +158,10 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    println!("  admin → FINISH alice, code 200100                    result {}", Code(r.code));
+    println!(
+        "  admin → FINISH alice, code 200100                    result {}",
+        Code(r.code)
+    );
     alice.expect(EventKind::Finish).await?;
     bob.expect(EventKind::Finish).await?;
 
