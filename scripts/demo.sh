@@ -33,7 +33,7 @@ wait_ready() {
 }
 
 RUST_LOG=${RUST_LOG:-warn} target/debug/business-service serve \
-  --listen "127.0.0.1:$HOOK_PORT" --block-caller mallory \
+  --listen "127.0.0.1:$HOOK_PORT" --block-caller mallory --database "$logs/records.db" \
   >"$logs/business.out" 2>"$logs/business.out.err" &
 pids+=($!)
 wait_ready "$logs/business.out"
@@ -47,3 +47,9 @@ wait_ready "$logs/call.out"
 
 echo "business-service on 127.0.0.1:$HOOK_PORT, call-service on 127.0.0.1:$CALL_PORT (admin $ADMIN_PORT)"
 target/debug/examples/demo --url "http://127.0.0.1:$CALL_PORT" --admin-url "http://127.0.0.1:$ADMIN_PORT"
+
+echo
+echo "== the call records the business service kept (business-service records recent)"
+# Notices reach the business service just after the events; give it a moment.
+sleep 0.5
+target/debug/business-service records --database "$logs/records.db" recent

@@ -52,6 +52,7 @@ impl Admin {
             flags: 0,
             param: 0,
             user_str: user_str.into(),
+            call_id: String::new(),
         };
         Ok(self
             .client

@@ -1,69 +1,215 @@
 //! The reference business service: implements the `BusinessHook` API that
 //! the call service calls to approve each call and to report every call
-//! event, and drives the call service's admin API (forced hang-up).
+//! event; keeps call detail records; enforces a maximum call duration
+//! through the call service's admin API.
 //!
 //! Layout:
-//! - [`Policy`]: who may call (blocked callers, with the refusal code).
-//! - [`Hook`]: the `BusinessHook` implementation; logs every event and
-//!   lets in-process observers [`Hook::subscribe`] to them.
-//! - [`serve`]: runs the hook on a bound listener until shutdown.
+//! - [`policy`]: the rules (TOML), checked whole before use; deciding is
+//!   pure. [`PolicyStore`] holds the policy in force and reloads it.
+//! - [`records`]: call detail records in SQLite, built idempotently from
+//!   event ids; queries and CSV for the operator CLI.
+//! - [`enforcer`]: forced FINISH when a call reaches the maximum duration.
 //! - [`admin`]: a small client of the call service's admin API.
+//! - [`Hook`]: the `BusinessHook` implementation; [`Business`] starts its
+//!   background tasks and serves it until shutdown.
 
 pub mod admin;
+pub mod enforcer;
+pub mod policy;
+pub mod records;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
+use jiff::Timestamp;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::business_hook_server::{BusinessHook, BusinessHookServer};
 
-/// The refusal code used when none is given: not a number the contract or
-/// the call service uses.
-pub const DEFAULT_REFUSAL_CODE: u32 = 200_001;
+pub use policy::{Policy, PolicyError};
+pub use records::Records;
 
 /// Notices kept for a slow observer before it starts losing the oldest.
 const OBSERVER_BUFFER: usize = 1024;
 
-/// Who may place calls.
+/// Settings of the business service.
 #[derive(Clone, Debug, Default)]
-pub struct Policy {
-    /// Callers whose requests are refused, with the code the caller gets.
-    pub blocked_callers: HashMap<String, u32>,
+pub struct Config {
+    /// The policy file (TOML); none: allow everything (plus `extra_blocked`).
+    pub policy_file: Option<PathBuf>,
+    /// Callers refused on top of the policy file, with their code.
+    pub extra_blocked: HashMap<String, u32>,
+    /// How often the policy file is checked for changes.
+    pub reload_interval: Option<Duration>,
+    /// The call records database; none: records are not kept.
+    pub database: Option<PathBuf>,
+    /// The call service's admin API, for forced FINISH at the maximum call
+    /// duration; none: the maximum is not enforced.
+    pub admin_url: Option<String>,
 }
 
-impl Policy {
-    /// The result code for a call request: 0 allows.
-    pub fn decide(&self, caller: &str, _callee: &str) -> u32 {
-        self.blocked_callers.get(caller).copied().unwrap_or(0)
+/// Errors starting the business service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Records(#[from] records::RecordsError),
+    #[error("invalid admin URL: {0}")]
+    AdminUrl(#[source] tonic::transport::Error),
+    #[error("the hook server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The policy in force. Readers take a cheap snapshot; a reload swaps it
+/// whole, and only after the new file checked out.
+#[derive(Debug)]
+pub struct PolicyStore {
+    file: Option<PathBuf>,
+    extra_blocked: HashMap<String, u32>,
+    current: RwLock<Arc<Policy>>,
+    /// The file's (modification time, length) when last loaded.
+    seen: Mutex<Option<(SystemTime, u64)>>,
+}
+
+impl PolicyStore {
+    fn load(
+        file: Option<PathBuf>,
+        extra_blocked: HashMap<String, u32>,
+    ) -> Result<Self, PolicyError> {
+        let store = Self {
+            file,
+            extra_blocked,
+            current: RwLock::new(Arc::new(Policy::default())),
+            seen: Mutex::new(None),
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// The policy in force.
+    pub fn get(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again. On error the policy in force stays.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        let mut policy = match &self.file {
+            Some(path) => {
+                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint(path);
+                Policy::load(path)?
+            }
+            None => Policy::default(),
+        };
+        policy.extra_blocked = self.extra_blocked.clone();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// Reloads if the file changed since the last load; logs the outcome.
+    fn reload_if_changed(&self) {
+        let Some(path) = &self.file else { return };
+        if fingerprint(path) == *self.seen.lock().unwrap_or_else(|e| e.into_inner()) {
+            return;
+        }
+        self.reload_logged("file changed");
+    }
+
+    /// Reloads and logs the outcome (for SIGHUP and file changes).
+    pub fn reload_logged(&self, why: &str) {
+        match self.reload() {
+            Ok(()) => info!(why, file = ?self.file, "policy reloaded"),
+            Err(e) => {
+                warn!(why, error = %e, "policy NOT reloaded; the previous policy stays in force")
+            }
+        }
+    }
+}
+
+fn fingerprint(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The times of each caller's recently approved calls, for the rate limit.
+#[derive(Debug, Default)]
+struct Approvals {
+    by_caller: Mutex<HashMap<String, VecDeque<Timestamp>>>,
+}
+
+impl Approvals {
+    fn recent(&self, caller: &str) -> Vec<Timestamp> {
+        let map = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(caller)
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records an approval, keeping at most `keep` entries per caller
+    /// (the rate limit never needs more).
+    fn record(&self, caller: &str, at: Timestamp, keep: usize) {
+        let mut map = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
+        let q = map.entry(caller.to_owned()).or_default();
+        q.push_back(at);
+        while q.len() > keep {
+            q.pop_front();
+        }
     }
 }
 
 /// The `BusinessHook` implementation.
 #[derive(Clone, Debug)]
 pub struct Hook {
-    policy: Arc<Policy>,
+    policy: Arc<PolicyStore>,
+    approvals: Arc<Approvals>,
+    records: Option<Records>,
+    enforcer: Option<enforcer::Enforcer>,
     observers: broadcast::Sender<pb::CallEventNotice>,
 }
 
 impl Hook {
-    pub fn new(policy: Policy) -> Self {
-        let (observers, _) = broadcast::channel(OBSERVER_BUFFER);
-        Self {
-            policy: Arc::new(policy),
-            observers,
-        }
-    }
-
     /// Every notice received from now on. A receiver that falls more than
     /// 1024 notices behind loses the oldest (and is told so by `recv`).
     pub fn subscribe(&self) -> broadcast::Receiver<pb::CallEventNotice> {
         self.observers.subscribe()
+    }
+
+    /// The policy holder (to reload it, e.g. on SIGHUP).
+    pub fn policy(&self) -> &PolicyStore {
+        &self.policy
+    }
+
+    /// The approval decision, pure but for the rate history it updates.
+    fn decide(&self, n: &pb::CallEventNotice) -> u32 {
+        let policy = self.policy.get();
+        let now = Timestamp::now();
+        let recent = self.approvals.recent(&n.caller_user_id);
+        match policy.decide(&n.caller_user_id, &n.callee_user_id, now, &recent) {
+            Ok(()) => {
+                if let Some(limit) = &policy.rate_limit {
+                    self.approvals
+                        .record(&n.caller_user_id, now, limit.calls as usize);
+                }
+                0
+            }
+            Err(refusal) => {
+                let code = policy.code(refusal);
+                info!(call_id = %n.call_id, caller = %n.caller_user_id, callee = %n.callee_user_id, ?refusal, code, "call refused");
+                code
+            }
+        }
     }
 }
 
@@ -84,11 +230,13 @@ impl BusinessHook for Hook {
         request: Request<pb::CallEventNotice>,
     ) -> Result<Response<pb::CallEventAck>, Status> {
         let n = request.into_inner();
-        let result_code = if n.decision_required && n.event_type == pb::EventType::Request as i32 {
-            self.policy.decide(&n.caller_user_id, &n.callee_user_id)
-        } else {
-            0
-        };
+        if n.call_id.is_empty() || n.event_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "call_id and event_id are required",
+            ));
+        }
+        let decision = (n.decision_required && n.event_type == pb::EventType::Request as i32)
+            .then(|| self.decide(&n));
         info!(
             event = event_name(n.event_type),
             call_id = %n.call_id,
@@ -96,24 +244,102 @@ impl BusinessHook for Hook {
             source = %n.source_user_id,
             target = %n.target_user_id,
             code = n.error_code,
-            decision = n.decision_required.then_some(result_code),
+            decision,
             "call event"
         );
+        if let Some(enforcer) = &self.enforcer {
+            enforcer.observe(&n, self.policy.get().as_ref());
+        }
+        if let Some(records) = &self.records {
+            let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
+            if let Err(e) = records.store(n.clone(), rang_ms).await {
+                warn!(call_id = %n.call_id, error = %e, "call event not recorded");
+                // An approval still gets its answer; a notice is refused so
+                // that the call service delivers it again.
+                if decision.is_none() {
+                    return Err(Status::unavailable(format!(
+                        "call records unavailable: {e}"
+                    )));
+                }
+            }
+        }
         // No observer is fine.
         let _ = self.observers.send(n);
-        Ok(Response::new(pb::CallEventAck { result_code }))
+        Ok(Response::new(pb::CallEventAck {
+            result_code: decision.unwrap_or(0),
+        }))
     }
 }
 
-/// Runs the hook on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
+/// The business service: the hook and its background tasks.
+#[derive(Debug)]
+pub struct Business {
     hook: Hook,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(BusinessHookServer::new(hook))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    tasks: TaskTracker,
+    token: CancellationToken,
+}
+
+impl Business {
+    /// Loads the policy, opens the records and starts the background tasks
+    /// (policy watcher, duration enforcer). Needs a Tokio runtime.
+    pub fn start(config: Config) -> Result<Self, Error> {
+        let tasks = TaskTracker::new();
+        let token = CancellationToken::new();
+        let policy = Arc::new(PolicyStore::load(
+            config.policy_file.clone(),
+            config.extra_blocked.clone(),
+        )?);
+        let records = config.database.as_deref().map(Records::start).transpose()?;
+        let enforcer = config
+            .admin_url
+            .as_deref()
+            .map(|url| enforcer::Enforcer::start(url, &tasks, token.clone()))
+            .transpose()
+            .map_err(Error::AdminUrl)?;
+        if let (Some(every), Some(_)) = (config.reload_interval, &config.policy_file) {
+            let policy = policy.clone();
+            let token = token.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        _ = tick.tick() => policy.reload_if_changed(),
+                    }
+                }
+            });
+        }
+        let (observers, _) = broadcast::channel(OBSERVER_BUFFER);
+        let hook = Hook {
+            policy,
+            approvals: Arc::default(),
+            records,
+            enforcer,
+            observers,
+        };
+        Ok(Self { hook, tasks, token })
+    }
+
+    pub fn hook(&self) -> &Hook {
+        &self.hook
+    }
+
+    /// Serves the hook on `listener` until `shutdown` resolves, then stops
+    /// the background tasks and waits for them.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), Error> {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(BusinessHookServer::new(self.hook.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        self.token.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        result.map_err(Error::from)
+    }
 }

@@ -2,9 +2,12 @@
 //! service's admin API from the command line.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use business_service::{DEFAULT_REFUSAL_CODE, Hook, Policy, admin::Admin};
+use business_service::records::{self, CallRecord, Query};
+use business_service::{Business, Config, admin::Admin};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -24,21 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the BusinessHook API (approvals and call events).
-    Serve {
-        /// Where the call service reaches this hook.
-        #[arg(long, env = "BUSINESS_SERVICE_ADDR", default_value = "127.0.0.1:50061")]
-        listen: SocketAddr,
-        /// Refuse calls from this user (repeat, or comma-separate).
-        #[arg(
-            long = "block-caller",
-            env = "BUSINESS_SERVICE_BLOCK_CALLERS",
-            value_delimiter = ','
-        )]
-        block_callers: Vec<String>,
-        /// The result code a blocked caller gets.
-        #[arg(long, env = "BUSINESS_SERVICE_REFUSAL_CODE", default_value_t = DEFAULT_REFUSAL_CODE)]
-        refusal_code: u32,
-    },
+    Serve(ServeArgs),
     /// Forced hang-up: end a user's call through the call service's admin API.
     Hangup {
         #[arg(
@@ -57,7 +46,7 @@ enum Command {
         #[arg(long, default_value = "")]
         message: String,
     },
-    /// List live calls.
+    /// List live calls (admin API).
     Calls {
         #[arg(
             long,
@@ -66,7 +55,7 @@ enum Command {
         )]
         admin_url: String,
     },
-    /// Show a user's state.
+    /// Show a user's state (admin API).
     State {
         #[arg(
             long,
@@ -77,6 +66,72 @@ enum Command {
         #[arg(long)]
         user: String,
     },
+    /// Read call detail records.
+    Records {
+        /// The records database the service writes.
+        #[arg(
+            long,
+            env = "BUSINESS_SERVICE_DATABASE",
+            default_value = "call-records.db"
+        )]
+        database: PathBuf,
+        /// At most this many records, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print CSV (with a header) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        #[command(subcommand)]
+        which: Which,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// The most recent calls.
+    Recent,
+    /// Calls a user placed or received.
+    User { user: String },
+    /// Calls to a user that never started.
+    Missed { user: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Where the call service reaches this hook.
+    #[arg(long, env = "BUSINESS_SERVICE_ADDR", default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// The policy file (TOML). Reloaded when it changes and on SIGHUP; a bad
+    /// file is refused and the previous policy stays in force.
+    #[arg(long, env = "BUSINESS_SERVICE_POLICY")]
+    policy: Option<PathBuf>,
+    /// How often the policy file is checked for changes.
+    #[arg(long, env = "BUSINESS_SERVICE_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+    /// Refuse calls from this user, on top of the policy (repeat, or comma-separate).
+    #[arg(
+        long = "block-caller",
+        env = "BUSINESS_SERVICE_BLOCK_CALLERS",
+        value_delimiter = ','
+    )]
+    block_callers: Vec<String>,
+    /// The result code a caller blocked with --block-caller gets.
+    #[arg(long, env = "BUSINESS_SERVICE_REFUSAL_CODE", default_value_t = 200_001)]
+    refusal_code: u32,
+    /// The call records database (SQLite), created if missing.
+    #[arg(
+        long,
+        env = "BUSINESS_SERVICE_DATABASE",
+        default_value = "call-records.db"
+    )]
+    database: PathBuf,
+    /// Keep no call records.
+    #[arg(long, conflicts_with = "database")]
+    no_records: bool,
+    /// The call service's admin API, for forced FINISH at the policy's
+    /// maximum call duration.
+    #[arg(long, env = "CALL_SERVICE_ADMIN_URL")]
+    admin_url: Option<String>,
 }
 
 #[tokio::main]
@@ -89,27 +144,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve {
-            listen,
-            block_callers,
-            refusal_code,
-        } => {
-            let policy = Policy {
-                blocked_callers: block_callers
-                    .into_iter()
-                    .filter(|u| !u.is_empty())
-                    .map(|u| (u, refusal_code))
-                    .collect(),
-            };
-            let listener = TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            println!(
-                "business-service listening: hook={}",
-                listener.local_addr()?
-            );
-            business_service::serve(listener, Hook::new(policy), shutdown_signal()).await?;
-        }
+        Command::Serve(args) => serve(args).await?,
         Command::Hangup {
             admin_url,
             user,
@@ -153,8 +188,101 @@ async fn main() -> anyhow::Result<()> {
                 None => println!(),
             }
         }
+        Command::Records {
+            database,
+            limit,
+            csv,
+            which,
+        } => {
+            if !database.exists() {
+                anyhow::bail!("no call records database at {}", database.display());
+            }
+            let conn = records::open(&database)?;
+            let q = match &which {
+                Which::Recent => Query::Recent,
+                Which::User { user } => Query::User(user),
+                Which::Missed { user } => Query::Missed(user),
+            };
+            let rows = records::query(&conn, q, limit)?;
+            if csv {
+                records::write_csv(std::io::stdout().lock(), &rows)?;
+            } else {
+                print_table(&rows);
+            }
+        }
     }
     Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config {
+        policy_file: args.policy,
+        extra_blocked: args
+            .block_callers
+            .into_iter()
+            .filter(|u| !u.is_empty())
+            .map(|u| (u, args.refusal_code))
+            .collect(),
+        reload_interval: Some(args.reload_interval),
+        database: (!args.no_records).then_some(args.database),
+        admin_url: args.admin_url,
+    };
+    let business = Business::start(config).context("cannot start")?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!(
+        "business-service listening: hook={}",
+        listener.local_addr()?
+    );
+    #[cfg(unix)]
+    {
+        let hook = business.hook().clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        // Ends with the process; it holds nothing that needs closing.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                hook.policy().reload_logged("SIGHUP");
+            }
+        });
+    }
+    business.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn print_table(rows: &[CallRecord]) {
+    let time = |ms: Option<i64>| {
+        ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<36}  {:<12} {:<12} {:<19} {:>8}  {:>7}  {:<10} outcome",
+        "call", "caller", "callee", "requested (UTC)", "duration", "code", "ended by"
+    );
+    for r in rows {
+        let duration = r
+            .duration_ms
+            .map(|d| format!("{:.1}s", d as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let outcome = match (r.complete, r.missed) {
+            (false, _) => "in progress / incomplete",
+            (true, true) => "missed",
+            (true, false) => "answered",
+        };
+        println!(
+            "{:<36}  {:<12} {:<12} {:<19} {:>8}  {:>7}  {:<10} {outcome}",
+            r.call_id,
+            r.caller,
+            r.callee,
+            time(r.requested_ms),
+            duration,
+            r.end_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.ended_by.as_deref().unwrap_or("-"),
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -17,7 +17,7 @@ use videocall_proto::v1 as pb;
 use crate::auth::Authenticator;
 use crate::codes;
 use crate::convert;
-use crate::machine::ConnId;
+use crate::machine::{CallId, ConnId, ForceFinish};
 use crate::switchboard::{DeviceRx, ShuttingDown, Switchboard};
 
 impl From<ShuttingDown> for Status {
@@ -159,10 +159,22 @@ impl<S: Switchboard> pb::call_admin_server::CallAdmin for AdminApi<S> {
         let Ok(user) = convert::user_id(&c.user_id) else {
             return Ok(invalid);
         };
-        let o = self
-            .switchboard
-            .force_finish(user, c.error_code, c.flags, c.param, Arc::from(c.user_str))
-            .await?;
+        let only = match c.call_id.as_str() {
+            "" => None,
+            id => match uuid::Uuid::parse_str(id) {
+                Ok(id) => Some(CallId(id)),
+                Err(_) => return Ok(invalid),
+            },
+        };
+        let f = ForceFinish {
+            user,
+            only,
+            code: c.error_code,
+            flags: c.flags,
+            param: c.param,
+            user_str: Arc::from(c.user_str),
+        };
+        let o = self.switchboard.force_finish(f).await?;
         Ok(Response::new(pb::AdminControlResult {
             code: o.code,
             call_id: o.call_id.map(|c| c.to_string()).unwrap_or_default(),

@@ -7,8 +7,18 @@
 //! - **Notices** (every other event) go through [`LANES`] ordered lanes: a
 //!   call always maps to the same lane, and a lane delivers one notice at a
 //!   time, so the business service sees each call's events in order while
-//!   different calls proceed in parallel. Delivery is best-effort: a notice
-//!   that fails is logged and counted, not retried.
+//!   different calls proceed in parallel.
+//! - **At least once**: a notice that fails (business service down,
+//!   restarting, too slow, or answering UNAVAILABLE) is retried with
+//!   exponential backoff ([`RETRY_FIRST`] doubling up to [`RETRY_MAX`]) until
+//!   it is taken; the lane waits behind it, which keeps each call in order.
+//!   Each notice carries a unique `event_id`, so a notice delivered twice (a
+//!   lost answer) can be recognised. A notice the business service refuses
+//!   as malformed (INVALID_ARGUMENT, UNIMPLEMENTED, OUT_OF_RANGE) is not
+//!   retried: it is logged and counted in [`Business::rejected`].
+//! - **A REQUEST whose approval failed** is queued as a notice too
+//!   (`decision_required` false), so the call's record is complete once the
+//!   business service is back.
 //! - **Full lanes**: each lane holds at most [`LANE_QUEUE`] notices. When
 //!   one is full the *newest* notice is dropped, counted in
 //!   [`Business::dropped`] and logged; the call flow never waits for the
@@ -24,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
-use tracing::warn;
+use tracing::{debug, warn};
 use videocall_proto::v1::business_hook_client::BusinessHookClient;
 
 use crate::codes;
@@ -35,6 +45,10 @@ use crate::machine::{Initiator, Notice, Verdict};
 pub const LANES: usize = 8;
 /// Notices a lane holds before it drops new ones.
 pub const LANE_QUEUE: usize = 4096;
+/// The first wait before retrying a notice.
+pub const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between retries.
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What to do when the business service does not answer an approval in time
 /// or fails.
@@ -72,8 +86,15 @@ pub struct Business {
     deadline: Duration,
     policy: FailurePolicy,
     lanes: Arc<[mpsc::Sender<Notice>]>,
-    dropped: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     clock: Clock,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// Turns the machine's monotonic times into wall-clock times for notices.
@@ -116,6 +137,7 @@ impl Business {
             .connect_timeout(config.deadline)
             .tcp_nodelay(true);
         let client = BusinessHookClient::new(endpoint.connect_lazy());
+        let counters = Arc::new(Counters::default());
         let mut lanes = Vec::with_capacity(LANES);
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
@@ -125,6 +147,7 @@ impl Business {
                 config.deadline,
                 clock,
                 rx,
+                counters.clone(),
                 shutdown.clone(),
             ));
         }
@@ -133,7 +156,7 @@ impl Business {
             deadline: config.deadline,
             policy: config.failure_policy,
             lanes: lanes.into(),
-            dropped: Arc::new(AtomicU64::new(0)),
+            counters,
             clock,
         })
     }
@@ -141,6 +164,7 @@ impl Business {
     /// Asks whether a call may proceed. Always returns within the deadline.
     pub async fn approve(&self, notice: Notice) -> Verdict {
         let call_id = notice.call_id;
+        let notice_copy = notice.clone();
         let mut request =
             tonic::Request::new(notice_to_proto(&notice, self.clock.wall_time(notice.at)));
         request.set_timeout(self.deadline);
@@ -162,6 +186,11 @@ impl Business {
             Err(_) => format!("no answer within {:?}", self.deadline),
         };
         warn!(call_id = %call_id, error = %failure, policy = ?self.policy, "approval failed; applying the failure policy");
+        // The business service may not have seen the REQUEST: deliver it
+        // as a notice, ahead of the REPLY the verdict will cause.
+        let mut notice = notice_copy;
+        notice.decision_required = false;
+        self.notify(notice);
         match self.policy {
             FailurePolicy::Allow => Verdict::Allow,
             FailurePolicy::Refuse => Verdict::Refuse {
@@ -175,7 +204,7 @@ impl Business {
     pub fn notify(&self, notice: Notice) {
         let lane = (notice.call_id.0.as_u128() % self.lanes.len() as u128) as usize;
         if let Err(e) = self.lanes[lane].try_send(notice) {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let notice = e.into_inner();
             warn!(call_id = %notice.call_id, seq = notice.seq, dropped_total = n, "notice lane full: notice dropped");
         }
@@ -183,7 +212,25 @@ impl Business {
 
     /// Notices dropped because their lane was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Notices the business service refused as malformed (not retried).
+    pub fn rejected(&self) -> u64 {
+        self.counters.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Delivery attempts that failed and were retried.
+    pub fn retries(&self) -> u64 {
+        self.counters.retries.load(Ordering::Relaxed)
+    }
+
+    /// Notices waiting in the lanes.
+    pub fn backlog(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|l| l.max_capacity() - l.capacity())
+            .sum()
     }
 }
 
@@ -192,6 +239,7 @@ async fn lane(
     deadline: Duration,
     clock: Clock,
     mut rx: mpsc::Receiver<Notice>,
+    counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -199,21 +247,47 @@ async fn lane(
             () = shutdown.cancelled() => return,
             n = rx.recv() => match n { Some(n) => n, None => return },
         };
-        let mut request = tonic::Request::new(notice_to_proto(&notice, clock.wall_time(notice.at)));
-        request.set_timeout(deadline);
-        let mut client = client.clone();
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = tokio::time::timeout(deadline, client.on_call_event(request)) => r,
-        };
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(status)) => {
-                warn!(call_id = %notice.call_id, seq = notice.seq, error = %status.message(), code = ?status.code(), "notice not delivered")
+        let mut backoff = RETRY_FIRST;
+        let mut attempt = 1u32;
+        loop {
+            let mut request =
+                tonic::Request::new(notice_to_proto(&notice, clock.wall_time(notice.at)));
+            request.set_timeout(deadline);
+            let mut client = client.clone();
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = tokio::time::timeout(deadline, client.on_call_event(request)) => r,
+            };
+            let error = match result {
+                Ok(Ok(_)) => break,
+                Ok(Err(status)) if !retryable(status.code()) => {
+                    counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(call_id = %notice.call_id, seq = notice.seq, code = ?status.code(), error = %status.message(), "notice refused by the business service; not retried");
+                    break;
+                }
+                Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+                Err(_) => "deadline passed".to_owned(),
+            };
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            if attempt == 1 {
+                warn!(call_id = %notice.call_id, seq = notice.seq, %error, "notice not delivered; retrying with backoff");
+            } else {
+                debug!(call_id = %notice.call_id, seq = notice.seq, attempt, %error, "notice not delivered");
             }
-            Err(_) => {
-                warn!(call_id = %notice.call_id, seq = notice.seq, "notice not delivered: deadline passed")
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(RETRY_MAX);
+            attempt += 1;
         }
     }
+}
+
+/// Whether a failed notice is worth sending again.
+fn retryable(code: tonic::Code) -> bool {
+    !matches!(
+        code,
+        tonic::Code::InvalidArgument | tonic::Code::Unimplemented | tonic::Code::OutOfRange
+    )
 }

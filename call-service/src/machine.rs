@@ -130,6 +130,20 @@ pub enum Effect {
     Notify(Notice),
 }
 
+/// A forced FINISH from the business service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForceFinish {
+    /// Whose call to end.
+    pub user: UserId,
+    /// End it only if it is this call.
+    pub only: Option<CallId>,
+    /// The reason both parties get.
+    pub code: u32,
+    pub flags: u32,
+    pub param: u32,
+    pub user_str: Arc<str>,
+}
+
 /// The business service's answer to an approval, after the failure policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -748,25 +762,19 @@ impl Machine {
         self.end_call(call_id, vec![n], false, out);
     }
 
-    /// The business service ends `user`'s call with `code` (forced FINISH).
-    #[allow(clippy::too_many_arguments)]
-    pub fn force_finish(
-        &mut self,
-        user: &str,
-        code: u32,
-        flags: u32,
-        param: u32,
-        user_str: Arc<str>,
-        now: Time,
-        out: &mut Vec<Effect>,
-    ) -> Outcome {
-        let Some(call_id) = self.users.get(user).and_then(|u| u.call) else {
+    /// The business service ends a user's call (forced FINISH).
+    pub fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
+        let Some(call_id) = self.users.get(f.user.as_ref()).and_then(|u| u.call) else {
             return Outcome::refused(codes::NOT_IN_CALL, "the user has no call");
         };
+        if f.only.is_some_and(|c| c != call_id) {
+            return Outcome::refused(codes::NOT_IN_CALL, "the user's call is another call");
+        }
         let Some(call) = self.calls.get_mut(&call_id) else {
             return Outcome::refused(codes::NOT_IN_CALL, "the user has no call");
         };
-        let us = user_str;
+        let (code, flags, param) = (f.code, f.flags, f.param);
+        let us = f.user_str.clone();
         let n = match &call.phase {
             Phase::Talking { callee_conn, .. } => {
                 out.push(finish_to_caller(call, code, flags, param, us.clone()));

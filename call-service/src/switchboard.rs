@@ -40,8 +40,8 @@ use videocall_proto::v1 as pb;
 
 use crate::business::Business;
 use crate::machine::{
-    Call, CallId, ConnId, Control, Effect, EventKind, Machine, MachineConfig, Notice, Outcome,
-    Phase, Time, UserId, UserState, Verdict,
+    Call, CallId, ConnId, Control, Effect, EventKind, ForceFinish, Machine, MachineConfig, Notice,
+    Outcome, Phase, Time, UserId, UserState, Verdict,
 };
 use crate::{codes, convert};
 
@@ -104,14 +104,10 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ShuttingDown>> + Send;
     /// The device's stream ended.
     fn disconnect(&self, conn: ConnId) -> impl Future<Output = ()> + Send;
-    /// Forced FINISH of `user`'s call.
+    /// Forced FINISH of a user's call.
     fn force_finish(
         &self,
-        user: UserId,
-        code: u32,
-        flags: u32,
-        param: u32,
-        user_str: Arc<str>,
+        f: ForceFinish,
     ) -> impl Future<Output = Result<Outcome, ShuttingDown>> + Send;
     fn list_calls(&self) -> impl Future<Output = Result<Vec<CallSummary>, ShuttingDown>> + Send;
     fn user_state(
@@ -139,11 +135,7 @@ enum Command {
         verdict: Verdict,
     },
     ForceFinish {
-        user: UserId,
-        code: u32,
-        flags: u32,
-        param: u32,
-        user_str: Arc<str>,
+        f: ForceFinish,
         reply: oneshot::Sender<Outcome>,
     },
     ListCalls {
@@ -233,23 +225,8 @@ impl Switchboard for LocalSwitchboard {
         let _ = self.tx.send(Command::Disconnect { conn }).await;
     }
 
-    async fn force_finish(
-        &self,
-        user: UserId,
-        code: u32,
-        flags: u32,
-        param: u32,
-        user_str: Arc<str>,
-    ) -> Result<Outcome, ShuttingDown> {
-        self.ask(|reply| Command::ForceFinish {
-            user,
-            code,
-            flags,
-            param,
-            user_str,
-            reply,
-        })
-        .await
+    async fn force_finish(&self, f: ForceFinish) -> Result<Outcome, ShuttingDown> {
+        self.ask(|reply| Command::ForceFinish { f, reply }).await
     }
 
     async fn list_calls(&self) -> Result<Vec<CallSummary>, ShuttingDown> {
@@ -368,24 +345,9 @@ impl Actor {
                 self.machine
                     .approval_done(call_id, verdict, now, &mut self.effects);
             }
-            Command::ForceFinish {
-                user,
-                code,
-                flags,
-                param,
-                user_str,
-                reply,
-            } => {
-                let o = self.machine.force_finish(
-                    &user,
-                    code,
-                    flags,
-                    param,
-                    user_str,
-                    now,
-                    &mut self.effects,
-                );
-                info!(user = %user, code, result = o.code, "forced FINISH");
+            Command::ForceFinish { f, reply } => {
+                let o = self.machine.force_finish(&f, now, &mut self.effects);
+                info!(user = %f.user, code = f.code, result = o.code, "forced FINISH");
                 let _ = reply.send(o);
             }
             Command::ListCalls { reply } => {

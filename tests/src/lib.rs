@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use business_service::{Hook, Policy, admin::Admin};
+use business_service::{Hook, admin::Admin};
 use call_service::Config;
 use client_sdk::{CallEvent, Client, Code, Credentials, EventKind, Events};
 use tokio::net::TcpListener;
@@ -101,18 +101,29 @@ pub struct Business {
     pub url: String,
     pub hook: Hook,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<Result<(), business_service::Error>>,
 }
 
 impl Business {
-    pub async fn start(policy: Policy) -> Self {
+    /// The reference business service, with callers blocked with codes.
+    pub async fn start(blocked: &[(&str, u32)]) -> Self {
+        let config = business_service::Config {
+            extra_blocked: blocked.iter().map(|(u, c)| ((*u).to_owned(), *c)).collect(),
+            ..Default::default()
+        };
+        Self::with_config(config).await
+    }
+
+    /// The reference business service with any configuration.
+    pub async fn with_config(config: business_service::Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind hook port");
         let url = format!("http://{}", listener.local_addr().expect("hook addr"));
-        let hook = Hook::new(policy);
+        let business = business_service::Business::start(config).expect("business service starts");
+        let hook = business.hook().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(business_service::serve(listener, hook.clone(), async {
+        let task = tokio::spawn(business.serve(listener, async {
             let _ = stopped.await;
         }));
         Self {

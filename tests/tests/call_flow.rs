@@ -1,10 +1,8 @@
 //! Every line of the behaviour contract, over real gRPC connections: a real
 //! call service, the real business service, SDK clients.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use business_service::Policy;
 use client_sdk::{Code, EventKind};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -16,7 +14,7 @@ use EventKind::{Finish, Reply, Request as Req, Start};
 
 #[tokio::test]
 async fn a_whole_call_reaches_both_parties_and_the_business_hook_in_order() {
-    let business = Business::start(Policy::default()).await;
+    let business = Business::start(&[]).await;
     let mut hook = business.log();
     let svc = CallService::start(Some(&business.url), |_| {}).await;
     let mut alice = svc.phone("alice").await;
@@ -345,7 +343,7 @@ async fn bad_controls_get_a_clear_code_and_the_stream_stays_open() {
 #[tokio::test]
 async fn glare_ends_in_one_call_and_one_busy_reply() {
     for approval in [false, true] {
-        let business = Business::start(Policy::default()).await;
+        let business = Business::start(&[]).await;
         let url = approval.then_some(business.url.as_str());
         let svc = CallService::start(url, |_| {}).await;
         let mut alice = svc.phone("alice").await;
@@ -385,10 +383,7 @@ async fn glare_ends_in_one_call_and_one_busy_reply() {
 
 #[tokio::test]
 async fn business_refusal_code_reaches_the_caller_unchanged() {
-    let policy = Policy {
-        blocked_callers: HashMap::from([("mallory".to_owned(), 777_001)]),
-    };
-    let business = Business::start(policy).await;
+    let business = Business::start(&[("mallory", 777_001)]).await;
     let mut hook = business.log();
     let svc = CallService::start(Some(&business.url), |_| {}).await;
     let mut mallory = svc.phone("mallory").await;
@@ -517,7 +512,7 @@ async fn forced_finish_in_every_state() {
     assert_eq!(user_state(&admin, "alice").await, pb::UserState::Idle);
     svc.stop().await;
 
-    let business = Business::start(Policy::default()).await;
+    let business = Business::start(&[]).await;
     let svc = CallService::start(Some(&business.url), |_| {}).await;
     let admin = svc.admin().await;
     let mut alice = svc.phone("alice").await;

@@ -87,6 +87,10 @@ async fn phone(url: &str, user: &str) -> Phone {
 #[tokio::test]
 async fn the_binaries_place_refuse_and_force_end_calls() {
     let dir = binaries();
+    let data = tempfile::tempdir().expect("tempdir");
+    let db = data.path().join("records.db");
+    let policy = data.path().join("policy.toml");
+    std::fs::write(&policy, "blocked_callees = [\"eve\"]\n").expect("write policy");
     let (mut business, line) = spawn(
         &dir.join("business-service"),
         &[
@@ -97,6 +101,13 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
             "mallory",
             "--refusal-code",
             "777002",
+            "--database",
+            db.to_str().expect("utf-8 path"),
+            "--policy",
+            policy.to_str().expect("utf-8 path"),
+            // Only SIGHUP reloads in this test.
+            "--reload-interval",
+            "1h",
         ],
         "business-service listening",
     )
@@ -163,6 +174,81 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     assert_eq!(e.user_str, "time is up");
     bob.expect(EventKind::Finish, "alice", Code(200_999)).await;
 
+    // The policy file changes; SIGHUP makes the business service reload it.
+    let mut eve = phone(&client_url, "eve").await;
+    alice.call("eve").await;
+    alice.expect(EventKind::Reply, "eve", Code(200_002)).await;
+    std::fs::write(&policy, "# eve may be called now\n").expect("write policy");
+    let pid = business.id().expect("pid").to_string();
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .expect("kill -HUP");
+    assert!(hup.success());
+    // The signal is handled on the business service's own time: try again
+    // until a call to eve rings.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        alice.call("eve").await;
+        let e = tokio::select! {
+            e = alice.next() => e,
+            e = eve.next() => e,
+        };
+        if e.kind == EventKind::Request {
+            break;
+        }
+        assert_eq!(e.code, Code(200_002), "{e:?}");
+    }
+    eve.client
+        .reply("alice", Code::REJECTED)
+        .await
+        .expect("reject");
+    alice.expect(EventKind::Reply, "eve", Code::REJECTED).await;
+
+    // The operator CLI reads the records the service wrote (the last notice
+    // is stored on the business service's own time: look until it is).
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let mut csv = String::new();
+    for _ in 0..200 {
+        tick.tick().await;
+        let out = Command::new(dir.join("business-service"))
+            .args([
+                "records",
+                "--database",
+                db.to_str().expect("utf-8 path"),
+                "--csv",
+                "missed",
+                "eve",
+            ])
+            .output()
+            .await
+            .expect("run records");
+        assert!(
+            out.status.success(),
+            "records failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        csv = String::from_utf8_lossy(&out.stdout).into_owned();
+        if csv
+            .lines()
+            .any(|l| l.contains(",alice,eve,") && l.contains(",100104,eve,"))
+        {
+            break;
+        }
+    }
+    assert!(csv.starts_with("call_id,caller,callee"), "{csv}");
+    assert!(
+        csv.lines()
+            .any(|l| l.contains(",alice,eve,") && l.contains(",100104,eve,")),
+        "{csv}"
+    );
+    assert!(
+        csv.lines().any(|l| l.contains(",200002,business,")),
+        "{csv}"
+    );
+
     // SIGTERM: the service ends every stream and exits cleanly.
     let pid = calls.id().expect("pid").to_string();
     let status = Command::new("kill")
@@ -184,4 +270,143 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     );
 
     business.kill().await.expect("stop business-service");
+}
+
+/// A port nothing listens on right now, to restart a service on.
+async fn free_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Waits until `check` holds, looking every 100 ms for at most a minute.
+/// The business service is another process that catches up on its own
+/// time; there is no event to wait for.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    for _ in 0..600 {
+        tick.tick().await;
+        if check() {
+            return;
+        }
+    }
+    panic!("{what}: not within a minute");
+}
+
+#[tokio::test]
+async fn every_call_gets_one_complete_record_across_business_restarts() {
+    let dir = binaries();
+    let data = tempfile::tempdir().expect("tempdir");
+    let db = data.path().join("records.db");
+    let db_arg = db.to_str().expect("utf-8 path").to_owned();
+    let port = free_port().await;
+    let listen = format!("127.0.0.1:{port}");
+    let business_args = ["serve", "--listen", &listen, "--database", &db_arg];
+    let (mut business, _) = spawn(
+        &dir.join("business-service"),
+        &business_args,
+        "business-service listening",
+    )
+    .await;
+    let hook = format!("http://{listen}");
+    let (_calls, line) = spawn(
+        &dir.join("call-service"),
+        &[
+            "--client-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--business-url",
+            &hook,
+            "--approval-deadline",
+            "1s",
+            "--dev-identity",
+        ],
+        "call-service listening",
+    )
+    .await;
+    let url = format!("http://{}", field(&line, "client"));
+    let mut p: Vec<Phone> = Vec::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        p.push(phone(&url, user).await);
+    }
+    let mut ids = Vec::new();
+    // Two calls talking, one ringing.
+    for (a, b) in [(0, 1), (2, 3)] {
+        let callee = p[b].user.clone();
+        let caller = p[a].user.clone();
+        ids.push(p[a].call(&callee).await);
+        p[b].expect(EventKind::Request, &caller, Code::OK).await;
+        p[b].client.reply(&caller, Code::OK).await.expect("reply");
+        p[a].expect(EventKind::Reply, &callee, Code::OK).await;
+        p[a].expect(EventKind::Start, &callee, Code::OK).await;
+        p[b].expect(EventKind::Start, &caller, Code::OK).await;
+    }
+    ids.push(p[4].call("frank").await);
+    p[5].expect(EventKind::Request, "erin", Code::OK).await;
+
+    // The business service crashes; the calls end while it is down.
+    business.kill().await.expect("kill business-service");
+    p[0].client.finish("bob").await.expect("finish");
+    p[0].expect(EventKind::Finish, "bob", Code::OK).await;
+    p[1].expect(EventKind::Finish, "alice", Code::OK).await;
+    p[5].client
+        .reply("erin", Code::REJECTED)
+        .await
+        .expect("reject");
+    p[4].expect(EventKind::Reply, "frank", Code::REJECTED).await;
+    p[3].client.finish("carol").await.expect("finish");
+    p[2].expect(EventKind::Finish, "dave", Code::OK).await;
+    // A call attempted while it is down is refused by the failure policy,
+    // and recorded too once it is back.
+    ids.push(p[0].call("bob").await);
+    p[0].expect(EventKind::Reply, "bob", Code::BUSINESS_UNAVAILABLE)
+        .await;
+
+    // It comes back on the same port and database; the call service
+    // delivers what it missed.
+    let (_business, _) = spawn(
+        &dir.join("business-service"),
+        &business_args,
+        "business-service listening",
+    )
+    .await;
+    let conn = business_service::records::open(&db).expect("open records");
+    eventually("every call has a complete record", || {
+        ids.iter().all(|id| {
+            business_service::records::query(&conn, business_service::records::Query::Call(id), 1)
+                .map(|r| r.first().is_some_and(|r| r.complete))
+                .unwrap_or(false)
+        })
+    })
+    .await;
+    let all =
+        business_service::records::query(&conn, business_service::records::Query::Recent, 100)
+            .expect("query");
+    assert_eq!(all.len(), ids.len(), "one record per call: {all:#?}");
+    let by_id = |id: &str| all.iter().find(|r| r.call_id == id).expect("record");
+    let answered = by_id(&ids[0]);
+    assert!(!answered.missed && answered.duration_ms.is_some() && answered.room_id.is_some());
+    assert_eq!(
+        (answered.end_code, answered.ended_by.as_deref()),
+        (Some(0), Some("alice"))
+    );
+    assert_eq!(by_id(&ids[1]).ended_by.as_deref(), Some("dave"));
+    let rejected = by_id(&ids[2]);
+    assert!(rejected.missed);
+    assert_eq!(
+        (rejected.end_code, rejected.ended_by.as_deref()),
+        (Some(100_104), Some("frank"))
+    );
+    let refused = by_id(&ids[3]);
+    assert_eq!(
+        (refused.end_code, refused.missed),
+        (Some(Code::BUSINESS_UNAVAILABLE.0), true)
+    );
+    // Each event stored once, whatever was delivered twice.
+    let events: i64 = conn
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(events, 4 + 4 + 2 + 2);
 }

@@ -266,7 +266,32 @@ fn ring_timeout_and_forced_finish() {
     );
     out.clear();
     // Forced with 0 before START: not a REPLY 0.
-    let o = m.force_finish("u1", 0, 0, 0, Arc::from("bye"), RING, &mut out);
+    let f = ForceFinish {
+        user: Arc::from("u1"),
+        only: None,
+        code: 0,
+        flags: 0,
+        param: 0,
+        user_str: Arc::from("bye"),
+    };
+    // Naming another call changes nothing.
+    let other = ForceFinish {
+        only: Some(id(99)),
+        ..f.clone()
+    };
+    assert_eq!(
+        m.force_finish(&other, RING, &mut out).code,
+        codes::NOT_IN_CALL
+    );
+    assert!(out.is_empty());
+    let o = m.force_finish(
+        &ForceFinish {
+            only: Some(id(2)),
+            ..f
+        },
+        RING,
+        &mut out,
+    );
     assert_eq!(o.code, 0);
     assert_eq!(sends(&out), vec![(0, EventKind::Reply, codes::TERMINATED)]);
     // The call ended during its approval: its notices wait for the verdict.
@@ -524,7 +549,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 m.tick(now, &mut out);
             }
             Op::Force { user, code } => {
-                m.force_finish(USERS[user], code, 0, 0, Arc::from(""), now, &mut out);
+                let f = ForceFinish {
+                    user: Arc::from(USERS[user]),
+                    only: None,
+                    code,
+                    flags: 0,
+                    param: 0,
+                    user_str: Arc::from(""),
+                };
+                m.force_finish(&f, now, &mut out);
             }
         }
         m.check_invariants().map_err(TestCaseError::fail)?;
