@@ -467,3 +467,17 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    /// The example shipped in `examples/policy.toml` stays valid.
+    #[test]
+    fn the_example_policy_parses() {
+        let text = include_str!("../../examples/policy.toml");
+        let p = super::Policy::parse(text).unwrap();
+        assert_eq!(
+            p.max_call_duration,
+            Some(std::time::Duration::from_secs(1800))
+        );
+    }
+}

@@ -3,7 +3,10 @@
 //!
 //! Layout: [`CallService`] and [`Business`] start and stop the services
 //! in-process; [`Phone`] is an SDK client with expectations; [`HookLog`]
-//! collects what the business hook received.
+//! collects what the business hook received; [`process`] runs the built
+//! binaries and example programs.
+
+pub mod process;
 
 use std::time::Duration;
 

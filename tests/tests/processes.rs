@@ -2,76 +2,10 @@
 //! business-service, call-service, SDK clients, the admin subcommand, and a
 //! clean exit on SIGTERM.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
 use client_sdk::{Client, Code, Credentials, EventKind};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use videocall_tests::process::{binaries, field, free_port, spawn};
 use videocall_tests::{PATIENCE, Phone};
-
-/// Builds the service binaries (a no-op when they are fresh) and returns
-/// the directory they are in: the one this test runs from.
-fn binaries() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "call-service",
-            "-p",
-            "business-service",
-            "--bins",
-        ]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build");
-    assert!(status.success(), "building the service binaries failed");
-    dir
-}
-
-/// Starts `bin` and waits for the line starting with `prefix` on its
-/// stdout, which carries the addresses it bound.
-async fn spawn(bin: &Path, args: &[&str], prefix: &str) -> (Child, String) {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-        panic!("{} exited before printing {prefix:?}", bin.display());
-    })
-    .await
-    .expect("the service did not start in time");
-    (child, line)
-}
-
-/// `key=value` out of a "listening" line.
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-        .to_owned()
-}
 
 async fn phone(url: &str, user: &str) -> Phone {
     let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
@@ -270,14 +204,6 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     );
 
     business.kill().await.expect("stop business-service");
-}
-
-/// A port nothing listens on right now, to restart a service on.
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// Waits until `check` holds, looking every 100 ms for at most a minute.
