@@ -251,16 +251,17 @@ impl BusinessHook for Hook {
             enforcer.observe(&n, self.policy.get().as_ref());
         }
         if let Some(records) = &self.records {
-            let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
-            if let Err(e) = records.store(n.clone(), rang_ms).await {
+            if decision.is_some() {
+                // The caller is waiting: the decision does no I/O. The
+                // record is written right after, from the writer's queue.
+                let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
+                records.store_soon(n.clone(), rang_ms);
+            } else if let Err(e) = records.store(n.clone(), None).await {
+                // Refused, so that the call service delivers it again.
                 warn!(call_id = %n.call_id, error = %e, "call event not recorded");
-                // An approval still gets its answer; a notice is refused so
-                // that the call service delivers it again.
-                if decision.is_none() {
-                    return Err(Status::unavailable(format!(
-                        "call records unavailable: {e}"
-                    )));
-                }
+                return Err(Status::unavailable(format!(
+                    "call records unavailable: {e}"
+                )));
             }
         }
         // No observer is fine.
