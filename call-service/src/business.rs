@@ -15,17 +15,16 @@
 //!   Each notice carries a unique `event_id`, so a notice delivered twice (a
 //!   lost answer) can be recognised. A notice the business service refuses
 //!   as malformed (INVALID_ARGUMENT, UNIMPLEMENTED, OUT_OF_RANGE) is not
-//!   retried: it is logged and counted in [`Business::rejected`].
+//!   retried: it is logged and counted (`videocall_notices_rejected_total`).
 //! - **A REQUEST whose approval failed** is queued as a notice too
 //!   (`decision_required` false), so the call's record is complete once the
 //!   business service is back.
 //! - **Full lanes**: each lane holds at most [`LANE_QUEUE`] notices. When
 //!   one is full the *newest* notice is dropped, counted in
-//!   [`Business::dropped`] and logged; the call flow never waits for the
+//!   `videocall_notices_dropped_total` and logged; the call flow never waits for the
 //!   business service.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -40,6 +39,7 @@ use videocall_proto::v1::business_hook_client::BusinessHookClient;
 use crate::codes;
 use crate::convert::notice_to_proto;
 use crate::machine::{Initiator, Notice, Verdict};
+use crate::metrics::{KindLabel, Metrics};
 
 /// Ordered delivery lanes for notices.
 pub const LANES: usize = 8;
@@ -86,15 +86,8 @@ pub struct Business {
     deadline: Duration,
     policy: FailurePolicy,
     lanes: Arc<[mpsc::Sender<Notice>]>,
-    counters: Arc<Counters>,
+    metrics: Metrics,
     clock: Clock,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    dropped: AtomicU64,
-    rejected: AtomicU64,
-    retries: AtomicU64,
 }
 
 /// Turns the machine's monotonic times into wall-clock times for notices.
@@ -126,6 +119,7 @@ impl Business {
     pub fn start(
         config: &BusinessConfig,
         clock: Clock,
+        metrics: Metrics,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, BusinessUrlError> {
@@ -137,7 +131,6 @@ impl Business {
             .connect_timeout(config.deadline)
             .tcp_nodelay(true);
         let client = BusinessHookClient::new(endpoint.connect_lazy());
-        let counters = Arc::new(Counters::default());
         let mut lanes = Vec::with_capacity(LANES);
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
@@ -147,7 +140,7 @@ impl Business {
                 config.deadline,
                 clock,
                 rx,
-                counters.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             ));
         }
@@ -156,7 +149,7 @@ impl Business {
             deadline: config.deadline,
             policy: config.failure_policy,
             lanes: lanes.into(),
-            counters,
+            metrics,
             clock,
         })
     }
@@ -182,8 +175,20 @@ impl Business {
                     }
                 };
             }
-            Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
-            Err(_) => format!("no answer within {:?}", self.deadline),
+            Ok(Err(status)) => {
+                self.metrics
+                    .approval_failures
+                    .get_or_create(&KindLabel { kind: "error" })
+                    .inc();
+                format!("{}: {}", status.code(), status.message())
+            }
+            Err(_) => {
+                self.metrics
+                    .approval_failures
+                    .get_or_create(&KindLabel { kind: "timeout" })
+                    .inc();
+                format!("no answer within {:?}", self.deadline)
+            }
         };
         warn!(call_id = %call_id, error = %failure, policy = ?self.policy, "approval failed; applying the failure policy");
         // The business service may not have seen the REQUEST: deliver it
@@ -204,25 +209,11 @@ impl Business {
     pub fn notify(&self, notice: Notice) {
         let lane = (notice.call_id.0.as_u128() % self.lanes.len() as u128) as usize;
         if let Err(e) = self.lanes[lane].try_send(notice) {
-            let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics.notices_dropped.inc();
+            let n = self.metrics.notices_dropped.get();
             let notice = e.into_inner();
             warn!(call_id = %notice.call_id, seq = notice.seq, dropped_total = n, "notice lane full: notice dropped");
         }
-    }
-
-    /// Notices dropped because their lane was full.
-    pub fn dropped(&self) -> u64 {
-        self.counters.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Notices the business service refused as malformed (not retried).
-    pub fn rejected(&self) -> u64 {
-        self.counters.rejected.load(Ordering::Relaxed)
-    }
-
-    /// Delivery attempts that failed and were retried.
-    pub fn retries(&self) -> u64 {
-        self.counters.retries.load(Ordering::Relaxed)
     }
 
     /// Notices waiting in the lanes.
@@ -239,7 +230,7 @@ async fn lane(
     deadline: Duration,
     clock: Clock,
     mut rx: mpsc::Receiver<Notice>,
-    counters: Arc<Counters>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -261,14 +252,14 @@ async fn lane(
             let error = match result {
                 Ok(Ok(_)) => break,
                 Ok(Err(status)) if !retryable(status.code()) => {
-                    counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    metrics.notices_rejected.inc();
                     warn!(call_id = %notice.call_id, seq = notice.seq, code = ?status.code(), error = %status.message(), "notice refused by the business service; not retried");
                     break;
                 }
                 Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
                 Err(_) => "deadline passed".to_owned(),
             };
-            counters.retries.fetch_add(1, Ordering::Relaxed);
+            metrics.notice_retries.inc();
             if attempt == 1 {
                 warn!(call_id = %notice.call_id, seq = notice.seq, %error, "notice not delivered; retrying with backoff");
             } else {

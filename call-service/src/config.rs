@@ -55,6 +55,28 @@ pub struct Config {
     /// identity, so anybody can act as anybody.
     #[arg(long, env = "CALL_SERVICE_DEV_IDENTITY")]
     pub dev_identity: bool,
+
+    /// Where Prometheus scrapes `/metrics` (HTTP).
+    #[arg(
+        long,
+        env = "CALL_SERVICE_METRICS_ADDR",
+        default_value = "127.0.0.1:9151"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Serve no metrics.
+    #[arg(long, env = "CALL_SERVICE_NO_METRICS")]
+    pub no_metrics: bool,
+
+    /// On shutdown, how long to keep serving while health reports
+    /// NOT_SERVING (so load balancers stop sending new clients) before
+    /// closing the listeners.
+    #[arg(long, env = "CALL_SERVICE_DRAIN_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub drain_time: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: videocall_telemetry::LogFormat,
 }
 
 impl Config {
@@ -69,6 +91,10 @@ impl Config {
             approval_failure_policy: FailurePolicy::Refuse,
             ring_timeout: Duration::from_secs(30),
             dev_identity: true,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            no_metrics: true,
+            drain_time: Duration::ZERO,
+            log_format: videocall_telemetry::LogFormat::Text,
         }
     }
 }

@@ -12,8 +12,9 @@
 //!   non-blocking notices to the business hook.
 //! - [`api`]: the gRPC edge, client API and admin API; [`convert`]
 //!   validates protobuf into domain types; [`auth`] says who a client is.
-//! - [`config`]: flags and environment variables; [`server`]: wiring and
-//!   [`serve`]; [`codes`]: result codes from the proto.
+//! - [`config`]: flags and environment variables; [`server`]: wiring,
+//!   health, reflection and [`serve`]; [`metrics`]: Prometheus metrics;
+//!   [`codes`]: result codes from the proto.
 
 pub mod api;
 pub mod auth;
@@ -22,8 +23,9 @@ pub mod codes;
 pub mod config;
 pub mod convert;
 pub mod machine;
+pub mod metrics;
 pub mod server;
 pub mod switchboard;
 
 pub use config::Config;
-pub use server::{ServeError, serve};
+pub use server::{Listeners, ServeError, serve};

@@ -115,6 +115,8 @@ pub struct Notice {
     pub decision_required: bool,
     pub initiator: Initiator,
     pub at: Time,
+    /// When the call was requested (for setup latency).
+    pub requested_at: Time,
 }
 
 /// Something the owner of the machine must do.
@@ -865,6 +867,17 @@ impl Machine {
         self.conns.len()
     }
 
+    /// Live calls by phase: (approving, ringing, talking). O(calls).
+    pub fn phase_counts(&self) -> (usize, usize, usize) {
+        self.calls
+            .values()
+            .fold((0, 0, 0), |(a, r, t), c| match c.phase {
+                Phase::Approving => (a + 1, r, t),
+                Phase::Ringing { .. } => (a, r + 1, t),
+                Phase::Talking { .. } => (a, r, t + 1),
+            })
+    }
+
     // ----- internals ----------------------------------------------------
 
     /// Ends a call: frees both users and the room at once, and emits (or,
@@ -1109,6 +1122,7 @@ fn notice(call: &mut Call, kind: EventKind, code: u32, initiator: Initiator, at:
         decision_required: false,
         initiator,
         at,
+        requested_at: call.requested_at,
     }
 }
 

@@ -1,56 +1,41 @@
-//! `call-service`: parses configuration, sets up logging and signals, and
-//! runs [`call_service::serve`].
+//! `call-service`: parses configuration, sets up logging and signals, binds
+//! the listeners and runs [`call_service::serve`].
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = call_service::Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    videocall_telemetry::init_logging(config.log_format);
 
-    let client = TcpListener::bind(config.client_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (client API)", config.client_addr))?;
-    let admin = TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin API)", config.admin_addr))?;
+    let bind = |addr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({what})"))
+    };
+    let client = bind(config.client_addr, "client API").await?;
+    let admin = bind(config.admin_addr, "admin API").await?;
+    let metrics = match config.no_metrics {
+        true => None,
+        false => Some(bind(config.metrics_addr, "metrics").await?),
+    };
     // One line on stdout, for people and for scripts that started us on port 0.
     println!(
-        "call-service listening: client={} admin={}",
+        "call-service listening: client={} admin={} metrics={}",
         client.local_addr()?,
-        admin.local_addr()?
-    );
-
-    call_service::serve(client, admin, config, shutdown_signal()).await?;
-    Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+        admin.local_addr()?,
+        match &metrics {
+            Some(m) => m.local_addr()?.to_string(),
+            None => "off".into(),
         }
+    );
+    let listeners = call_service::Listeners {
+        client,
+        admin,
+        metrics,
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
+    call_service::serve(listeners, config, videocall_telemetry::shutdown_signal()).await?;
+    Ok(())
 }

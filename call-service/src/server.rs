@@ -1,5 +1,6 @@
-//! Wiring: the switchboard, the business hook and both gRPC servers, on
-//! listeners the caller has already bound, until a shutdown future resolves.
+//! Wiring: the switchboard, the business hook, both gRPC servers (with
+//! health and reflection) and the metrics endpoint, on listeners the caller
+//! has already bound, until a shutdown future resolves.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,20 +10,27 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
-use videocall_proto::v1::call_admin_server::CallAdminServer;
-use videocall_proto::v1::call_service_server::CallServiceServer;
+use videocall_proto::v1::call_admin_server::{self, CallAdminServer};
+use videocall_proto::v1::call_service_server::{self, CallServiceServer};
 
 use crate::api::{AdminApi, ClientApi};
 use crate::auth::Authenticator;
 use crate::business::{Business, BusinessConfig, BusinessUrlError, Clock};
 use crate::config::Config;
 use crate::machine::MachineConfig;
-use crate::switchboard::LocalSwitchboard;
+use crate::metrics::{Metrics, PhaseLabel};
+use crate::switchboard::{LocalSwitchboard, Switchboard};
 
 /// The largest message a client or admin may send. A control is at most
 /// about 4.3 KiB (user string 4096 bytes, peer id 128 bytes).
 pub const MAX_MESSAGE: usize = 16 * 1024;
+
+/// After the listeners close, how long connections get to finish before
+/// they are dropped (health `Watch` streams, for one, never finish).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -34,20 +42,39 @@ pub enum ServeError {
         api: &'static str,
         source: tonic::transport::Error,
     },
+    #[error("the metrics server failed: {0}")]
+    Metrics(#[source] std::io::Error),
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Runs the call service on `client` (CallService) and `admin` (CallAdmin)
-/// until `shutdown` resolves, then stops accepting, ends every device stream
-/// and returns once every task it started has ended.
+/// The listeners the service runs on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The client API (`CallService`).
+    pub client: TcpListener,
+    /// The admin API (`CallAdmin`).
+    pub admin: TcpListener,
+    /// Prometheus `/metrics`, if wanted.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs the call service until `shutdown` resolves. Health: `""`,
+/// `videocall.v1.CallService` and `videocall.v1.CallAdmin` are SERVING while
+/// it runs; on shutdown they turn NOT_SERVING, the service keeps serving for
+/// `drain_time`, then stops accepting, ends every device stream and returns
+/// once every task it started has ended. The call service has no dependency
+/// whose loss makes it NOT_SERVING: without the business service, calls are
+/// still answered (by the failure policy) and notices wait in their lanes.
 pub async fn serve(
-    client: TcpListener,
-    admin: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let tasks = TaskTracker::new();
     let token = CancellationToken::new();
     let clock = Clock::now();
+    let metrics = Metrics::default();
 
     let business = match &config.business_url {
         Some(url) => Some(Business::start(
@@ -57,6 +84,7 @@ pub async fn serve(
                 failure_policy: config.approval_failure_policy,
             },
             clock,
+            metrics.clone(),
             &tasks,
             token.clone(),
         )?),
@@ -80,10 +108,21 @@ pub async fn serve(
             ring_timeout: config.ring_timeout,
         },
         clock.start,
-        business,
+        business.clone(),
+        metrics.clone(),
         &tasks,
         token.clone(),
     );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::Serving).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(videocall_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let client_api = CallServiceServer::new(ClientApi::new(
         switchboard.clone(),
@@ -92,50 +131,123 @@ pub async fn serve(
         token.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE);
-    let admin_api =
-        CallAdminServer::new(AdminApi::new(switchboard)).max_decoding_message_size(MAX_MESSAGE);
+    let admin_api = CallAdminServer::new(AdminApi::new(switchboard.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
 
     info!(
-        client = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        client = %addr(&listeners.client),
+        admin = %addr(&listeners.admin),
+        metrics = %listeners.metrics.as_ref().map(addr).unwrap_or_else(|| "off".into()),
         business = config.business_url.as_deref().unwrap_or("none"),
         ring_timeout = ?config.ring_timeout,
         approval_deadline = ?config.approval_deadline,
         "call service started"
     );
+    // `closing` ends the listeners; `token` (after them) ends the switchboard
+    // and every task.
+    let closing = CancellationToken::new();
     let client_srv = builder()
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
         .add_service(client_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(client),
-            token.clone().cancelled_owned(),
+            TcpListenerStream::new(listeners.client),
+            closing.clone().cancelled_owned(),
         );
     let admin_srv = builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(admin_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(admin),
-            token.clone().cancelled_owned(),
+            TcpListenerStream::new(listeners.admin),
+            closing.clone().cancelled_owned(),
         );
-    // Whichever ends first (shutdown asked, or a server failed) stops the rest.
-    let stop = |r: Result<(), tonic::transport::Error>, api| {
-        token.cancel();
-        r.map_err(|source| ServeError::Transport { api, source })
+    let stop_metrics = closing.clone().cancelled_owned();
+    let metrics_srv = async {
+        match listeners.metrics {
+            Some(l) => {
+                let refresh = Refresh {
+                    switchboard,
+                    business,
+                    metrics: metrics.clone(),
+                };
+                let stop = stop_metrics;
+                videocall_telemetry::serve_metrics(l, metrics.registry.clone(), refresh, stop)
+                    .await
+                    .map_err(ServeError::Metrics)
+            }
+            None => Ok(()),
+        }
     };
     let watch = async {
         tokio::select! {
-            () = shutdown => info!("shutting down"),
-            () = token.cancelled() => {}
+            () = shutdown => {
+                info!(drain = ?config.drain_time, "shutting down: NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+                tokio::time::sleep(config.drain_time).await;
+            }
+            () = closing.cancelled() => {}
         }
+        closing.cancel();
+        // Device streams end with the switchboard; that lets the servers'
+        // graceful shutdown finish.
         token.cancel();
     };
-    let (client_res, admin_res, ()) = tokio::join!(
-        async { stop(client_srv.await, "client") },
-        async { stop(admin_srv.await, "admin") },
+    let (client_res, admin_res, metrics_res, ()) = tokio::join!(
+        run_server(Box::pin(client_srv), "client", &closing),
+        run_server(Box::pin(admin_srv), "admin", &closing),
+        async {
+            let r = metrics_srv.await;
+            if r.is_err() {
+                closing.cancel();
+            }
+            r
+        },
         watch,
     );
+    token.cancel();
     tasks.close();
     tasks.wait().await;
     info!("call service stopped");
-    client_res.and(admin_res)
+    client_res.and(admin_res).and(metrics_res)
+}
+
+/// Runs a server; once `closing` is cancelled, gives its connections
+/// [`CLOSE_GRACE`] to finish, then drops them. A server that ends (or
+/// fails) closes the others.
+async fn run_server(
+    mut srv: std::pin::Pin<Box<impl Future<Output = Result<(), tonic::transport::Error>> + Send>>,
+    api: &'static str,
+    closing: &CancellationToken,
+) -> Result<(), ServeError> {
+    let result = tokio::select! {
+        r = &mut srv => r,
+        () = closing.cancelled() => match tokio::time::timeout(CLOSE_GRACE, srv).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(api, "connections still open after the grace period: dropping them");
+                Ok(())
+            }
+        },
+    };
+    closing.cancel();
+    result.map_err(|source| ServeError::Transport { api, source })
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in [
+        "",
+        call_service_server::SERVICE_NAME,
+        call_admin_server::SERVICE_NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+fn addr(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 fn builder() -> Server {
@@ -144,4 +256,36 @@ fn builder() -> Server {
         // Finds dead peers on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+/// Reads the scrape-time gauges.
+struct Refresh {
+    switchboard: LocalSwitchboard,
+    business: Option<Business>,
+    metrics: Metrics,
+}
+
+impl videocall_telemetry::Refresh for Refresh {
+    async fn refresh(&self) {
+        if let Ok(s) = self.switchboard.stats().await {
+            self.metrics
+                .connected
+                .set(i64::try_from(s.connections).unwrap_or(i64::MAX));
+            for (phase, n) in [
+                ("approving", s.approving),
+                ("ringing", s.ringing),
+                ("talking", s.talking),
+            ] {
+                self.metrics
+                    .calls
+                    .get_or_create(&PhaseLabel { phase })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(b) = &self.business {
+            self.metrics
+                .notice_backlog
+                .set(i64::try_from(b.backlog()).unwrap_or(i64::MAX));
+        }
+    }
 }

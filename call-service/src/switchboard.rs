@@ -43,6 +43,7 @@ use crate::machine::{
     Call, CallId, ConnId, Control, Effect, EventKind, ForceFinish, Machine, MachineConfig, Notice,
     Outcome, Phase, Time, UserId, UserState, Verdict,
 };
+use crate::metrics::{Metrics, OutcomeLabels, ResultLabel};
 use crate::{codes, convert};
 
 /// Outgoing messages a device may have queued before it counts as a slow
@@ -86,6 +87,15 @@ pub struct UserSummary {
     pub call: Option<CallSummary>,
 }
 
+/// Counts for metrics, read at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub approving: usize,
+    pub ringing: usize,
+    pub talking: usize,
+}
+
 /// What the gRPC edge needs from the owner of call state. See the module
 /// docs for why this is a trait.
 pub trait Switchboard: Clone + Send + Sync + 'static {
@@ -110,6 +120,8 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
         f: ForceFinish,
     ) -> impl Future<Output = Result<Outcome, ShuttingDown>> + Send;
     fn list_calls(&self) -> impl Future<Output = Result<Vec<CallSummary>, ShuttingDown>> + Send;
+    /// Counts for metrics.
+    fn stats(&self) -> impl Future<Output = Result<Stats, ShuttingDown>> + Send;
     fn user_state(
         &self,
         user: UserId,
@@ -141,6 +153,9 @@ enum Command {
     ListCalls {
         reply: oneshot::Sender<Vec<CallSummary>>,
     },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
     UserState {
         user: UserId,
         reply: oneshot::Sender<UserSummary>,
@@ -166,6 +181,7 @@ impl LocalSwitchboard {
         config: MachineConfig,
         start: Instant,
         business: Option<Business>,
+        metrics: Metrics,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
@@ -179,6 +195,7 @@ impl LocalSwitchboard {
             shutdown: shutdown.clone(),
             start,
             effects: Vec::new(),
+            metrics,
         };
         tasks.spawn(actor.run(rx, shutdown));
         Self {
@@ -233,6 +250,10 @@ impl Switchboard for LocalSwitchboard {
         self.ask(|reply| Command::ListCalls { reply }).await
     }
 
+    async fn stats(&self) -> Result<Stats, ShuttingDown> {
+        self.ask(|reply| Command::Stats { reply }).await
+    }
+
     async fn user_state(&self, user: UserId) -> Result<UserSummary, ShuttingDown> {
         self.ask(|reply| Command::UserState { user, reply }).await
     }
@@ -248,6 +269,7 @@ struct Actor {
     shutdown: CancellationToken,
     start: Instant,
     effects: Vec<Effect>,
+    metrics: Metrics,
 }
 
 impl Actor {
@@ -316,6 +338,12 @@ impl Actor {
                         reason,
                     },
                 };
+                self.metrics
+                    .controls
+                    .get_or_create(&ResultLabel {
+                        result: outcome.code,
+                    })
+                    .inc();
                 if outcome.code != codes::OK {
                     debug!(
                         conn = conn.0,
@@ -348,7 +376,21 @@ impl Actor {
             Command::ForceFinish { f, reply } => {
                 let o = self.machine.force_finish(&f, now, &mut self.effects);
                 info!(user = %f.user, code = f.code, result = o.code, "forced FINISH");
+                self.metrics
+                    .forced_finishes
+                    .get_or_create(&ResultLabel { result: o.code })
+                    .inc();
                 let _ = reply.send(o);
+            }
+            Command::Stats { reply } => {
+                let (approving, ringing, talking) = self.machine.phase_counts();
+                let connections = self.machine.connection_count();
+                let _ = reply.send(Stats {
+                    connections,
+                    approving,
+                    ringing,
+                    talking,
+                });
             }
             Command::ListCalls { reply } => {
                 let calls = self.machine.calls().map(|c| summary(c, now)).collect();
@@ -394,7 +436,7 @@ impl Actor {
                     self.send(conn, msg);
                 }
                 Effect::Approve(notice) => {
-                    log_notice(&notice);
+                    self.observe(&notice);
                     match &self.business {
                         None => {
                             let now = self.now();
@@ -421,12 +463,59 @@ impl Actor {
                     }
                 }
                 Effect::Notify(notice) => {
-                    log_notice(&notice);
+                    self.observe(&notice);
                     if let Some(business) = &self.business {
                         business.notify(notice);
                     }
                 }
             }
+        }
+    }
+
+    /// Logs a call event once, with the call id, both users and the code,
+    /// and counts it.
+    fn observe(&self, n: &Notice) {
+        let event = match n.kind {
+            EventKind::Request => "REQUEST",
+            EventKind::Reply => "REPLY",
+            EventKind::Start => "START",
+            EventKind::Finish => "FINISH",
+        };
+        info!(
+            call_id = %n.call_id,
+            event,
+            caller = %n.caller,
+            callee = %n.callee,
+            code = n.code,
+            initiator = ?n.initiator,
+            param = n.param,
+            "call event"
+        );
+        match n.kind {
+            EventKind::Start => {
+                self.metrics
+                    .setup_seconds
+                    .observe(n.at.saturating_sub(n.requested_at).as_secs_f64());
+            }
+            EventKind::Reply if n.code != codes::OK => {
+                self.metrics
+                    .outcomes
+                    .get_or_create(&OutcomeLabels {
+                        event,
+                        code: n.code,
+                    })
+                    .inc();
+            }
+            EventKind::Finish => {
+                self.metrics
+                    .outcomes
+                    .get_or_create(&OutcomeLabels {
+                        event,
+                        code: n.code,
+                    })
+                    .inc();
+            }
+            _ => {}
         }
     }
 
@@ -440,29 +529,11 @@ impl Actor {
             return;
         }
         warn!(user = %user, conn = conn.0, queue = DEVICE_QUEUE, "device not reading its stream: disconnecting it");
+        self.metrics.slow_consumers.inc();
         self.devices.remove(&conn);
         let now = self.now();
         self.machine.disconnect(conn, now, &mut self.effects);
     }
-}
-
-fn log_notice(n: &Notice) {
-    let event = match n.kind {
-        EventKind::Request => "REQUEST",
-        EventKind::Reply => "REPLY",
-        EventKind::Start => "START",
-        EventKind::Finish => "FINISH",
-    };
-    info!(
-        call_id = %n.call_id,
-        event,
-        caller = %n.caller,
-        callee = %n.callee,
-        code = n.code,
-        initiator = ?n.initiator,
-        param = n.param,
-        "call event"
-    );
 }
 
 fn summary(c: &Call, now: Time) -> CallSummary {
@@ -490,6 +561,7 @@ mod tests {
             MachineConfig::default(),
             Instant::now(),
             None,
+            Metrics::default(),
             &tasks,
             token.clone(),
         );

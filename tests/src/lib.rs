@@ -55,7 +55,12 @@ impl CallService {
         let client_url = format!("http://{}", client.local_addr().expect("client addr"));
         let admin_url = format!("http://{}", admin.local_addr().expect("admin addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(call_service::serve(client, admin, config, async {
+        let listeners = call_service::Listeners {
+            client,
+            admin,
+            metrics: None,
+        };
+        let task = tokio::spawn(call_service::serve(listeners, config, async {
             let _ = stopped.await;
         }));
         Self {

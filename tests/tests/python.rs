@@ -87,6 +87,8 @@ async fn python_business_service_and_python_client_with_rust() {
             "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--business-url",
             &hook,
             "--dev-identity",

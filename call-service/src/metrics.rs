@@ -1,0 +1,164 @@
+//! Prometheus metrics of the call service, served on `--metrics-addr` at
+//! `/metrics`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `videocall_connected_devices` | gauge | |
+//! | `videocall_calls` | gauge | `phase` (approving, ringing, talking) |
+//! | `videocall_call_outcomes_total` | counter | `event` (REPLY, FINISH), `code` |
+//! | `videocall_call_setup_seconds` | histogram | REQUEST to START |
+//! | `videocall_approval_seconds` | histogram | approval round trip |
+//! | `videocall_approval_failures_total` | counter | `kind` (timeout, error) |
+//! | `videocall_controls_total` | counter | `result` (0 or the refusal code) |
+//! | `videocall_notice_backlog` | gauge | notices waiting for the business service |
+//! | `videocall_notices_dropped_total` | counter | lane full |
+//! | `videocall_notices_rejected_total` | counter | refused as malformed |
+//! | `videocall_notice_retries_total` | counter | failed attempts, retried |
+//! | `videocall_forced_finishes_total` | counter | `result` |
+//! | `videocall_slow_consumers_total` | counter | devices disconnected for not reading |
+//!
+//! The gauges of calls and devices are read from the switchboard at scrape
+//! time, so keeping them costs nothing on the call path.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub event: &'static str,
+    pub code: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: u32,
+}
+
+/// Every metric of the call service. Cheap to clone (handles).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub connected: Gauge,
+    pub calls: Family<PhaseLabel, Gauge>,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    pub setup_seconds: Histogram,
+    pub approval_seconds: Histogram,
+    pub approval_failures: Family<KindLabel, Counter>,
+    pub controls: Family<ResultLabel, Counter>,
+    pub notice_backlog: Gauge,
+    pub notices_dropped: Counter,
+    pub notices_rejected: Counter,
+    pub notice_retries: Counter,
+    pub forced_finishes: Family<ResultLabel, Counter>,
+    pub slow_consumers: Counter,
+}
+
+/// Latency buckets from 100 µs to about 6.5 s.
+fn latency() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 17,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("videocall");
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            connected: Gauge::default(),
+            calls: Family::default(),
+            outcomes: Family::default(),
+            setup_seconds: latency(),
+            approval_seconds: latency(),
+            approval_failures: Family::default(),
+            controls: Family::default(),
+            notice_backlog: Gauge::default(),
+            notices_dropped: Counter::default(),
+            notices_rejected: Counter::default(),
+            notice_retries: Counter::default(),
+            forced_finishes: Family::default(),
+            slow_consumers: Counter::default(),
+        };
+        r.register(
+            "connected_devices",
+            "Connected client streams",
+            m.connected.clone(),
+        );
+        r.register("calls", "Live calls by phase", m.calls.clone());
+        r.register(
+            "call_outcomes",
+            "Ended calls by final event and code",
+            m.outcomes.clone(),
+        );
+        r.register(
+            "call_setup_seconds",
+            "Time from REQUEST to START",
+            m.setup_seconds.clone(),
+        );
+        r.register(
+            "approval_seconds",
+            "Business service approval round trip",
+            m.approval_seconds.clone(),
+        );
+        r.register(
+            "approval_failures",
+            "Approvals that timed out or failed",
+            m.approval_failures.clone(),
+        );
+        r.register(
+            "controls",
+            "Controls from clients by result code",
+            m.controls.clone(),
+        );
+        r.register(
+            "notice_backlog",
+            "Notices waiting for the business service",
+            m.notice_backlog.clone(),
+        );
+        r.register(
+            "notices_dropped",
+            "Notices dropped because a lane was full",
+            m.notices_dropped.clone(),
+        );
+        r.register(
+            "notices_rejected",
+            "Notices the business service refused as malformed",
+            m.notices_rejected.clone(),
+        );
+        r.register(
+            "notice_retries",
+            "Failed notice deliveries that were retried",
+            m.notice_retries.clone(),
+        );
+        r.register(
+            "forced_finishes",
+            "Forced FINISH commands by result code",
+            m.forced_finishes.clone(),
+        );
+        r.register(
+            "slow_consumers",
+            "Devices disconnected for not reading their stream",
+            m.slow_consumers.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+}
