@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::call_admin_client::CallAdminClient;
 
+use crate::metrics::{Metrics, ResultLabel};
 use crate::policy::Policy;
 
 const QUEUE: usize = 4096;
@@ -48,6 +49,7 @@ impl Enforcer {
     /// (connected lazily, so the call service may start later).
     pub fn start(
         admin_url: &str,
+        metrics: Metrics,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, tonic::transport::Error> {
@@ -56,7 +58,13 @@ impl Enforcer {
             .timeout(Duration::from_secs(5))
             .connect_lazy();
         let (tx, rx) = mpsc::channel(QUEUE);
-        tasks.spawn(run(CallAdminClient::new(channel), rx, tasks.clone(), token));
+        tasks.spawn(run(
+            CallAdminClient::new(channel),
+            rx,
+            metrics,
+            tasks.clone(),
+            token,
+        ));
         Ok(Self { tx })
     }
 
@@ -87,6 +95,7 @@ impl Enforcer {
 async fn run(
     client: CallAdminClient<Channel>,
     mut rx: mpsc::Receiver<Command>,
+    metrics: Metrics,
     tasks: TaskTracker,
     token: CancellationToken,
 ) {
@@ -115,6 +124,7 @@ async fn run(
                 keys.remove(&call_id);
                 let mut client = client.clone();
                 let token = token.clone();
+                let metrics = metrics.clone();
                 tasks.spawn(async move {
                     let request = pb::AdminControl {
                         event_type: pb::EventType::Finish as i32,
@@ -127,7 +137,11 @@ async fn run(
                     tokio::select! {
                         () = token.cancelled() => {}
                         r = client.video_call_control(request) => match r {
-                            Ok(r) => info!(%call_id, %user, code, result = r.into_inner().code, "maximum call duration: forced FINISH"),
+                            Ok(r) => {
+                                let result = r.into_inner().code;
+                                metrics.forced_finishes.get_or_create(&ResultLabel { result }).inc();
+                                info!(%call_id, %user, code, result, "maximum call duration: forced FINISH");
+                            }
                             Err(e) => warn!(%call_id, %user, error = %e.message(), "maximum call duration: forced FINISH failed"),
                         }
                     }

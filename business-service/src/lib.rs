@@ -10,11 +10,14 @@
 //!   event ids; queries and CSV for the operator CLI.
 //! - [`enforcer`]: forced FINISH when a call reaches the maximum duration.
 //! - [`admin`]: a small client of the call service's admin API.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`Hook`]: the `BusinessHook` implementation; [`Business`] starts its
-//!   background tasks and serves it until shutdown.
+//!   background tasks and serves it (with health and reflection) until
+//!   shutdown.
 
 pub mod admin;
 pub mod enforcer;
+pub mod metrics;
 pub mod policy;
 pub mod records;
 
@@ -31,6 +34,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::business_hook_server::{BusinessHook, BusinessHookServer};
@@ -68,6 +74,10 @@ pub enum Error {
     AdminUrl(#[source] tonic::transport::Error),
     #[error("the hook server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the metrics server failed: {0}")]
+    Metrics(#[source] std::io::Error),
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// The policy in force. Readers take a cheap snapshot; a reload swaps it
@@ -77,6 +87,7 @@ pub struct PolicyStore {
     file: Option<PathBuf>,
     extra_blocked: HashMap<String, u32>,
     current: RwLock<Arc<Policy>>,
+    metrics: metrics::Metrics,
     /// The file's (modification time, length) when last loaded.
     seen: Mutex<Option<(SystemTime, u64)>>,
 }
@@ -85,11 +96,13 @@ impl PolicyStore {
     fn load(
         file: Option<PathBuf>,
         extra_blocked: HashMap<String, u32>,
+        metrics: metrics::Metrics,
     ) -> Result<Self, PolicyError> {
         let store = Self {
             file,
             extra_blocked,
             current: RwLock::new(Arc::new(Policy::default())),
+            metrics,
             seen: Mutex::new(None),
         };
         store.reload()?;
@@ -129,12 +142,20 @@ impl PolicyStore {
 
     /// Reloads and logs the outcome (for SIGHUP and file changes).
     pub fn reload_logged(&self, why: &str) {
-        match self.reload() {
-            Ok(()) => info!(why, file = ?self.file, "policy reloaded"),
-            Err(e) => {
-                warn!(why, error = %e, "policy NOT reloaded; the previous policy stays in force")
+        let outcome = match self.reload() {
+            Ok(()) => {
+                info!(why, file = ?self.file, "policy reloaded");
+                "ok"
             }
-        }
+            Err(e) => {
+                warn!(why, error = %e, "policy NOT reloaded; the previous policy stays in force");
+                "refused"
+            }
+        };
+        self.metrics
+            .policy_reloads
+            .get_or_create(&metrics::OutcomeLabel { outcome })
+            .inc();
     }
 }
 
@@ -177,6 +198,8 @@ pub struct Hook {
     records: Option<Records>,
     enforcer: Option<enforcer::Enforcer>,
     observers: broadcast::Sender<pb::CallEventNotice>,
+    metrics: metrics::Metrics,
+    health: HealthReporter,
 }
 
 impl Hook {
@@ -191,6 +214,22 @@ impl Hook {
         &self.policy
     }
 
+    /// Health follows the records database, the one dependency: a failed
+    /// write makes the service NOT_SERVING until a write succeeds.
+    async fn records_ok(&self, ok: bool) {
+        let was = self.metrics.records_healthy.get() == 1;
+        if was == ok {
+            return;
+        }
+        self.metrics.records_healthy.set(i64::from(ok));
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&self.health, status).await;
+    }
+
     /// The approval decision, pure but for the rate history it updates.
     fn decide(&self, n: &pb::CallEventNotice) -> u32 {
         let policy = self.policy.get();
@@ -198,6 +237,10 @@ impl Hook {
         let recent = self.approvals.recent(&n.caller_user_id);
         match policy.decide(&n.caller_user_id, &n.callee_user_id, now, &recent) {
             Ok(()) => {
+                self.metrics
+                    .decisions
+                    .get_or_create(&metrics::CodeLabel { code: 0 })
+                    .inc();
                 if let Some(limit) = &policy.rate_limit {
                     self.approvals
                         .record(&n.caller_user_id, now, limit.calls as usize);
@@ -206,6 +249,10 @@ impl Hook {
             }
             Err(refusal) => {
                 let code = policy.code(refusal);
+                self.metrics
+                    .decisions
+                    .get_or_create(&metrics::CodeLabel { code })
+                    .inc();
                 info!(call_id = %n.call_id, caller = %n.caller_user_id, callee = %n.callee_user_id, ?refusal, code, "call refused");
                 code
             }
@@ -256,12 +303,18 @@ impl BusinessHook for Hook {
                 // record is written right after, from the writer's queue.
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
                 records.store_soon(n.clone(), rang_ms);
-            } else if let Err(e) = records.store(n.clone(), None).await {
-                // Refused, so that the call service delivers it again.
-                warn!(call_id = %n.call_id, error = %e, "call event not recorded");
-                return Err(Status::unavailable(format!(
-                    "call records unavailable: {e}"
-                )));
+            } else {
+                match records.store(n.clone(), None).await {
+                    Ok(()) => self.records_ok(true).await,
+                    Err(e) => {
+                        self.records_ok(false).await;
+                        // Refused, so that the call service delivers it again.
+                        warn!(call_id = %n.call_id, error = %e, "call event not recorded");
+                        return Err(Status::unavailable(format!(
+                            "call records unavailable: {e}"
+                        )));
+                    }
+                }
             }
         }
         // No observer is fine.
@@ -278,6 +331,7 @@ pub struct Business {
     hook: Hook,
     tasks: TaskTracker,
     token: CancellationToken,
+    health_service: HealthServer<HealthService>,
 }
 
 impl Business {
@@ -286,15 +340,18 @@ impl Business {
     pub fn start(config: Config) -> Result<Self, Error> {
         let tasks = TaskTracker::new();
         let token = CancellationToken::new();
+        let metrics = metrics::Metrics::default();
+        metrics.records_healthy.set(1);
         let policy = Arc::new(PolicyStore::load(
             config.policy_file.clone(),
             config.extra_blocked.clone(),
+            metrics.clone(),
         )?);
         let records = config.database.as_deref().map(Records::start).transpose()?;
         let enforcer = config
             .admin_url
             .as_deref()
-            .map(|url| enforcer::Enforcer::start(url, &tasks, token.clone()))
+            .map(|url| enforcer::Enforcer::start(url, metrics.clone(), &tasks, token.clone()))
             .transpose()
             .map_err(Error::AdminUrl)?;
         if let (Some(every), Some(_)) = (config.reload_interval, &config.policy_file) {
@@ -312,35 +369,118 @@ impl Business {
             });
         }
         let (observers, _) = broadcast::channel(OBSERVER_BUFFER);
+        let health = HealthReporter::new();
+        let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
         let hook = Hook {
             policy,
             approvals: Arc::default(),
             records,
             enforcer,
             observers,
+            metrics,
+            health,
         };
-        Ok(Self { hook, tasks, token })
+        Ok(Self {
+            hook,
+            tasks,
+            token,
+            health_service,
+        })
     }
 
     pub fn hook(&self) -> &Hook {
         &self.hook
     }
 
-    /// Serves the hook on `listener` until `shutdown` resolves, then stops
-    /// the background tasks and waits for them.
+    /// Serves the hook on `listener` (with `grpc.health.v1` and reflection)
+    /// and, if given, Prometheus `/metrics` on `metrics`, until `shutdown`
+    /// resolves; then reports NOT_SERVING, stops the background tasks and
+    /// waits for them. Health: `""` and `videocall.v1.BusinessHook` are
+    /// SERVING, but NOT_SERVING while shutting down or while the records
+    /// database fails writes.
     pub async fn serve(
         self,
         listener: TcpListener,
+        metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
-        let result = tonic::transport::Server::builder()
+        set_health(&self.hook.health, ServingStatus::Serving).await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(videocall_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let closing = CancellationToken::new();
+        let hook_srv = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .add_service(self.health_service.clone())
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
             .add_service(BusinessHookServer::new(self.hook.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                closing.clone().cancelled_owned(),
+            );
+        let metrics_srv = async {
+            match metrics {
+                Some(l) => {
+                    let registry = self.hook.metrics.registry.clone();
+                    videocall_telemetry::serve_metrics(
+                        l,
+                        registry,
+                        NoRefresh,
+                        closing.clone().cancelled_owned(),
+                    )
+                    .await
+                    .map_err(Error::Metrics)
+                }
+                None => Ok(()),
+            }
+        };
+        let watch = async {
+            tokio::select! {
+                () = shutdown => set_health(&self.hook.health, ServingStatus::NotServing).await,
+                () = closing.cancelled() => {}
+            }
+            closing.cancel();
+        };
+        let (hook_res, metrics_res, ()) = tokio::join!(
+            async {
+                // Health Watch streams never end on their own: connections get
+                // a few seconds after the listener closes, then are dropped.
+                tokio::pin!(hook_srv);
+                let r = tokio::select! {
+                    r = &mut hook_srv => r,
+                    () = closing.cancelled() => tokio::time::timeout(Duration::from_secs(5), hook_srv).await.unwrap_or(Ok(())),
+                };
+                closing.cancel();
+                r
+            },
+            async {
+                let r = metrics_srv.await;
+                if r.is_err() {
+                    closing.cancel();
+                }
+                r
+            },
+            watch,
+        );
         self.token.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        result.map_err(Error::from)
+        hook_res?;
+        metrics_res
     }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in ["", videocall_proto::v1::business_hook_server::SERVICE_NAME] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+struct NoRefresh;
+
+impl videocall_telemetry::Refresh for NoRefresh {
+    async fn refresh(&self) {}
 }

@@ -10,7 +10,6 @@ use business_service::records::{self, CallRecord, Query};
 use business_service::{Business, Config, admin::Admin};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 use videocall_proto::v1 as pb;
 
 #[derive(Debug, Parser)]
@@ -20,6 +19,15 @@ use videocall_proto::v1 as pb;
     about = "Reference business service for the video-call system"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: videocall_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -132,17 +140,22 @@ struct ServeArgs {
     /// maximum call duration.
     #[arg(long, env = "CALL_SERVICE_ADMIN_URL")]
     admin_url: Option<String>,
+    /// Where Prometheus scrapes `/metrics` (HTTP).
+    #[arg(
+        long,
+        env = "BUSINESS_SERVICE_METRICS_ADDR",
+        default_value = "127.0.0.1:9161"
+    )]
+    metrics_addr: SocketAddr,
+    /// Serve no metrics.
+    #[arg(long, env = "BUSINESS_SERVICE_NO_METRICS")]
+    no_metrics: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    videocall_telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => serve(args).await?,
         Command::Hangup {
@@ -231,9 +244,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = match args.no_metrics {
+        true => None,
+        false => Some(
+            TcpListener::bind(args.metrics_addr)
+                .await
+                .with_context(|| format!("cannot listen on {} (metrics)", args.metrics_addr))?,
+        ),
+    };
     println!(
-        "business-service listening: hook={}",
-        listener.local_addr()?
+        "business-service listening: hook={} metrics={}",
+        listener.local_addr()?,
+        match &metrics {
+            Some(m) => m.local_addr()?.to_string(),
+            None => "off".into(),
+        }
     );
     #[cfg(unix)]
     {
@@ -246,7 +271,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    business.serve(listener, shutdown_signal()).await?;
+    business
+        .serve(listener, metrics, videocall_telemetry::shutdown_signal())
+        .await?;
     Ok(())
 }
 
@@ -282,26 +309,5 @@ fn print_table(rows: &[CallRecord]) {
                 .unwrap_or_else(|| "-".into()),
             r.ended_by.as_deref().unwrap_or("-"),
         );
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }

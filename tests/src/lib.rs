@@ -131,7 +131,7 @@ impl Business {
         let business = business_service::Business::start(config).expect("business service starts");
         let hook = business.hook().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(business.serve(listener, async {
+        let task = tokio::spawn(business.serve(listener, None, async {
             let _ = stopped.await;
         }));
         Self {

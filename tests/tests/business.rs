@@ -19,7 +19,7 @@ async fn start_business(
     let business = Business::start(config).expect("business service starts");
     let hook = business.hook().clone();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(business.serve(listener, async {
+    tokio::spawn(business.serve(listener, None, async {
         let _ = stopped.await;
     }));
     (hook, stop)

@@ -31,6 +31,8 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--block-caller",
             "mallory",
             "--refusal-code",
@@ -230,7 +232,15 @@ async fn every_call_gets_one_complete_record_across_business_restarts() {
     let db_arg = db.to_str().expect("utf-8 path").to_owned();
     let port = free_port().await;
     let listen = format!("127.0.0.1:{port}");
-    let business_args = ["serve", "--listen", &listen, "--database", &db_arg];
+    let business_args = [
+        "serve",
+        "--listen",
+        &listen,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--database",
+        &db_arg,
+    ];
     let (mut business, _) = spawn(
         &dir.join("business-service"),
         &business_args,
