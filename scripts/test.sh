@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test. Sets up what the tests need beyond the Rust toolchain:
-# a Python virtual environment with examples/python/requirements.txt (from
-# PyPI), for the any-language tests. Extra arguments go to `cargo test`.
+# a Python virtual environment with examples/python/requirements.txt and
+# tests/python/requirements.txt (from PyPI), for the any-language tests and
+# the third-party clients. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
-  echo "setting up $venv (Python packages for the any-language tests)..."
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, prometheus_client' 2>/dev/null; then
+  echo "setting up $venv (Python packages for the any-language and third-party-client tests)..."
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    -r examples/python/requirements.txt -r tests/python/requirements.txt
 fi
 export VIDEOCALL_PYTHON="$PWD/$venv/bin/python"
 

@@ -284,6 +284,11 @@ impl BusinessHook for Hook {
         }
         let decision = (n.decision_required && n.event_type == pb::EventType::Request as i32)
             .then(|| self.decide(&n));
+        let event = event_name(n.event_type);
+        self.metrics
+            .notices
+            .get_or_create(&metrics::EventLabel { event })
+            .inc();
         info!(
             event = event_name(n.event_type),
             call_id = %n.call_id,

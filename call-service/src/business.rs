@@ -162,8 +162,12 @@ impl Business {
             tonic::Request::new(notice_to_proto(&notice, self.clock.wall_time(notice.at)));
         request.set_timeout(self.deadline);
         let mut client = self.client.clone();
-        let failure = match tokio::time::timeout(self.deadline, client.on_call_event(request)).await
-        {
+        let began = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.deadline, client.on_call_event(request)).await;
+        self.metrics
+            .approval_seconds
+            .observe(began.elapsed().as_secs_f64());
+        let failure = match answer {
             Ok(Ok(ack)) => {
                 let code = ack.into_inner().result_code;
                 return if code == codes::OK {

@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 /// How logs are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// For people: one coloured line per event (no colour when NO_COLOR is set).
+    /// For people: one line per event, coloured on a terminal unless NO_COLOR is set.
     #[default]
     Text,
     /// For log pipelines: one JSON object per line.
@@ -33,7 +33,8 @@ pub fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => {
-            let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
             builder.with_ansi(color).init()
         }
         LogFormat::Json => builder

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::PATIENCE;
 
@@ -49,21 +49,43 @@ pub fn workspace() -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub stdout: Lines<BufReader<ChildStdout>>,
+    /// Set by [`Proc::start_logged`].
+    pub stderr: Option<Lines<BufReader<ChildStderr>>>,
 }
 
 impl Proc {
-    /// Starts `program` with `args`; it is killed when dropped.
+    /// Starts `program` with `args` (logging warnings and errors to this
+    /// test's stderr); it is killed when dropped.
     pub fn start(program: &Path, args: &[&str]) -> Self {
+        Self::spawn(program, args, "warn", false)
+    }
+
+    /// Like [`Proc::start`], logging at `info` into [`Proc::stderr`].
+    pub fn start_logged(program: &Path, args: &[&str]) -> Self {
+        Self::spawn(program, args, "info", true)
+    }
+
+    fn spawn(program: &Path, args: &[&str], log: &str, capture: bool) -> Self {
         let mut child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
+            .stderr(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        Self { child, stdout }
+        let stderr = child.stderr.take().map(|e| BufReader::new(e).lines());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
     /// The next stdout line that starts with `prefix` (others are skipped).
