@@ -8,7 +8,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::PATIENCE;
 
-/// Builds the service binaries (a no-op when they are fresh) and returns
+/// Builds the binaries (services and phone; a no-op when they are fresh) and returns
 /// the directory they are in: the one the running test comes from.
 pub fn binaries() -> PathBuf {
     let exe = std::env::current_exe().expect("test path");
@@ -26,6 +26,8 @@ pub fn binaries() -> PathBuf {
         "call-service",
         "-p",
         "business-service",
+        "-p",
+        "phone",
         "--bins",
     ]);
     if dir.file_name().is_some_and(|n| n == "release") {

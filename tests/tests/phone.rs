@@ -1,0 +1,152 @@
+//! Two terminal phones call each other through the real services, driven
+//! the way a person would: keys typed into tmux, the screen read back.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use videocall_tests::process::binaries;
+use videocall_tests::{Business, CallService};
+
+/// A private tmux server, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Self {
+        let ok = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "tmux is needed for this test (apt-get install tmux)");
+        Self {
+            socket: format!("videocall-phone-test-{}", std::process::id()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn open(&self, name: &str, phone: &Path, url: &str) {
+        let cmd = format!("{} --url {url} --user {name}", phone.display());
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "150",
+            "-y",
+            "40",
+            &cmd,
+        ]);
+    }
+
+    fn type_line(&self, pane: &str, text: &str) {
+        self.run(&["send-keys", "-t", pane, "-l", text]);
+        self.run(&["send-keys", "-t", pane, "Enter"]);
+    }
+
+    fn screen(&self, pane: &str) -> String {
+        self.run(&["capture-pane", "-p", "-t", pane])
+    }
+
+    /// Waits until `pane` shows `text`. The phone is another program with
+    /// its own timing: look every 50 ms, for at most 10 s.
+    async fn wait_for(&self, pane: &str, text: &str) -> String {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        for _ in 0..200 {
+            tick.tick().await;
+            let screen = self.screen(pane);
+            if screen.contains(text) {
+                return screen;
+            }
+        }
+        panic!(
+            "{pane}'s screen never showed {text:?}:\n{}",
+            self.screen(pane)
+        );
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn two_phones_call_each_other_in_tmux() {
+    let phone = binaries().join("phone");
+    let business = Business::start(&[("mallory", 200_001)]).await;
+    let svc = CallService::start(Some(&business.url), |_| {}).await;
+    let tmux = Tmux::new();
+    tmux.open("alice", &phone, &svc.client_url);
+    tmux.open("bob", &phone, &svc.client_url);
+    tmux.wait_for("alice", "connected").await;
+    tmux.wait_for("bob", "connected").await;
+
+    // alice dials; bob sees who calls and the message.
+    tmux.type_line("alice", "call bob Hi Bob, got a minute?");
+    tmux.wait_for("alice", "calling bob ...").await;
+    tmux.wait_for("bob", "alice is calling: \"Hi Bob, got a minute?\"")
+        .await;
+    tmux.type_line("bob", "state");
+    tmux.wait_for("bob", "alice is calling you").await;
+
+    // bob answers: both see START with the same room.
+    tmux.type_line("bob", "answer");
+    tmux.wait_for("alice", "bob answered").await;
+    let a = tmux.wait_for("alice", "call started with bob — room").await;
+    let b = tmux.wait_for("bob", "call started with alice — room").await;
+    let room = |s: &str| {
+        s.lines()
+            .find_map(|l| l.split("room ").nth(1).map(|r| r.trim().to_owned()))
+    };
+    assert_eq!(room(&a), room(&b));
+
+    // alice hangs up: both see the reason in words.
+    tmux.type_line("alice", "hangup");
+    tmux.wait_for("alice", "call with bob ended: hung up").await;
+    tmux.wait_for("bob", "call with alice ended: hung up").await;
+
+    // A refusal and a rejection, in words too; mistakes get a sentence.
+    tmux.type_line("alice", "call nobody");
+    tmux.wait_for(
+        "alice",
+        "did not go through: the callee is offline (100102)",
+    )
+    .await;
+    tmux.type_line("bob", "call alice");
+    tmux.wait_for("alice", "bob is calling").await;
+    tmux.type_line("alice", "reject");
+    tmux.wait_for("bob", "did not go through: rejected (100104)")
+        .await;
+    tmux.wait_for("alice", "call with bob ended: rejected (100104)")
+        .await;
+    tmux.type_line("alice", "answer");
+    tmux.wait_for("alice", "nobody is calling").await;
+    tmux.type_line("alice", "fly away");
+    tmux.wait_for("alice", "unknown command \"fly\"; type 'help'")
+        .await;
+    tmux.type_line("alice", "quit");
+    svc.stop().await;
+    business.stop().await;
+}
