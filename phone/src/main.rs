@@ -127,12 +127,11 @@ impl Phone {
                         .client
                         .request(&peer, flags::AUDIO | flags::VIDEO, 0, &msg)
                         .await;
-                    r.map(|code| {
+                    r.inspect(|code| {
                         if code.is_ok() {
                             self.state = State::Calling(peer.clone());
                             self.ui.info(&format!("calling {peer} ..."));
                         }
-                        code
                     })
                 }
                 None => {
