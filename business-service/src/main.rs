@@ -74,6 +74,12 @@ enum Command {
         #[arg(long)]
         user: String,
     },
+    /// Exit 0 if the business service at --url reports SERVING (gRPC
+    /// health), 1 otherwise. For container health checks.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:50061")]
+        url: String,
+    },
     /// Read call detail records.
     Records {
         /// The records database the service writes.
@@ -158,6 +164,9 @@ async fn main() -> anyhow::Result<()> {
     videocall_telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => serve(args).await?,
+        Command::Healthcheck { url } => {
+            videocall_telemetry::healthcheck(&url, std::time::Duration::from_secs(3)).await?;
+        }
         Command::Hangup {
             admin_url,
             user,

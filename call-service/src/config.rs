@@ -7,8 +7,7 @@ use std::time::Duration;
 use crate::business::FailurePolicy;
 
 /// The call service's settings.
-#[derive(Clone, Debug, clap::Parser)]
-#[command(name = "call-service", version, about = "Video-call signaling service")]
+#[derive(Clone, Debug, clap::Args)]
 pub struct Config {
     /// Where clients connect (the CallService API).
     #[arg(

@@ -1,13 +1,39 @@
 //! `call-service`: parses configuration, sets up logging and signals, binds
-//! the listeners and runs [`call_service::serve`].
+//! the listeners and runs [`call_service::serve`]; `call-service
+//! healthcheck` asks a running one whether it is SERVING (for container
+//! health checks, where no other client is at hand).
+
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+
+#[derive(Debug, Parser)]
+#[command(name = "call-service", version, about = "Video-call signaling service")]
+struct Cli {
+    #[command(flatten)]
+    config: call_service::Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Exit 0 if the call service on this machine's client port reports
+    /// SERVING (gRPC health), 1 otherwise.
+    Healthcheck,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = call_service::Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
+    if let Some(Command::Healthcheck) = cli.command {
+        let url = format!("http://127.0.0.1:{}", config.client_addr.port());
+        videocall_telemetry::healthcheck(&url, Duration::from_secs(3)).await?;
+        return Ok(());
+    }
     videocall_telemetry::init_logging(config.log_format);
 
     let bind = |addr, what: &'static str| async move {

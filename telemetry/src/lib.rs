@@ -2,7 +2,8 @@
 //!
 //! Layout (one file): [`LogFormat`] and [`init_logging`] (human-readable or
 //! JSON `tracing` logs on stderr), [`serve_metrics`] (a Prometheus text
-//! endpoint at `/metrics`), [`shutdown_signal`] (Ctrl-C or SIGTERM).
+//! endpoint at `/metrics`), [`shutdown_signal`] (Ctrl-C or SIGTERM),
+//! [`healthcheck`] (a gRPC health probe for container health checks).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,3 +110,42 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+/// Asks the gRPC health service at `url` about the whole server (`""`):
+/// `Ok` if SERVING, an error saying what it is otherwise.
+pub async fn healthcheck(url: &str, timeout: std::time::Duration) -> Result<(), HealthcheckError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| HealthcheckError(format!("{url}: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| HealthcheckError(format!("{url}: {e}")))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|e| HealthcheckError(format!("{url}: {}", e.message())))?
+        .into_inner()
+        .status;
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Ok(()),
+        Ok(other) => Err(HealthcheckError(format!("{url}: {}", other.as_str_name()))),
+        Err(_) => Err(HealthcheckError(format!("{url}: unknown status {status}"))),
+    }
+}
+
+/// The health probe's answer was not SERVING.
+#[derive(Debug)]
+pub struct HealthcheckError(String);
+
+impl std::fmt::Display for HealthcheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not healthy: {}", self.0)
+    }
+}
+
+impl std::error::Error for HealthcheckError {}
