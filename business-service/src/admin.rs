@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::call_admin_client::CallAdminClient;
 
@@ -17,24 +17,81 @@ pub enum AdminError {
     Status(#[from] tonic::Status),
 }
 
+/// How to reach the admin API: its credential and TLS.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    /// The admin secret (`--admin-token` of the call service).
+    pub token: Option<String>,
+    /// For `https://` URLs: the CA that signed the call service's
+    /// certificate (PEM).
+    pub ca_pem: Option<Vec<u8>>,
+    /// For mutual TLS: this client's certificate and key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl AdminAccess {
+    /// The endpoint for `url` with these settings.
+    pub fn endpoint(&self, url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.into())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        if self.ca_pem.is_some() || self.identity.is_some() {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Adds the credential to a request.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
+        if let Some(token) = &self.token {
+            if let Ok(value) = format!("Bearer {token}").parse() {
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+    }
+}
+
 /// A connection to one call service's admin API.
 #[derive(Clone, Debug)]
 pub struct Admin {
     client: CallAdminClient<Channel>,
+    access: AdminAccess,
 }
 
 impl Admin {
+    /// Connects without a credential (an admin API on loopback with none).
     pub async fn connect(url: impl Into<String>) -> Result<Self, AdminError> {
-        let channel = Endpoint::from_shared(url.into())
+        Self::connect_with(url, AdminAccess::default()).await
+    }
+
+    /// Connects with a credential and TLS settings.
+    pub async fn connect_with(
+        url: impl Into<String>,
+        access: AdminAccess,
+    ) -> Result<Self, AdminError> {
+        let channel = access
+            .endpoint(url)
             .map_err(AdminError::Url)?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(5))
             .connect()
             .await
             .map_err(AdminError::Connect)?;
         Ok(Self {
             client: CallAdminClient::new(channel),
+            access,
         })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        self.access.authorize(&mut request);
+        request
     }
 
     /// Forced FINISH: ends `user`'s call with `code`. Returns the result
@@ -57,7 +114,7 @@ impl Admin {
         Ok(self
             .client
             .clone()
-            .video_call_control(request)
+            .video_call_control(self.request(request))
             .await?
             .into_inner())
     }
@@ -66,7 +123,7 @@ impl Admin {
         Ok(self
             .client
             .clone()
-            .list_calls(pb::ListCallsRequest {})
+            .list_calls(self.request(pb::ListCallsRequest {}))
             .await?
             .into_inner()
             .calls)
@@ -79,7 +136,7 @@ impl Admin {
         Ok(self
             .client
             .clone()
-            .get_user_state(request)
+            .get_user_state(self.request(request))
             .await?
             .into_inner())
     }

@@ -15,11 +15,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::{DelayQueue, delay_queue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::call_admin_client::CallAdminClient;
 
+use crate::admin::AdminAccess;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::policy::Policy;
 
@@ -45,26 +46,19 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Starts the enforcer, talking to the admin API at `admin_url`
-    /// (connected lazily, so the call service may start later).
+    /// Starts the enforcer, talking to the admin API at `admin_url` with
+    /// `access` (connected lazily, so the call service may start later).
     pub fn start(
         admin_url: &str,
+        access: AdminAccess,
         metrics: Metrics,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(admin_url.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = access.endpoint(admin_url)?.connect_lazy();
         let (tx, rx) = mpsc::channel(QUEUE);
-        tasks.spawn(run(
-            CallAdminClient::new(channel),
-            rx,
-            metrics,
-            tasks.clone(),
-            token,
-        ));
+        let admin = (CallAdminClient::new(channel), access);
+        tasks.spawn(run(admin, rx, metrics, tasks.clone(), token));
         Ok(Self { tx })
     }
 
@@ -93,7 +87,7 @@ impl Enforcer {
 }
 
 async fn run(
-    client: CallAdminClient<Channel>,
+    (client, access): (CallAdminClient<Channel>, AdminAccess),
     mut rx: mpsc::Receiver<Command>,
     metrics: Metrics,
     tasks: TaskTracker,
@@ -123,6 +117,7 @@ async fn run(
                 let (call_id, user, code) = expired.into_inner();
                 keys.remove(&call_id);
                 let mut client = client.clone();
+                let access = access.clone();
                 let token = token.clone();
                 let metrics = metrics.clone();
                 tasks.spawn(async move {
@@ -134,6 +129,8 @@ async fn run(
                         call_id: call_id.clone(),
                         ..Default::default()
                     };
+                    let mut request = tonic::Request::new(request);
+                    access.authorize(&mut request);
                     tokio::select! {
                         () = token.cancelled() => {}
                         r = client.video_call_control(request) => match r {

@@ -10,6 +10,7 @@
 //!   event ids; queries and CSV for the operator CLI.
 //! - [`enforcer`]: forced FINISH when a call reaches the maximum duration.
 //! - [`admin`]: a small client of the call service's admin API.
+//! - [`tokens`]: minting client tokens for tests and demos.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`Hook`]: the `BusinessHook` implementation; [`Business`] starts its
 //!   background tasks and serves it (with health and reflection) until
@@ -20,6 +21,7 @@ pub mod enforcer;
 pub mod metrics;
 pub mod policy;
 pub mod records;
+pub mod tokens;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -61,6 +63,8 @@ pub struct Config {
     /// The call service's admin API, for forced FINISH at the maximum call
     /// duration; none: the maximum is not enforced.
     pub admin_url: Option<String>,
+    /// The admin API's credential and TLS settings.
+    pub admin_access: admin::AdminAccess,
 }
 
 /// Errors starting the business service.
@@ -356,7 +360,10 @@ impl Business {
         let enforcer = config
             .admin_url
             .as_deref()
-            .map(|url| enforcer::Enforcer::start(url, metrics.clone(), &tasks, token.clone()))
+            .map(|url| {
+                let access = config.admin_access.clone();
+                enforcer::Enforcer::start(url, access, metrics.clone(), &tasks, token.clone())
+            })
             .transpose()
             .map_err(Error::AdminUrl)?;
         if let (Some(every), Some(_)) = (config.reload_interval, &config.policy_file) {

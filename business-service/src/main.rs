@@ -1,13 +1,15 @@
-//! `business-service`: runs the reference business hook, or drives the call
-//! service's admin API from the command line.
+//! `business-service`: runs the reference business hook, drives the call
+//! service's admin API from the command line, reads call records, and
+//! mints client tokens.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use business_service::admin::{Admin, AdminAccess};
 use business_service::records::{self, CallRecord, Query};
-use business_service::{Business, Config, admin::Admin};
+use business_service::{Business, Config};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use videocall_proto::v1 as pb;
@@ -32,18 +34,71 @@ struct Cli {
     command: Command,
 }
 
+/// How to reach the call service's admin API.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The call service's admin API.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_ADMIN_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    admin_url: String,
+    /// The admin API's secret (the call service's --admin-token).
+    #[arg(long, env = "CALL_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// For an https:// admin URL: the CA of the call service's certificate (PEM).
+    #[arg(long, env = "CALL_SERVICE_ADMIN_CA")]
+    admin_ca: Option<PathBuf>,
+    /// For mutual TLS: this client's certificate (PEM); with --admin-client-key.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_ADMIN_CLIENT_CERT",
+        requires = "admin_client_key"
+    )]
+    admin_client_cert: Option<PathBuf>,
+    /// For mutual TLS: this client's key (PEM).
+    #[arg(
+        long,
+        env = "CALL_SERVICE_ADMIN_CLIENT_KEY",
+        requires = "admin_client_cert"
+    )]
+    admin_client_key: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn access(&self) -> anyhow::Result<AdminAccess> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        Ok(AdminAccess {
+            token: self.admin_token.clone(),
+            ca_pem: self.admin_ca.as_ref().map(read).transpose()?,
+            identity: match (&self.admin_client_cert, &self.admin_client_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Admin> {
+        Ok(Admin::connect_with(self.admin_url.clone(), self.access()?).await?)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the BusinessHook API (approvals and call events).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Exit 0 if the business service at --url reports SERVING (gRPC
+    /// health), 1 otherwise. For container health checks.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:50061")]
+        url: String,
+    },
     /// Forced hang-up: end a user's call through the call service's admin API.
     Hangup {
-        #[arg(
-            long,
-            env = "CALL_SERVICE_ADMIN_URL",
-            default_value = "http://127.0.0.1:50052"
-        )]
-        admin_url: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Whose call to end.
         #[arg(long)]
         user: String,
@@ -56,29 +111,15 @@ enum Command {
     },
     /// List live calls (admin API).
     Calls {
-        #[arg(
-            long,
-            env = "CALL_SERVICE_ADMIN_URL",
-            default_value = "http://127.0.0.1:50052"
-        )]
-        admin_url: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Show a user's state (admin API).
     State {
-        #[arg(
-            long,
-            env = "CALL_SERVICE_ADMIN_URL",
-            default_value = "http://127.0.0.1:50052"
-        )]
-        admin_url: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long)]
         user: String,
-    },
-    /// Exit 0 if the business service at --url reports SERVING (gRPC
-    /// health), 1 otherwise. For container health checks.
-    Healthcheck {
-        #[arg(long, default_value = "http://127.0.0.1:50061")]
-        url: String,
     },
     /// Read call detail records.
     Records {
@@ -97,6 +138,27 @@ enum Command {
         csv: bool,
         #[command(subcommand)]
         which: Which,
+    },
+    /// Mint a client token (JWT) naming a user, for testing and demos.
+    /// HS256 with --secret, or RS256/ES256 with --private-key.
+    Token {
+        /// The user the token names (`sub`).
+        #[arg(long)]
+        user: String,
+        /// How long it is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The shared secret (the call service's --jwt-secret).
+        #[arg(long, env = "CALL_SERVICE_JWT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// A PEM private key (RSA or EC P-256) whose public key the call
+        /// service has (--jwt-public-key).
+        #[arg(
+            long,
+            env = "BUSINESS_SERVICE_JWT_PRIVATE_KEY",
+            conflicts_with = "secret"
+        )]
+        private_key: Option<PathBuf>,
     },
 }
 
@@ -140,12 +202,14 @@ struct ServeArgs {
     )]
     database: PathBuf,
     /// Keep no call records.
-    #[arg(long, conflicts_with = "database")]
+    #[arg(long)]
     no_records: bool,
-    /// The call service's admin API, for forced FINISH at the policy's
-    /// maximum call duration.
-    #[arg(long, env = "CALL_SERVICE_ADMIN_URL")]
-    admin_url: Option<String>,
+    /// Enforce the policy's maximum call duration through the call
+    /// service's admin API (forced FINISH).
+    #[arg(long, env = "BUSINESS_SERVICE_ENFORCE_DURATION")]
+    enforce_duration: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
     /// Where Prometheus scrapes `/metrics` (HTTP).
     #[arg(
         long,
@@ -163,17 +227,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     videocall_telemetry::init_logging(cli.log_format);
     match cli.command {
-        Command::Serve(args) => serve(args).await?,
+        Command::Serve(args) => serve(*args).await?,
         Command::Healthcheck { url } => {
-            videocall_telemetry::healthcheck(&url, std::time::Duration::from_secs(3)).await?;
+            videocall_telemetry::healthcheck(&url, Duration::from_secs(3)).await?;
         }
         Command::Hangup {
-            admin_url,
+            admin,
             user,
             code,
             message,
         } => {
-            let r = Admin::connect(admin_url)
+            let r = admin
+                .connect()
                 .await?
                 .hang_up(&user, code, &message)
                 .await?;
@@ -183,8 +248,8 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("not ended: result code {}", r.code);
             }
         }
-        Command::Calls { admin_url } => {
-            let calls = Admin::connect(admin_url).await?.calls().await?;
+        Command::Calls { admin } => {
+            let calls = admin.connect().await?.calls().await?;
             println!("{} live call(s)", calls.len());
             for c in calls {
                 let phase = pb::CallPhase::try_from(c.phase)
@@ -196,8 +261,8 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::State { admin_url, user } => {
-            let s = Admin::connect(admin_url).await?.user_state(&user).await?;
+        Command::State { admin, user } => {
+            let s = admin.connect().await?.user_state(&user).await?;
             let state = pb::UserState::try_from(s.state)
                 .map(|p| p.as_str_name())
                 .unwrap_or("?");
@@ -232,6 +297,31 @@ async fn main() -> anyhow::Result<()> {
                 print_table(&rows);
             }
         }
+        Command::Token {
+            user,
+            ttl,
+            secret,
+            private_key,
+        } => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let claims = business_service::tokens::Claims {
+                sub: user,
+                iat: now,
+                exp: now + ttl.as_secs(),
+            };
+            let token = match (secret, private_key) {
+                (Some(secret), _) => business_service::tokens::hs256(&claims, secret.as_bytes())?,
+                (None, Some(path)) => {
+                    let pem = std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    business_service::tokens::signed(&claims, &pem)?
+                }
+                (None, None) => {
+                    anyhow::bail!("give --secret (HS256) or --private-key (RS256/ES256)")
+                }
+            };
+            println!("{token}");
+        }
     }
     Ok(())
 }
@@ -247,7 +337,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .collect(),
         reload_interval: Some(args.reload_interval),
         database: (!args.no_records).then_some(args.database),
-        admin_url: args.admin_url,
+        admin_url: args.enforce_duration.then(|| args.admin.admin_url.clone()),
+        admin_access: args.admin.access()?,
     };
     let business = Business::start(config).context("cannot start")?;
     let listener = TcpListener::bind(args.listen)

@@ -2,11 +2,13 @@
 //! (`CallAdmin`). Requests are validated into domain types here
 //! ([`crate::convert`]) and errors become `tonic::Status` here, nowhere else.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +18,7 @@ use videocall_proto::v1 as pb;
 
 use crate::auth::Authenticator;
 use crate::codes;
+use crate::config::Limits;
 use crate::convert;
 use crate::machine::{CallId, ConnId, ForceFinish};
 use crate::switchboard::{DeviceRx, ShuttingDown, Switchboard};
@@ -31,6 +34,9 @@ impl From<ShuttingDown> for Status {
 pub struct ClientApi<S> {
     switchboard: S,
     auth: Authenticator,
+    limits: Limits,
+    /// One permit per connected device ([`Limits::max_connections`]).
+    connections: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -39,12 +45,16 @@ impl<S: Switchboard> ClientApi<S> {
     pub fn new(
         switchboard: S,
         auth: Authenticator,
+        limits: Limits,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
         Self {
             switchboard,
             auth,
+            limits,
+            connections,
             tasks,
             shutdown,
         }
@@ -59,26 +69,40 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         &self,
         request: Request<Streaming<pb::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let user = self.auth.identify(request.metadata())?;
+        let identity = self.auth.identify(request.metadata())?;
+        let permit = self.connections.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("this call service holds as many connections as it may")
+        })?;
         let inbound = request.into_inner();
-        let (conn, rx) = self.switchboard.connect(user).await?;
+        let (conn, rx) = self.switchboard.connect(identity.user).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
-        self.tasks.spawn(read_controls(
-            self.switchboard.clone(),
+        let (end_tx, end_rx) = oneshot::channel();
+        let reader = Reader {
+            switchboard: self.switchboard.clone(),
             conn,
-            inbound,
-            gone_rx,
-            self.shutdown.clone(),
-        ));
-        Ok(Response::new(DeviceStream { rx, _gone: gone_tx }))
+            gone: gone_rx,
+            end: end_tx,
+            expires: identity.expires,
+            bucket: TokenBucket::new(self.limits.controls_per_second, self.limits.control_burst),
+            shutdown: self.shutdown.clone(),
+            _permit: permit,
+        };
+        self.tasks.spawn(reader.run(inbound));
+        Ok(Response::new(DeviceStream {
+            rx,
+            end: Some(end_rx),
+            _gone: gone_tx,
+        }))
     }
 }
 
 /// A device's response stream. Dropping it (the client went away, or the
-/// server is stopping) tells the device's reader task to end.
+/// server is stopping) tells the device's reader task to end. When the
+/// queue ends, a status the reader left (an expired token) ends the stream.
 #[derive(Debug)]
 pub struct DeviceStream {
     rx: DeviceRx,
+    end: Option<oneshot::Receiver<Status>>,
     _gone: oneshot::Sender<()>,
 }
 
@@ -86,43 +110,126 @@ impl Stream for DeviceStream {
     type Item = Result<pb::ServerMessage, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) => {}
+            other => return other,
+        }
+        let Some(end) = self.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let status = match Pin::new(end).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r.ok(),
+        };
+        self.end = None;
+        Poll::Ready(status.map(Err))
     }
 }
 
-/// Forwards a device's controls to the switchboard until its stream ends,
-/// then reports the device gone. Being the only sender of both, it keeps
-/// them in order: a FINISH sent just before hanging up is applied first.
-async fn read_controls<S: Switchboard>(
-    switchboard: S,
-    conn: ConnId,
-    mut inbound: Streaming<pb::ClientMessage>,
-    mut gone: oneshot::Receiver<()>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m,
-            _ = &mut gone => break,
-            () = shutdown.cancelled() => break,
-        };
-        let msg = match msg {
-            Ok(Some(msg)) => msg,
-            Ok(None) => break,
-            Err(status) => {
-                debug!(conn = conn.0, error = %status.message(), "device stream failed");
-                break;
-            }
-        };
-        let (seq, control) = match msg.kind {
-            Some(pb::client_message::Kind::Control(c)) => (c.seq, convert::control(c)),
-            None => (0, Err((codes::INVALID_ARGUMENT, "empty client message"))),
-        };
-        if switchboard.control(conn, seq, control).await.is_err() {
-            return;
+/// Controls per second for one connection: a token bucket, refilled with
+/// time. Pure; time comes in as an argument.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(per_second),
+            burst,
+            tokens: burst,
+            last: None,
         }
     }
-    switchboard.disconnect(conn).await;
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Reads one device's controls.
+struct Reader<S> {
+    switchboard: S,
+    conn: ConnId,
+    gone: oneshot::Receiver<()>,
+    end: oneshot::Sender<Status>,
+    expires: Option<SystemTime>,
+    bucket: TokenBucket,
+    shutdown: CancellationToken,
+    /// Held while the device is connected.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: Switchboard> Reader<S> {
+    /// Forwards the device's controls to the switchboard until its stream
+    /// ends, then reports the device gone. Being the only sender of both, it
+    /// keeps them in order: a FINISH sent just before hanging up is applied
+    /// first.
+    async fn run(mut self, mut inbound: Streaming<pb::ClientMessage>) {
+        let conn = self.conn;
+        // The stream ends when the token does.
+        let expiry = self.expires.map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
+        let expired = async {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = &mut self.gone => break,
+                () = self.shutdown.cancelled() => break,
+                () = &mut expired => {
+                    debug!(conn = conn.0, "token expired: ending the stream");
+                    let _ = self.end.send(Status::unauthenticated("token expired"));
+                    break;
+                }
+            };
+            let msg = match msg {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(conn = conn.0, error = %status.message(), "device stream failed");
+                    break;
+                }
+            };
+            let (seq, control) = match msg.kind {
+                Some(pb::client_message::Kind::Control(c)) if self.bucket.take(Instant::now()) => {
+                    (c.seq, convert::control(c))
+                }
+                Some(pb::client_message::Kind::Control(c)) => (
+                    c.seq,
+                    Err((codes::RATE_LIMITED, "too many controls; slow down")),
+                ),
+                None => (0, Err((codes::INVALID_ARGUMENT, "empty client message"))),
+            };
+            if self.switchboard.control(conn, seq, control).await.is_err() {
+                return;
+            }
+        }
+        self.switchboard.disconnect(conn).await;
+    }
 }
 
 /// `videocall.v1.CallAdmin`: forced FINISH and queries.
@@ -202,5 +309,26 @@ impl<S: Switchboard> pb::call_admin_server::CallAdmin for AdminApi<S> {
             connections: u32::try_from(s.connections).unwrap_or(u32::MAX),
             call: s.call.as_ref().map(convert::call_info),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_token_bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::new(10, 3);
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        // 100 ms at 10/s is one more token, not two.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(b.take(t1));
+        assert!(!b.take(t1));
+        // A long pause refills only up to the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take(t2)).count(), 3);
     }
 }

@@ -4,7 +4,72 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use crate::business::FailurePolicy;
+
+/// Limits that protect the service and its users from each other. Going
+/// over one affects only whoever went over it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Limits {
+    /// The largest gRPC message a client or admin may send (bytes). A larger
+    /// one ends that stream with OUT_OF_RANGE.
+    #[arg(long, env = "CALL_SERVICE_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Devices one user may connect at once; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CALL_SERVICE_MAX_DEVICES_PER_USER", default_value_t = 8)]
+    pub max_devices_per_user: usize,
+
+    /// Connected devices this node holds; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CALL_SERVICE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Controls per second one connection may send (sustained); beyond it
+    /// (and the burst) a control is answered RATE_LIMITED (100204) and the
+    /// connection stays.
+    #[arg(long, env = "CALL_SERVICE_CONTROLS_PER_SECOND", default_value_t = 20)]
+    pub controls_per_second: u32,
+
+    /// Controls one connection may send at once before the rate applies.
+    #[arg(long, env = "CALL_SERVICE_CONTROL_BURST", default_value_t = 40)]
+    pub control_burst: u32,
+
+    /// Approvals waiting for the business service at once; a REQUEST beyond
+    /// it is answered OVERLOADED (100207).
+    #[arg(
+        long,
+        env = "CALL_SERVICE_MAX_PENDING_APPROVALS",
+        default_value_t = 10_000
+    )]
+    pub max_pending_approvals: usize,
+
+    /// HTTP/2 keepalive ping interval on idle connections; a peer that does
+    /// not answer within --keepalive-timeout is dropped.
+    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long to wait for a keepalive answer.
+    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024,
+            max_devices_per_user: 8,
+            max_connections: 100_000,
+            controls_per_second: 20,
+            control_burst: 40,
+            max_pending_approvals: 10_000,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// The call service's settings.
 #[derive(Clone, Debug, clap::Args)]
@@ -51,9 +116,49 @@ pub struct Config {
     pub ring_timeout: Duration,
 
     /// DEVELOPMENT ONLY: trust the x-videocall-user metadata as the client's
-    /// identity, so anybody can act as anybody.
+    /// identity, so anybody can act as anybody. Not with --jwt-*.
     #[arg(long, env = "CALL_SERVICE_DEV_IDENTITY")]
     pub dev_identity: bool,
+
+    /// Verify client tokens (JWT, HS256) with this shared secret (32 bytes
+    /// or more).
+    #[arg(long, env = "CALL_SERVICE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Verify client tokens (JWT, RS256 or ES256) with this PEM public key;
+    /// the business backend keeps the private key.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_JWT_PUBLIC_KEY",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Tolerated clock difference when checking a token's exp and nbf.
+    #[arg(long, env = "CALL_SERVICE_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// The admin API's own credential: requests must carry
+    /// `authorization: Bearer <this>`. Without it (and without
+    /// --admin-client-ca) the admin API is served on a loopback address only.
+    #[arg(long, env = "CALL_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// TLS certificate chain (PEM) for both listeners; with --tls-key.
+    #[arg(long, env = "CALL_SERVICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for both listeners; with --tls-cert.
+    #[arg(long, env = "CALL_SERVICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS on the admin listener: admin clients must present a
+    /// certificate signed by this CA (PEM). Needs --tls-cert.
+    #[arg(long, env = "CALL_SERVICE_ADMIN_CLIENT_CA", requires = "tls_cert")]
+    pub admin_client_ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub limits: Limits,
 
     /// Where Prometheus scrapes `/metrics` (HTTP).
     #[arg(
@@ -90,6 +195,14 @@ impl Config {
             approval_failure_policy: FailurePolicy::Refuse,
             ring_timeout: Duration::from_secs(30),
             dev_identity: true,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_leeway: Duration::from_secs(5),
+            admin_token: None,
+            tls_cert: None,
+            tls_key: None,
+            admin_client_ca: None,
+            limits: Limits::default(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             no_metrics: true,
             drain_time: Duration::ZERO,

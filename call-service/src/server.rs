@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -17,16 +18,12 @@ use videocall_proto::v1::call_admin_server::{self, CallAdminServer};
 use videocall_proto::v1::call_service_server::{self, CallServiceServer};
 
 use crate::api::{AdminApi, ClientApi};
-use crate::auth::Authenticator;
+use crate::auth::{AdminGuard, Authenticator, JwtVerifier};
 use crate::business::{Business, BusinessConfig, BusinessUrlError, Clock};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::machine::MachineConfig;
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::switchboard::{LocalSwitchboard, Switchboard};
-
-/// The largest message a client or admin may send. A control is at most
-/// about 4.3 KiB (user string 4096 bytes, peer id 128 bytes).
-pub const MAX_MESSAGE: usize = 16 * 1024;
+use crate::switchboard::{LocalSwitchboard, Switchboard, SwitchboardLimits};
 
 /// After the listeners close, how long connections get to finish before
 /// they are dropped (health `Watch` streams, for one, never finish).
@@ -46,6 +43,8 @@ pub enum ServeError {
     Metrics(#[source] std::io::Error),
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// The listeners the service runs on, bound by the caller.
@@ -95,17 +94,17 @@ pub async fn serve(
             None
         }
     };
-    let auth = if config.dev_identity {
-        warn!(
-            "DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production"
-        );
-        Authenticator::DevIdentity
-    } else {
-        Authenticator::RefuseAll
-    };
+    let auth = authenticator(&config)?;
+    let admin_credential = admin_guard(&config, &listeners.admin)?;
+    let tls = tls(&config)?;
+    let limits = &config.limits;
     let switchboard = LocalSwitchboard::start(
         MachineConfig {
             ring_timeout: config.ring_timeout,
+        },
+        SwitchboardLimits {
+            max_devices_per_user: limits.max_devices_per_user,
+            max_pending_approvals: limits.max_pending_approvals,
         },
         clock.start,
         business.clone(),
@@ -127,12 +126,16 @@ pub async fn serve(
     let client_api = CallServiceServer::new(ClientApi::new(
         switchboard.clone(),
         auth,
+        limits.clone(),
         tasks.clone(),
         token.clone(),
     ))
-    .max_decoding_message_size(MAX_MESSAGE);
-    let admin_api = CallAdminServer::new(AdminApi::new(switchboard.clone()))
-        .max_decoding_message_size(MAX_MESSAGE);
+    .max_decoding_message_size(limits.max_message_bytes);
+    let admin_api = InterceptedService::new(
+        CallAdminServer::new(AdminApi::new(switchboard.clone()))
+            .max_decoding_message_size(limits.max_message_bytes),
+        admin_credential,
+    );
 
     info!(
         client = %addr(&listeners.client),
@@ -146,7 +149,7 @@ pub async fn serve(
     // `closing` ends the listeners; `token` (after them) ends the switchboard
     // and every task.
     let closing = CancellationToken::new();
-    let client_srv = builder()
+    let client_srv = builder(limits, tls.client)?
         .add_service(health_service.clone())
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())
@@ -155,7 +158,7 @@ pub async fn serve(
             TcpListenerStream::new(listeners.client),
             closing.clone().cancelled_owned(),
         );
-    let admin_srv = builder()
+    let admin_srv = builder(limits, tls.admin)?
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -250,12 +253,100 @@ fn addr(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
-fn builder() -> Server {
-    Server::builder()
+fn builder(limits: &Limits, tls: Option<ServerTlsConfig>) -> Result<Server, ServeError> {
+    let server = Server::builder()
         .tcp_nodelay(true)
-        // Finds dead peers on idle connections.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Finds dead peers: a ping on idle connections, dropped if unanswered.
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+    match tls {
+        Some(tls) => server
+            .tls_config(tls)
+            .map_err(|e| ServeError::Config(format!("TLS: {e}"))),
+        None => Ok(server),
+    }
+}
+
+/// How clients are identified, from the configuration.
+fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
+    let jwt = match (&config.jwt_secret, &config.jwt_public_key) {
+        (Some(secret), _) => Some(JwtVerifier::hs256(secret.as_bytes(), config.jwt_leeway)),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| ServeError::Config(format!("cannot read {}: {e}", path.display())))?;
+            Some(JwtVerifier::public_key_pem(&pem, config.jwt_leeway))
+        }
+        (None, None) => None,
+    };
+    match (jwt, config.dev_identity) {
+        (Some(_), true) => Err(ServeError::Config(
+            "--dev-identity and token verification (--jwt-*) exclude each other".into(),
+        )),
+        (Some(verifier), false) => {
+            let verifier = verifier.map_err(|e| ServeError::Config(e.to_string()))?;
+            info!(?verifier, "clients authenticate with signed tokens");
+            Ok(Authenticator::Jwt(verifier))
+        }
+        (None, true) => {
+            warn!(
+                "DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production"
+            );
+            Ok(Authenticator::DevIdentity)
+        }
+        (None, false) => {
+            warn!(
+                "no client authentication configured (--jwt-secret, --jwt-public-key): every client will be refused"
+            );
+            Ok(Authenticator::RefuseAll)
+        }
+    }
+}
+
+/// The admin credential; without one, the admin API stays on loopback.
+fn admin_guard(config: &Config, admin: &TcpListener) -> Result<AdminGuard, ServeError> {
+    let loopback = admin
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    if config.admin_token.is_none() && config.admin_client_ca.is_none() && !loopback {
+        return Err(ServeError::Config(
+            "the admin API listens beyond loopback: give it a credential (--admin-token or --admin-client-ca)".into(),
+        ));
+    }
+    if config.admin_token.is_none() && config.admin_client_ca.is_none() {
+        warn!("the admin API has no credential: anyone on this machine can use it (loopback only)");
+    }
+    Ok(AdminGuard::new(config.admin_token.as_deref()))
+}
+
+struct Tls {
+    client: Option<ServerTlsConfig>,
+    admin: Option<ServerTlsConfig>,
+}
+
+fn tls(config: &Config) -> Result<Tls, ServeError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| ServeError::Config(format!("cannot read {}: {e}", p.display())))
+    };
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(Tls {
+            client: None,
+            admin: None,
+        });
+    };
+    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    let client = ServerTlsConfig::new().identity(identity.clone());
+    let admin = match &config.admin_client_ca {
+        Some(ca) => ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(Certificate::from_pem(read(ca)?)),
+        None => ServerTlsConfig::new().identity(identity),
+    };
+    Ok(Tls {
+        client: Some(client),
+        admin: Some(admin),
+    })
 }
 
 /// Reads the scrape-time gauges.

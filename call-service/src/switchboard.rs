@@ -40,8 +40,8 @@ use videocall_proto::v1 as pb;
 
 use crate::business::Business;
 use crate::machine::{
-    Call, CallId, ConnId, Control, Effect, EventKind, ForceFinish, Machine, MachineConfig, Notice,
-    Outcome, Phase, Time, UserId, UserState, Verdict,
+    Call, CallId, ConnId, Control, ControlKind, Effect, EventKind, ForceFinish, Machine,
+    MachineConfig, Notice, Outcome, Phase, Time, UserId, UserState, Verdict,
 };
 use crate::metrics::{Metrics, OutcomeLabels, ResultLabel};
 use crate::{codes, convert};
@@ -57,6 +57,24 @@ const COMMAND_QUEUE: usize = 4096;
 /// stream reads.
 pub type DeviceRx = mpsc::Receiver<Result<pb::ServerMessage, Status>>;
 type DeviceTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+/// The limits the switchboard enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct SwitchboardLimits {
+    /// Devices per user; one more is refused with RESOURCE_EXHAUSTED.
+    pub max_devices_per_user: usize,
+    /// Approvals in flight; a REQUEST beyond is answered OVERLOADED.
+    pub max_pending_approvals: usize,
+}
+
+impl Default for SwitchboardLimits {
+    fn default() -> Self {
+        Self {
+            max_devices_per_user: 8,
+            max_pending_approvals: 10_000,
+        }
+    }
+}
 
 /// The switchboard is gone (the node is shutting down).
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +197,7 @@ impl LocalSwitchboard {
     /// Starts the actor on `tasks`; it runs until `shutdown` is cancelled.
     pub fn start(
         config: MachineConfig,
+        limits: SwitchboardLimits,
         start: Instant,
         business: Option<Business>,
         metrics: Metrics,
@@ -188,6 +207,8 @@ impl LocalSwitchboard {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let actor = Actor {
             machine: Machine::new(config),
+            limits,
+            approvals_in_flight: 0,
             devices: HashMap::new(),
             business,
             tx: tx.clone(),
@@ -261,6 +282,9 @@ impl Switchboard for LocalSwitchboard {
 
 struct Actor {
     machine: Machine,
+    limits: SwitchboardLimits,
+    /// Approval tasks not yet answered.
+    approvals_in_flight: usize,
     devices: HashMap<ConnId, (UserId, DeviceTx)>,
     business: Option<Business>,
     /// For approval tasks to send their verdicts back.
@@ -291,7 +315,10 @@ impl Actor {
             }
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => {
+                    self.end_all_calls();
+                    break;
+                }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
@@ -312,6 +339,14 @@ impl Actor {
         let now = self.now();
         match cmd {
             Command::Connect { conn, user, tx } => {
+                let (_, devices, _) = self.machine.user_state(&user);
+                if devices >= self.limits.max_devices_per_user {
+                    let msg = format!(
+                        "{user} already has {devices} devices connected (the most allowed)"
+                    );
+                    let _ = tx.try_send(Err(Status::resource_exhausted(msg)));
+                    return;
+                }
                 let hello = pb::ServerMessage {
                     kind: Some(pb::server_message::Kind::Connected(pb::Connected {
                         user_id: user.to_string(),
@@ -327,6 +362,17 @@ impl Actor {
             }
             Command::Control { conn, seq, control } => {
                 let outcome = match control {
+                    Ok(ctl)
+                        if ctl.kind == ControlKind::Request
+                            && self.business.is_some()
+                            && self.approvals_in_flight >= self.limits.max_pending_approvals =>
+                    {
+                        Outcome {
+                            code: codes::OVERLOADED,
+                            call_id: None,
+                            reason: "too many calls are waiting for approval; try again",
+                        }
+                    }
                     Ok(ctl) => {
                         let call_id = CallId(uuid::Uuid::new_v4());
                         self.machine
@@ -370,6 +416,7 @@ impl Actor {
                 self.machine.disconnect(conn, now, &mut self.effects);
             }
             Command::Verdict { call_id, verdict } => {
+                self.approvals_in_flight = self.approvals_in_flight.saturating_sub(1);
                 self.machine
                     .approval_done(call_id, verdict, now, &mut self.effects);
             }
@@ -448,6 +495,7 @@ impl Actor {
                             );
                         }
                         Some(business) => {
+                            self.approvals_in_flight += 1;
                             let business = business.clone();
                             let tx = self.tx.clone();
                             let shutdown = self.shutdown.clone();
@@ -470,6 +518,25 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// On shutdown: every live call ends with TERMINATED (100206), so both
+    /// parties hear it rather than see their streams just end.
+    fn end_all_calls(&mut self) {
+        let now = self.now();
+        let users: Vec<UserId> = self.machine.calls().map(|c| c.caller.clone()).collect();
+        for user in users {
+            let f = ForceFinish {
+                user,
+                only: None,
+                code: codes::TERMINATED,
+                flags: 0,
+                param: 0,
+                user_str: Arc::from("the call service is shutting down"),
+            };
+            self.machine.force_finish(&f, now, &mut self.effects);
+        }
+        self.apply();
     }
 
     /// Logs a call event once, with the call id, both users and the code,
@@ -552,13 +619,13 @@ fn summary(c: &Call, now: Time) -> CallSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::ControlKind;
 
     fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
         let tasks = TaskTracker::new();
         let token = CancellationToken::new();
         let sb = LocalSwitchboard::start(
             MachineConfig::default(),
+            SwitchboardLimits::default(),
             Instant::now(),
             None,
             Metrics::default(),

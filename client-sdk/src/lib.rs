@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::warn;
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::call_service_client::CallServiceClient;
@@ -310,13 +310,27 @@ impl Client {
         url: impl Into<String>,
         credentials: Credentials,
     ) -> Result<(Client, Events), Error> {
-        let endpoint = Endpoint::from_shared(url.into())
+        let channel = endpoint(url.into())?
+            .connect()
+            .await
+            .map_err(Error::Connect)?;
+        Self::connect_with_channel(channel, credentials).await
+    }
+
+    /// Like [`Client::connect`] over TLS (`https://` URL), trusting the CA
+    /// certificate `ca_pem` (PEM) for the server's certificate.
+    pub async fn connect_tls(
+        url: impl Into<String>,
+        credentials: Credentials,
+        ca_pem: impl AsRef<[u8]>,
+    ) -> Result<(Client, Events), Error> {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        let channel = endpoint(url.into())?
+            .tls_config(tls)
             .map_err(Error::Endpoint)?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(Error::Connect)?;
+            .connect()
+            .await
+            .map_err(Error::Connect)?;
         Self::connect_with_channel(channel, credentials).await
     }
 
@@ -444,6 +458,20 @@ impl Client {
         }
         rx.await.map_err(|_| Error::Disconnected)
     }
+}
+
+/// The SDK's connection settings. HTTP/2 keepalive pings every 30 s
+/// while a stream is open (a call service allows that; gRPC servers refuse
+/// pings more often than every 10 s with streams, 5 min without), so a dead
+/// server or a dead network path is noticed.
+fn endpoint(url: String) -> Result<Endpoint, Error> {
+    Ok(Endpoint::from_shared(url)
+        .map_err(Error::Endpoint)?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(false))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

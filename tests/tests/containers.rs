@@ -16,6 +16,7 @@ use videocall_tests::process::{binaries, free_port, workspace};
 const BASE: &str = "videocall-base:bookworm";
 const CALL_IMAGE: &str = "videocall/call-service:test";
 const BUSINESS_IMAGE: &str = "videocall/business-service:test";
+const ADMIN_TOKEN: &str = "container-test-admin-secret";
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -163,6 +164,7 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
                 "VIDEOCALL_BUSINESS_METRICS_PORT".into(),
                 business_metrics_port.to_string(),
             ),
+            ("VIDEOCALL_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
         ],
     };
     run(&mut compose.cmd(&["up", "-d", "--no-build"]));
@@ -186,7 +188,24 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
         room
     );
     // Forced hang-up through the admin port (published on loopback).
-    let admin = business_service::admin::Admin::connect(format!("http://127.0.0.1:{admin_port}"))
+    let url = format!("http://127.0.0.1:{admin_port}");
+    let nobody = business_service::admin::Admin::connect(url.clone())
+        .await
+        .expect("admin");
+    let refused = nobody
+        .hang_up("alice", 1, "")
+        .await
+        .expect_err("no credential");
+    assert!(
+        refused.to_string().contains("Unauthenticated")
+            || refused.to_string().contains("credential"),
+        "{refused}"
+    );
+    let access = business_service::admin::AdminAccess {
+        token: Some(ADMIN_TOKEN.into()),
+        ..Default::default()
+    };
+    let admin = business_service::admin::Admin::connect_with(url, access)
         .await
         .expect("admin");
     assert_eq!(
