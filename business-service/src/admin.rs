@@ -50,10 +50,8 @@ impl AdminAccess {
 
     /// Adds the credential to a request.
     pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
-        if let Some(token) = &self.token {
-            if let Ok(value) = format!("Bearer {token}").parse() {
-                request.metadata_mut().insert("authorization", value);
-            }
+        if let Some(Ok(value)) = self.token.as_ref().map(|t| format!("Bearer {t}").parse()) {
+            request.metadata_mut().insert("authorization", value);
         }
     }
 }

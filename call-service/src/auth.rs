@@ -133,7 +133,7 @@ impl JwtVerifier {
 #[derive(Clone, Debug)]
 pub enum Authenticator {
     /// Signed tokens.
-    Jwt(JwtVerifier),
+    Jwt(Box<JwtVerifier>),
     /// Development only: trust `x-videocall-user`.
     DevIdentity,
     /// No scheme configured: refuse everybody.
@@ -273,7 +273,9 @@ mod tests {
 
     #[test]
     fn hs256_tokens_name_the_user_and_bad_ones_are_refused() {
-        let auth = Authenticator::Jwt(JwtVerifier::hs256(SECRET, Duration::from_secs(5)).unwrap());
+        let auth = Authenticator::Jwt(Box::new(
+            JwtVerifier::hs256(SECRET, Duration::from_secs(5)).unwrap(),
+        ));
         let key = EncodingKey::from_secret(SECRET);
         let good = token(
             serde_json::json!({"sub": "alice", "exp": now() + 60}),

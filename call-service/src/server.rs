@@ -285,7 +285,7 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
         (Some(verifier), false) => {
             let verifier = verifier.map_err(|e| ServeError::Config(e.to_string()))?;
             info!(?verifier, "clients authenticate with signed tokens");
-            Ok(Authenticator::Jwt(verifier))
+            Ok(Authenticator::Jwt(Box::new(verifier)))
         }
         (None, true) => {
             warn!(
