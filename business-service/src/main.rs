@@ -308,6 +308,7 @@ async fn main() -> anyhow::Result<()> {
                 sub: user,
                 iat: now,
                 exp: now + ttl.as_secs(),
+                nbf: None,
             };
             let token = match (secret, private_key) {
                 (Some(secret), _) => business_service::tokens::hs256(&claims, secret.as_bytes())?,

@@ -13,6 +13,9 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at (Unix seconds).
     pub exp: u64,
+    /// Not valid before (Unix seconds), if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Could not sign a token.

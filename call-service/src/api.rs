@@ -21,11 +21,20 @@ use crate::codes;
 use crate::config::Limits;
 use crate::convert;
 use crate::machine::{CallId, ConnId, ForceFinish};
-use crate::switchboard::{DeviceRx, ShuttingDown, Switchboard};
+use crate::switchboard::{ConnectError, DeviceRx, ShuttingDown, Switchboard};
 
 impl From<ShuttingDown> for Status {
     fn from(e: ShuttingDown) -> Self {
         Status::unavailable(e.to_string())
+    }
+}
+
+impl From<ConnectError> for Status {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::TooManyDevices(_) => Status::resource_exhausted(e.to_string()),
+            ConnectError::ShuttingDown(e) => e.into(),
+        }
     }
 }
 

@@ -76,6 +76,15 @@ impl Default for SwitchboardLimits {
     }
 }
 
+/// Why a device was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the user already has {0} devices connected, the most allowed")]
+    TooManyDevices(usize),
+    #[error(transparent)]
+    ShuttingDown(#[from] ShuttingDown),
+}
+
 /// The switchboard is gone (the node is shutting down).
 #[derive(Debug, thiserror::Error)]
 #[error("the call service is shutting down")]
@@ -117,12 +126,12 @@ pub struct Stats {
 /// What the gRPC edge needs from the owner of call state. See the module
 /// docs for why this is a trait.
 pub trait Switchboard: Clone + Send + Sync + 'static {
-    /// Registers a device of `user`. Its first queued message is
-    /// `Connected`; the device can be called once that is queued.
+    /// Registers a device of `user`, or says why not. Its first queued
+    /// message is `Connected`; the device can be called once that is queued.
     fn connect(
         &self,
         user: UserId,
-    ) -> impl Future<Output = Result<(ConnId, DeviceRx), ShuttingDown>> + Send;
+    ) -> impl Future<Output = Result<(ConnId, DeviceRx), ConnectError>> + Send;
     /// A control from a device; its result goes to the device's queue.
     fn control(
         &self,
@@ -151,6 +160,7 @@ enum Command {
         conn: ConnId,
         user: UserId,
         tx: DeviceTx,
+        reply: oneshot::Sender<Result<(), ConnectError>>,
     },
     Control {
         conn: ConnId,
@@ -236,13 +246,16 @@ impl LocalSwitchboard {
 }
 
 impl Switchboard for LocalSwitchboard {
-    async fn connect(&self, user: UserId) -> Result<(ConnId, DeviceRx), ShuttingDown> {
+    async fn connect(&self, user: UserId) -> Result<(ConnId, DeviceRx), ConnectError> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-        self.tx
-            .send(Command::Connect { conn, user, tx })
-            .await
-            .map_err(|_| ShuttingDown)?;
+        self.ask(|reply| Command::Connect {
+            conn,
+            user,
+            tx,
+            reply,
+        })
+        .await??;
         Ok((conn, rx))
     }
 
@@ -338,15 +351,18 @@ impl Actor {
     fn handle(&mut self, cmd: Command) {
         let now = self.now();
         match cmd {
-            Command::Connect { conn, user, tx } => {
+            Command::Connect {
+                conn,
+                user,
+                tx,
+                reply,
+            } => {
                 let (_, devices, _) = self.machine.user_state(&user);
                 if devices >= self.limits.max_devices_per_user {
-                    let msg = format!(
-                        "{user} already has {devices} devices connected (the most allowed)"
-                    );
-                    let _ = tx.try_send(Err(Status::resource_exhausted(msg)));
+                    let _ = reply.send(Err(ConnectError::TooManyDevices(devices)));
                     return;
                 }
+                let _ = reply.send(Ok(()));
                 let hello = pb::ServerMessage {
                     kind: Some(pb::server_message::Kind::Connected(pb::Connected {
                         user_id: user.to_string(),

@@ -273,8 +273,12 @@ pub struct Client {
 #[derive(Debug)]
 pub struct Events {
     rx: mpsc::Receiver<CallEvent>,
+    end: EndReason,
     _reader: Arc<ReaderGuard>,
 }
+
+/// Why the stream ended, once it has: the status the service ended it with.
+type EndReason = Arc<Mutex<Option<tonic::Status>>>;
 
 impl Events {
     /// The next event, or `None` once the stream has ended.
@@ -288,6 +292,13 @@ impl Events {
     /// result is back, every event the service sent before it is here.
     pub fn try_next(&mut self) -> Option<CallEvent> {
         self.rx.try_recv().ok()
+    }
+
+    /// After [`Events::next`] returned `None`: the error status the stream
+    /// ended with (`UNAUTHENTICATED` "token expired", say), or `None` if it
+    /// ended cleanly.
+    pub fn end_reason(&self) -> Option<tonic::Status> {
+        lock(&self.end).clone()
     }
 }
 
@@ -364,7 +375,8 @@ impl Client {
 
         let pending: Pending = Arc::default();
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
-        let reader = tokio::spawn(read(inbound, pending.clone(), events_tx));
+        let end = EndReason::default();
+        let reader = tokio::spawn(read(inbound, pending.clone(), events_tx, end.clone()));
         let guard = Arc::new(ReaderGuard(reader));
         let client = Client {
             tx,
@@ -378,6 +390,7 @@ impl Client {
             client,
             Events {
                 rx: events_rx,
+                end,
                 _reader: guard,
             },
         ))
@@ -484,6 +497,7 @@ async fn read(
     mut inbound: tonic::Streaming<pb::ServerMessage>,
     pending: Pending,
     events: mpsc::Sender<CallEvent>,
+    end: EndReason,
 ) {
     loop {
         let msg = match inbound.message().await {
@@ -491,6 +505,7 @@ async fn read(
             Ok(None) => break,
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "call service stream failed");
+                *lock(&end) = Some(status);
                 break;
             }
         };

@@ -262,3 +262,31 @@ pub async fn user_state(admin: &Admin, user: &str) -> pb::UserState {
     let s = admin.user_state(user).await.expect("user state");
     pb::UserState::try_from(s.state).expect("known state")
 }
+
+/// A business hook that never answers: stands for one slower than any
+/// deadline.
+#[derive(Debug)]
+struct Silent;
+
+#[tonic::async_trait]
+impl pb::business_hook_server::BusinessHook for Silent {
+    async fn on_call_event(
+        &self,
+        _: tonic::Request<pb::CallEventNotice>,
+    ) -> Result<tonic::Response<pb::CallEventAck>, tonic::Status> {
+        std::future::pending().await
+    }
+}
+
+/// Starts a hook that never answers; returns its URL. It runs until the
+/// test's runtime ends.
+pub async fn start_silent_hook() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::business_hook_server::BusinessHookServer::new(Silent))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    url
+}

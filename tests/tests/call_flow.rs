@@ -5,10 +5,8 @@ use std::time::{Duration, Instant};
 
 use client_sdk::{Code, EventKind};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
 use videocall_proto::v1 as pb;
-use videocall_tests::{Business, CallService, user_state};
+use videocall_tests::{Business, CallService, start_silent_hook, user_state};
 
 use EventKind::{Finish, Reply, Request as Req, Start};
 
@@ -401,32 +399,6 @@ async fn business_refusal_code_reaches_the_caller_unchanged() {
     );
     svc.stop().await;
     business.stop().await;
-}
-
-/// A business hook that never answers: stands for one slower than any
-/// deadline.
-#[derive(Debug)]
-struct Silent;
-
-#[tonic::async_trait]
-impl pb::business_hook_server::BusinessHook for Silent {
-    async fn on_call_event(
-        &self,
-        _: Request<pb::CallEventNotice>,
-    ) -> Result<Response<pb::CallEventAck>, Status> {
-        std::future::pending().await
-    }
-}
-
-async fn start_silent_hook() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::business_hook_server::BusinessHookServer::new(Silent))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    url
 }
 
 /// An address where nothing listens.

@@ -1,0 +1,493 @@
+//! Secure by default, over real connections: tokens, the admin credential,
+//! TLS, limits, malformed input, and calls ended cleanly on shutdown.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use business_service::admin::{Admin, AdminAccess};
+use business_service::tokens::{self, Claims};
+use client_sdk::{Client, Code, Credentials, EventKind};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::net::TcpListener;
+use videocall_proto::v1 as pb;
+use videocall_tests::{CallService, PATIENCE, Phone, user_state};
+
+const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+const ADMIN: &str = "the-admin-secret";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("time")
+        .as_secs()
+}
+
+fn claims(user: &str, exp: u64) -> Claims {
+    Claims {
+        sub: user.into(),
+        iat: now(),
+        exp,
+        nbf: None,
+    }
+}
+
+fn token(user: &str) -> String {
+    tokens::hs256(&claims(user, now() + 3600), SECRET.as_bytes()).expect("sign")
+}
+
+/// A call service that verifies HS256 tokens and guards its admin API.
+async fn secured(tweak: impl FnOnce(&mut call_service::Config)) -> CallService {
+    CallService::start(None, |c| {
+        c.dev_identity = false;
+        c.jwt_secret = Some(SECRET.into());
+        c.admin_token = Some(ADMIN.into());
+        tweak(c);
+    })
+    .await
+}
+
+async fn phone_with(url: &str, user: &str, credentials: Credentials) -> Phone {
+    let (client, events) = Client::connect(url.to_owned(), credentials)
+        .await
+        .expect("connect");
+    assert_eq!(client.user_id(), user);
+    Phone {
+        user: user.into(),
+        client,
+        events,
+    }
+}
+
+async fn admin(svc: &CallService) -> Admin {
+    let access = AdminAccess {
+        token: Some(ADMIN.into()),
+        ..Default::default()
+    };
+    Admin::connect_with(svc.admin_url.clone(), access)
+        .await
+        .expect("admin")
+}
+
+fn refused_with(
+    result: Result<(Client, client_sdk::Events), client_sdk::Error>,
+    code: tonic::Code,
+) {
+    match result {
+        Err(client_sdk::Error::Refused(s)) => assert_eq!(s.code(), code, "{s:?}"),
+        Err(e) => panic!("expected {code:?}, got {e}"),
+        Ok(_) => panic!("expected {code:?}, got a connection"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_before_anything_changes() {
+    let svc = secured(|_| {}).await;
+    let url = svc.client_url.clone();
+    let other = "another-secret-that-is-32-bytes-long";
+    let cases = [
+        (
+            "forged",
+            tokens::hs256(&claims("alice", now() + 600), other.as_bytes()).expect("sign"),
+        ),
+        (
+            "expired",
+            tokens::hs256(&claims("alice", now() - 600), SECRET.as_bytes()).expect("sign"),
+        ),
+        (
+            "not yet valid",
+            tokens::hs256(
+                &Claims {
+                    nbf: Some(now() + 300),
+                    ..claims("alice", now() + 600)
+                },
+                SECRET.as_bytes(),
+            )
+            .expect("sign"),
+        ),
+        ("malformed", "not-a-jwt".into()),
+        (
+            "bad subject",
+            tokens::hs256(&claims("", now() + 600), SECRET.as_bytes()).expect("sign"),
+        ),
+    ];
+    for (what, t) in cases {
+        let r = Client::connect(url.clone(), Credentials::Bearer(t)).await;
+        match r {
+            Err(client_sdk::Error::Refused(s)) => {
+                assert_eq!(s.code(), tonic::Code::Unauthenticated, "{what}: {s:?}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+            Ok(_) => panic!("{what}: a connection"),
+        }
+    }
+    // No token, and the development header (which means nothing here).
+    refused_with(
+        Client::connect(url.clone(), Credentials::dev_user("alice")).await,
+        tonic::Code::Unauthenticated,
+    );
+    let admin = admin(&svc).await;
+    assert_eq!(user_state(&admin, "alice").await, pb::UserState::Offline);
+    // A good token: the user is the token's subject.
+    let alice = phone_with(&url, "alice", Credentials::Bearer(token("alice"))).await;
+    assert_eq!(
+        admin.user_state("alice").await.expect("state").connections,
+        1
+    );
+    drop(alice);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn es256_tokens_are_checked_with_the_public_key_only() {
+    let key = KeyPair::generate().expect("key");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let public = dir.path().join("jwt.pub.pem");
+    std::fs::write(&public, key.public_key_pem()).expect("write");
+    let svc = CallService::start(None, |c| {
+        c.dev_identity = false;
+        c.jwt_public_key = Some(public.clone());
+    })
+    .await;
+    let signed = tokens::signed(
+        &claims("alice", now() + 600),
+        key.serialize_pem().as_bytes(),
+    )
+    .expect("sign");
+    phone_with(&svc.client_url, "alice", Credentials::Bearer(signed)).await;
+    // The public key used as an HMAC secret (algorithm confusion) is refused.
+    let confused = tokens::hs256(
+        &claims("mallory", now() + 600),
+        key.public_key_pem().as_bytes(),
+    )
+    .expect("sign");
+    refused_with(
+        Client::connect(svc.client_url.clone(), Credentials::Bearer(confused)).await,
+        tonic::Code::Unauthenticated,
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_expiring_mid_call_ends_that_stream() {
+    let svc = secured(|c| c.jwt_leeway = Duration::ZERO).await;
+    let url = svc.client_url.clone();
+    let short = tokens::hs256(&claims("alice", now() + 2), SECRET.as_bytes()).expect("sign");
+    let mut alice = phone_with(&url, "alice", Credentials::Bearer(short)).await;
+    let mut bob = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
+    alice.call("bob").await;
+    bob.expect(EventKind::Request, "alice", Code::OK).await;
+    bob.client.reply("alice", Code::OK).await.expect("reply");
+    alice.expect(EventKind::Reply, "bob", Code::OK).await;
+    alice.expect(EventKind::Start, "bob", Code::OK).await;
+    bob.expect(EventKind::Start, "alice", Code::OK).await;
+    // At expiry the server ends alice's stream, saying why; bob's call ends.
+    let end = tokio::time::timeout(PATIENCE, alice.events.next())
+        .await
+        .expect("in time");
+    assert!(end.is_none(), "{end:?}");
+    let reason = alice.events.end_reason().expect("a reason");
+    assert_eq!(
+        (reason.code(), reason.message()),
+        (tonic::Code::Unauthenticated, "token expired")
+    );
+    bob.expect(EventKind::Finish, "alice", Code::CONNECTION_LOST)
+        .await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn nobody_can_end_or_answer_another_users_call() {
+    let svc = secured(|_| {}).await;
+    let url = svc.client_url.clone();
+    let mut alice = phone_with(&url, "alice", Credentials::Bearer(token("alice"))).await;
+    let mut bob = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
+    let mallory = phone_with(&url, "mallory", Credentials::Bearer(token("mallory"))).await;
+    alice.call("bob").await;
+    bob.expect(EventKind::Request, "alice", Code::OK).await;
+    // mallory tries to answer for bob, and to hang up for either side.
+    assert_eq!(
+        mallory
+            .client
+            .reply("alice", Code::OK)
+            .await
+            .expect("reply"),
+        Code::NOT_IN_CALL
+    );
+    assert_eq!(
+        mallory.client.finish("alice").await.expect("finish"),
+        Code::NOT_IN_CALL
+    );
+    assert_eq!(
+        mallory.client.finish("bob").await.expect("finish"),
+        Code::NOT_IN_CALL
+    );
+    alice.assert_quiet().await;
+    bob.assert_quiet().await;
+    assert_eq!(
+        user_state(&admin(&svc).await, "bob").await,
+        pb::UserState::Ringing
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_wants_its_own_credential() {
+    let svc = secured(|_| {}).await;
+    let alice_token = token("alice");
+    for access in [
+        AdminAccess::default(),
+        AdminAccess {
+            token: Some(alice_token.clone()),
+            ..Default::default()
+        },
+        AdminAccess {
+            token: Some("a-wrong-admin-secret".into()),
+            ..Default::default()
+        },
+    ] {
+        let a = Admin::connect_with(svc.admin_url.clone(), access)
+            .await
+            .expect("connect");
+        let err = a.calls().await.expect_err("refused");
+        assert!(
+            matches!(err, business_service::admin::AdminError::Status(ref s) if s.code() == tonic::Code::Unauthenticated),
+            "{err}"
+        );
+    }
+    assert!(admin(&svc).await.calls().await.expect("calls").is_empty());
+    // The client port does not serve the admin API at all.
+    let access = AdminAccess {
+        token: Some(ADMIN.into()),
+        ..Default::default()
+    };
+    let on_client_port = Admin::connect_with(svc.client_url.clone(), access)
+        .await
+        .expect("connect");
+    let err = on_client_port.calls().await.expect_err("not served");
+    assert!(
+        matches!(err, business_service::admin::AdminError::Status(ref s) if s.code() == tonic::Code::Unimplemented),
+        "{err}"
+    );
+    svc.stop().await;
+
+    // An admin API beyond loopback without a credential does not start.
+    let client = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let open_admin = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let mut config = call_service::Config::for_tests(None);
+    config.admin_token = None;
+    let listeners = call_service::Listeners {
+        client,
+        admin: open_admin,
+        metrics: None,
+    };
+    let err = call_service::serve(listeners, config, std::future::pending())
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("--admin-token"), "{err}");
+}
+
+#[tokio::test]
+async fn floods_beyond_each_limit_affect_only_whoever_floods() {
+    let svc = secured(|c| {
+        c.limits.controls_per_second = 2;
+        c.limits.control_burst = 5;
+        c.limits.max_devices_per_user = 2;
+        c.limits.max_connections = 4;
+    })
+    .await;
+    let url = svc.client_url.clone();
+    let alice = phone_with(&url, "alice", Credentials::Bearer(token("alice"))).await;
+    let bob = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
+
+    // Controls: 30 at once; past the burst they are RATE_LIMITED, the
+    // connection stays, and bob is not limited.
+    let results =
+        futures_util::future::join_all((0..30).map(|_| alice.client.finish("nobody"))).await;
+    let limited = results
+        .iter()
+        .filter(|r| matches!(r, Ok(c) if *c == Code::RATE_LIMITED))
+        .count();
+    let answered = results
+        .iter()
+        .filter(|r| matches!(r, Ok(c) if *c == Code::NOT_IN_CALL))
+        .count();
+    assert!(
+        limited >= 20 && answered >= 5 && limited + answered == 30,
+        "limited {limited}, answered {answered}"
+    );
+    assert_eq!(
+        bob.client.finish("nobody").await.expect("bob"),
+        Code::NOT_IN_CALL
+    );
+
+    // Devices per user: alice's third device is refused; bob's second is fine.
+    let _alice2 = phone_with(&url, "alice", Credentials::Bearer(token("alice"))).await;
+    refused_with(
+        Client::connect(url.clone(), Credentials::Bearer(token("alice"))).await,
+        tonic::Code::ResourceExhausted,
+    );
+    let _bob2 = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
+    // Connections per node: four are held; a fifth is refused.
+    refused_with(
+        Client::connect(url.clone(), Credentials::Bearer(token("carol"))).await,
+        tonic::Code::ResourceExhausted,
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_and_pending_approvals_are_bounded() {
+    // A hook that never answers keeps approvals pending.
+    let hook_url = videocall_tests::start_silent_hook().await;
+    let svc = CallService::start(Some(&hook_url), |c| {
+        c.limits.max_pending_approvals = 1;
+        c.limits.max_message_bytes = 8 * 1024;
+        c.approval_deadline = Duration::from_secs(30);
+    })
+    .await;
+    let alice = svc.phone("alice").await;
+    let _bob = svc.phone("bob").await;
+    let carol = svc.phone("carol").await;
+    let _dave = svc.phone("dave").await;
+    alice.call("bob").await;
+    assert_eq!(
+        carol
+            .client
+            .request("dave", 0, 0, "")
+            .await
+            .expect("request"),
+        Code::OVERLOADED
+    );
+    assert_eq!(
+        user_state(&svc.admin().await, "dave").await,
+        pb::UserState::Idle
+    );
+    // A message over the size limit ends only the sender's stream.
+    let mut mallory = svc.phone("mallory").await;
+    let big = client_sdk::Control {
+        event_type: pb::EventType::Request as i32,
+        peer: "dave".into(),
+        user_str: "x".repeat(20 * 1024),
+        ..Default::default()
+    };
+    assert!(mallory.client.control(big).await.is_err());
+    assert!(
+        tokio::time::timeout(PATIENCE, mallory.events.next())
+            .await
+            .expect("ends")
+            .is_none()
+    );
+    assert_eq!(
+        carol.client.finish("nobody").await.expect("carol"),
+        Code::NOT_IN_CALL
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn live_calls_end_with_terminated_when_the_service_stops() {
+    let svc = CallService::start(None, |_| {}).await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    alice.call("bob").await;
+    bob.expect(EventKind::Request, "alice", Code::OK).await;
+    bob.client.reply("alice", Code::OK).await.expect("reply");
+    alice.expect(EventKind::Reply, "bob", Code::OK).await;
+    alice.expect(EventKind::Start, "bob", Code::OK).await;
+    bob.expect(EventKind::Start, "alice", Code::OK).await;
+    svc.stop().await;
+    alice
+        .expect(EventKind::Finish, "bob", Code::TERMINATED)
+        .await;
+    bob.expect(EventKind::Finish, "alice", Code::TERMINATED)
+        .await;
+    assert!(
+        tokio::time::timeout(PATIENCE, alice.events.next())
+            .await
+            .expect("ends")
+            .is_none()
+    );
+}
+
+/// A CA, and a certificate it signed for localhost.
+fn certificates() -> (String, String, String, CertifiedIssuer<'static, KeyPair>) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params");
+    let cert = params.signed_by(&key, &ca).expect("cert");
+    (ca.pem(), cert.pem(), key.serialize_pem(), ca)
+}
+
+#[tokio::test]
+async fn tls_on_both_listeners_and_mutual_tls_for_admin() {
+    let (ca_pem, cert_pem, key_pem, ca) = certificates();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (cert, key, ca_file) = (
+        write("cert.pem", &cert_pem),
+        write("key.pem", &key_pem),
+        write("ca.pem", &ca_pem),
+    );
+    let svc = secured(|c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+        c.admin_client_ca = Some(ca_file.clone());
+    })
+    .await;
+    let https = |url: &str| url.replace("http://127.0.0.1", "https://localhost");
+
+    // Clients over TLS, trusting the test CA.
+    let (alice, _events) = Client::connect_tls(
+        https(&svc.client_url),
+        Credentials::Bearer(token("alice")),
+        &ca_pem,
+    )
+    .await
+    .expect("tls");
+    assert_eq!(alice.user_id(), "alice");
+    // Plain text to a TLS port fails.
+    assert!(
+        Client::connect(svc.client_url.clone(), Credentials::Bearer(token("bob")))
+            .await
+            .is_err()
+    );
+
+    // Admin: the token alone is not enough, a client certificate is needed too.
+    let access = AdminAccess {
+        token: Some(ADMIN.into()),
+        ca_pem: Some(ca_pem.clone().into_bytes()),
+        identity: None,
+    };
+    let no_cert = match Admin::connect_with(https(&svc.admin_url), access.clone()).await {
+        Ok(a) => a.calls().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(no_cert, "admin without a client certificate was let in");
+    let admin_key = KeyPair::generate().expect("key");
+    let admin_cert = CertificateParams::new(vec!["operator".to_owned()])
+        .expect("params")
+        .signed_by(&admin_key, &ca)
+        .expect("cert");
+    let access = AdminAccess {
+        identity: Some((
+            admin_cert.pem().into_bytes(),
+            admin_key.serialize_pem().into_bytes(),
+        )),
+        ..access
+    };
+    let admin = Admin::connect_with(https(&svc.admin_url), access)
+        .await
+        .expect("mtls admin");
+    assert_eq!(
+        admin.user_state("alice").await.expect("state").connections,
+        1
+    );
+    svc.stop().await;
+}
