@@ -219,7 +219,10 @@ impl<S: Switchboard> Reader<S> {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
                 Err(status) => {
+                    // Malformed or oversized input ends this stream with the
+                    // reason; a client that is simply gone reads nothing.
                     debug!(conn = conn.0, error = %status.message(), "device stream failed");
+                    let _ = self.end.send(status);
                     break;
                 }
             };

@@ -6,6 +6,7 @@ parser). Prints one line per finding; exits non-zero on the first failure.
     python probe.py health ADDR SERVICE...             # each must be SERVING
     python probe.py reflection ADDR SERVICE...         # each must be listed, v1alpha and v1
     python probe.py metrics URL NAME[{label=value}]=VALUE...   # sample checks ('>=' allowed)
+    python probe.py garbage ADDR USER                  # malformed frames on a Session stream
 """
 
 import sys
@@ -78,7 +79,27 @@ def metrics(url, checks):
             raise SystemExit(f"metric check failed: {check}; have: {sorted(samples)}")
 
 
+def garbage(addr, args):
+    """Sends bytes that are not a ClientMessage on a Session stream (as a
+    development-identity user) and prints the status the server ends it
+    with; the server must end that stream, not fall over."""
+    (user,) = args
+    with grpc.insecure_channel(addr) as ch:
+        call = ch.stream_stream(
+            "/videocall.v1.CallService/Session",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        frames = [b"\xff\xff\xff\xff\x0f", b"\x0a\x80\x80\x80\x80\x80\x80", b"\x12\x05ab"]
+        try:
+            for _ in call(iter(frames), metadata=[("x-videocall-user", user)], timeout=5):
+                pass
+            print("garbage: stream ended cleanly")
+        except grpc.RpcError as e:
+            print(f"garbage: {e.code().name}: {e.details()}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    {"health": health, "reflection": reflection, "metrics": metrics}[sys.argv[1]](sys.argv[2], sys.argv[3:])
+    {"health": health, "reflection": reflection, "metrics": metrics, "garbage": garbage}[sys.argv[1]](sys.argv[2], sys.argv[3:])

@@ -491,3 +491,40 @@ async fn tls_on_both_listeners_and_mutual_tls_for_admin() {
     );
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_frames_end_only_that_stream() {
+    let svc = CallService::start(None, |_| {}).await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    // Bytes that are not protobuf, sent by a third-party client (Python).
+    let python = std::env::var("VIDEOCALL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = videocall_tests::process::workspace().join("tests/python/probe.py");
+    let addr = svc.client_url.trim_start_matches("http://").to_owned();
+    let out = tokio::process::Command::new(python)
+        .arg(probe)
+        .args(["garbage", &addr, "mallory"])
+        .output()
+        .await
+        .expect("run probe.py (see scripts/test.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("garbage: INTERNAL") || text.contains("garbage: INVALID_ARGUMENT"),
+        "{text}"
+    );
+    // Everybody else carries on.
+    alice.call("bob").await;
+    bob.expect(EventKind::Request, "alice", Code::OK).await;
+    assert_eq!(
+        user_state(&svc.admin().await, "mallory").await,
+        pb::UserState::Offline
+    );
+    alice.client.finish("bob").await.expect("finish");
+    alice.expect(EventKind::Reply, "bob", Code::CANCELLED).await;
+    svc.stop().await;
+}
