@@ -21,7 +21,7 @@ use crate::codes;
 use crate::config::Limits;
 use crate::convert;
 use crate::machine::{CallId, ConnId, ForceFinish};
-use crate::switchboard::{ConnectError, DeviceRx, ShuttingDown, Switchboard};
+use crate::switchboard::{Attached, ConnectError, DeviceRx, ShuttingDown, Switchboard};
 
 impl From<ShuttingDown> for Status {
     fn from(e: ShuttingDown) -> Self {
@@ -37,6 +37,10 @@ impl From<ConnectError> for Status {
         }
     }
 }
+
+/// The metadata key a client resumes its device with (the `resume_token`
+/// of its last `Connected`).
+pub const RESUME_HEADER: &str = "x-videocall-resume";
 
 /// `videocall.v1.CallService`: one stream per device.
 #[derive(Debug)]
@@ -82,13 +86,19 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         let permit = self.connections.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("this call service holds as many connections as it may")
         })?;
+        let resume = request
+            .metadata()
+            .get(RESUME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let inbound = request.into_inner();
-        let (conn, rx) = self.switchboard.connect(identity.user).await?;
+        let Attached { conn, epoch, rx } = self.switchboard.connect(identity.user, resume).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
         let reader = Reader {
             switchboard: self.switchboard.clone(),
             conn,
+            epoch,
             gone: gone_rx,
             end: end_tx,
             expires: identity.expires,
@@ -176,6 +186,7 @@ impl TokenBucket {
 struct Reader<S> {
     switchboard: S,
     conn: ConnId,
+    epoch: u64,
     gone: oneshot::Receiver<()>,
     end: oneshot::Sender<Status>,
     expires: Option<SystemTime>,
@@ -204,24 +215,42 @@ impl<S: Switchboard> Reader<S> {
             }
         };
         tokio::pin!(expired);
+        // Whether the stream broke (kept for a resume) rather than ended.
+        let mut lost = true;
         loop {
             let msg = tokio::select! {
                 m = inbound.message() => m,
                 _ = &mut self.gone => break,
-                () = self.shutdown.cancelled() => break,
+                () = self.shutdown.cancelled() => {
+                    // Clients reconnect (to this node restarted, or another).
+                    let _ = self.end.send(Status::unavailable("the call service is shutting down"));
+                    break;
+                }
                 () = &mut expired => {
                     debug!(conn = conn.0, "token expired: ending the stream");
                     let _ = self.end.send(Status::unauthenticated("token expired"));
+                    lost = false;
                     break;
                 }
             };
             let msg = match msg {
                 Ok(Some(msg)) => msg,
-                Ok(None) => break,
+                // The client closed its side: it is leaving, not lost.
+                Ok(None) => {
+                    lost = false;
+                    break;
+                }
                 Err(status) => {
                     // Malformed or oversized input ends this stream with the
                     // reason; a client that is simply gone reads nothing.
                     debug!(conn = conn.0, error = %status.message(), "device stream failed");
+                    // Malformed input is not a network fault: no resume.
+                    lost = !matches!(
+                        status.code(),
+                        tonic::Code::Internal
+                            | tonic::Code::OutOfRange
+                            | tonic::Code::InvalidArgument
+                    );
                     let _ = self.end.send(status);
                     break;
                 }
@@ -240,7 +269,7 @@ impl<S: Switchboard> Reader<S> {
                 return;
             }
         }
-        self.switchboard.disconnect(conn).await;
+        self.switchboard.disconnect(conn, self.epoch, lost).await;
     }
 }
 

@@ -51,6 +51,11 @@ pub struct Limits {
     #[arg(long, env = "CALL_SERVICE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
 
+    /// How long a device whose stream broke is kept for it to resume (its
+    /// calls go on meanwhile); 0 ends its calls at once (100106).
+    #[arg(long, env = "CALL_SERVICE_RESUME_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub resume_grace: Duration,
+
     /// How long to wait for a keepalive answer.
     #[arg(long, env = "CALL_SERVICE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
@@ -65,6 +70,7 @@ impl Default for Limits {
             controls_per_second: 20,
             control_burst: 40,
             max_pending_approvals: 10_000,
+            resume_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }
@@ -202,7 +208,11 @@ impl Config {
             tls_cert: None,
             tls_key: None,
             admin_client_ca: None,
-            limits: Limits::default(),
+            // Tests that want a resume window set one.
+            limits: Limits {
+                resume_grace: Duration::ZERO,
+                ..Limits::default()
+            },
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             no_metrics: true,
             drain_time: Duration::ZERO,

@@ -105,6 +105,7 @@ pub async fn serve(
         SwitchboardLimits {
             max_devices_per_user: limits.max_devices_per_user,
             max_pending_approvals: limits.max_pending_approvals,
+            resume_grace: limits.resume_grace,
         },
         clock.start,
         business.clone(),

@@ -24,7 +24,7 @@
 //! once. A resume window fits in here: park the device instead of calling
 //! `Machine::disconnect`, and let a stream that resumes take its place.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,8 @@ pub struct SwitchboardLimits {
     pub max_devices_per_user: usize,
     /// Approvals in flight; a REQUEST beyond is answered OVERLOADED.
     pub max_pending_approvals: usize,
+    /// How long a device whose stream broke is kept for it to resume.
+    pub resume_grace: Duration,
 }
 
 impl Default for SwitchboardLimits {
@@ -72,8 +74,18 @@ impl Default for SwitchboardLimits {
         Self {
             max_devices_per_user: 8,
             max_pending_approvals: 10_000,
+            resume_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// A registered stream.
+#[derive(Debug)]
+pub struct Attached {
+    pub conn: ConnId,
+    /// Which attachment of the device this stream is.
+    pub epoch: u64,
+    pub rx: DeviceRx,
 }
 
 /// Why a device was not registered.
@@ -128,10 +140,15 @@ pub struct Stats {
 pub trait Switchboard: Clone + Send + Sync + 'static {
     /// Registers a device of `user`, or says why not. Its first queued
     /// message is `Connected`; the device can be called once that is queued.
+    ///
+    /// With `resume`, the token of a device whose stream was lost within the
+    /// grace window, the stream takes that device's place: its calls and
+    /// ringing go on, and what was sent meanwhile follows `Connected`.
     fn connect(
         &self,
         user: UserId,
-    ) -> impl Future<Output = Result<(ConnId, DeviceRx), ConnectError>> + Send;
+        resume: Option<String>,
+    ) -> impl Future<Output = Result<Attached, ConnectError>> + Send;
     /// A control from a device; its result goes to the device's queue.
     fn control(
         &self,
@@ -140,7 +157,10 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
         control: CheckedControl,
     ) -> impl Future<Output = Result<(), ShuttingDown>> + Send;
     /// The device's stream ended.
-    fn disconnect(&self, conn: ConnId) -> impl Future<Output = ()> + Send;
+    /// `lost`: the stream broke (rather than the client closing it), so the
+    /// device is kept for the grace window. `epoch` tells a stale stream of
+    /// a resumed device from the current one.
+    fn disconnect(&self, conn: ConnId, epoch: u64, lost: bool) -> impl Future<Output = ()> + Send;
     /// Forced FINISH of a user's call.
     fn force_finish(
         &self,
@@ -159,8 +179,9 @@ enum Command {
     Connect {
         conn: ConnId,
         user: UserId,
+        resume: Option<String>,
         tx: DeviceTx,
-        reply: oneshot::Sender<Result<(), ConnectError>>,
+        reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
     },
     Control {
         conn: ConnId,
@@ -169,6 +190,8 @@ enum Command {
     },
     Disconnect {
         conn: ConnId,
+        epoch: u64,
+        lost: bool,
     },
     Verdict {
         call_id: CallId,
@@ -220,6 +243,8 @@ impl LocalSwitchboard {
             limits,
             approvals_in_flight: 0,
             devices: HashMap::new(),
+            resume_tokens: HashMap::new(),
+            grace: BTreeSet::new(),
             business,
             tx: tx.clone(),
             tasks: tasks.clone(),
@@ -246,17 +271,23 @@ impl LocalSwitchboard {
 }
 
 impl Switchboard for LocalSwitchboard {
-    async fn connect(&self, user: UserId) -> Result<(ConnId, DeviceRx), ConnectError> {
+    async fn connect(
+        &self,
+        user: UserId,
+        resume: Option<String>,
+    ) -> Result<Attached, ConnectError> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-        self.ask(|reply| Command::Connect {
-            conn,
-            user,
-            tx,
-            reply,
-        })
-        .await??;
-        Ok((conn, rx))
+        let (conn, epoch) = self
+            .ask(|reply| Command::Connect {
+                conn,
+                user,
+                resume,
+                tx,
+                reply,
+            })
+            .await??;
+        Ok(Attached { conn, epoch, rx })
     }
 
     async fn control(
@@ -271,9 +302,12 @@ impl Switchboard for LocalSwitchboard {
             .map_err(|_| ShuttingDown)
     }
 
-    async fn disconnect(&self, conn: ConnId) {
+    async fn disconnect(&self, conn: ConnId, epoch: u64, lost: bool) {
         // During shutdown the actor is gone and there is nothing to clean.
-        let _ = self.tx.send(Command::Disconnect { conn }).await;
+        let _ = self
+            .tx
+            .send(Command::Disconnect { conn, epoch, lost })
+            .await;
     }
 
     async fn force_finish(&self, f: ForceFinish) -> Result<Outcome, ShuttingDown> {
@@ -293,12 +327,31 @@ impl Switchboard for LocalSwitchboard {
     }
 }
 
+/// A connected device as the actor sees it.
+#[derive(Debug)]
+struct Device {
+    user: UserId,
+    /// `None` while the device's stream is lost and it may resume.
+    tx: Option<DeviceTx>,
+    /// Bumped each time a stream takes the device (first or resumed).
+    epoch: u64,
+    resume_token: Arc<str>,
+    /// What was sent while the stream was lost, delivered on resume.
+    parked: VecDeque<pb::ServerMessage>,
+    /// Set while the stream is lost: when the device is given up.
+    until: Option<Time>,
+}
+
 struct Actor {
     machine: Machine,
     limits: SwitchboardLimits,
     /// Approval tasks not yet answered.
     approvals_in_flight: usize,
-    devices: HashMap<ConnId, (UserId, DeviceTx)>,
+    devices: HashMap<ConnId, Device>,
+    /// Resume token -> device.
+    resume_tokens: HashMap<Arc<str>, ConnId>,
+    /// Grace deadlines of devices whose stream broke.
+    grace: BTreeSet<(Time, ConnId)>,
     business: Option<Business>,
     /// For approval tasks to send their verdicts back.
     tx: mpsc::Sender<Command>,
@@ -319,7 +372,13 @@ impl Actor {
         tokio::pin!(timer);
         let mut armed: Option<Time> = None;
         loop {
-            let next = self.machine.next_deadline();
+            let next = match (
+                self.machine.next_deadline(),
+                self.grace.first().map(|g| g.0),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if next != armed {
                 armed = next;
                 if let Some(t) = next {
@@ -340,6 +399,7 @@ impl Actor {
                     armed = None;
                     let now = self.now();
                     self.machine.tick(now, &mut self.effects);
+                    self.expire_grace(now);
                     self.apply();
                 }
             }
@@ -354,26 +414,40 @@ impl Actor {
             Command::Connect {
                 conn,
                 user,
+                resume,
                 tx,
                 reply,
             } => {
+                let resumable = resume
+                    .as_deref()
+                    .and_then(|t| self.resume_tokens.get(t).copied())
+                    .filter(|c| self.devices.get(c).is_some_and(|d| d.user == user));
+                if let Some(old) = resumable {
+                    self.resume(old, tx, reply);
+                    return;
+                }
                 let (_, devices, _) = self.machine.user_state(&user);
                 if devices >= self.limits.max_devices_per_user {
                     let _ = reply.send(Err(ConnectError::TooManyDevices(devices)));
                     return;
                 }
-                let _ = reply.send(Ok(()));
-                let hello = pb::ServerMessage {
-                    kind: Some(pb::server_message::Kind::Connected(pb::Connected {
-                        user_id: user.to_string(),
-                        connection_id: conn.0.to_string(),
-                    })),
-                };
+                let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+                let hello = connected(&user, conn, &token, false);
                 if tx.try_send(Ok(hello)).is_err() {
                     return;
                 }
+                let _ = reply.send(Ok((conn, 1)));
                 info!(user = %user, conn = conn.0, "device connected");
-                self.devices.insert(conn, (user.clone(), tx));
+                self.resume_tokens.insert(token.clone(), conn);
+                let device = Device {
+                    user: user.clone(),
+                    tx: Some(tx),
+                    epoch: 1,
+                    resume_token: token,
+                    parked: VecDeque::new(),
+                    until: None,
+                };
+                self.devices.insert(conn, device);
                 self.machine.connect(conn, user, &mut self.effects);
             }
             Command::Control { conn, seq, control } => {
@@ -425,11 +499,23 @@ impl Actor {
                 };
                 self.send(conn, msg);
             }
-            Command::Disconnect { conn } => {
-                if let Some((user, _)) = self.devices.remove(&conn) {
-                    info!(user = %user, conn = conn.0, "device disconnected");
+            Command::Disconnect { conn, epoch, lost } => {
+                let grace = self.limits.resume_grace;
+                let Some(device) = self.devices.get_mut(&conn) else {
+                    return;
+                };
+                if device.epoch != epoch {
+                    // A resumed device's old stream, ending late.
+                    return;
                 }
-                self.machine.disconnect(conn, now, &mut self.effects);
+                if lost && !grace.is_zero() {
+                    info!(user = %device.user, conn = conn.0, ?grace, "device stream lost: kept for it to resume");
+                    device.tx = None;
+                    device.until = Some(now + grace);
+                    self.grace.insert((now + grace, conn));
+                } else {
+                    self.drop_device(conn, now);
+                }
             }
             Command::Verdict { call_id, verdict } => {
                 self.approvals_in_flight = self.approvals_in_flight.saturating_sub(1);
@@ -605,17 +691,85 @@ impl Actor {
     /// Queues a message for a device; a device whose queue is full is
     /// disconnected (see the module docs).
     fn send(&mut self, conn: ConnId, msg: pb::ServerMessage) {
-        let Some((user, tx)) = self.devices.get(&conn) else {
+        let Some(device) = self.devices.get_mut(&conn) else {
             return;
         };
-        if tx.try_send(Ok(msg)).is_ok() {
+        let full = match &device.tx {
+            Some(tx) => tx.try_send(Ok(msg)).is_err(),
+            None => {
+                device.parked.push_back(msg);
+                device.parked.len() > DEVICE_QUEUE
+            }
+        };
+        if full {
+            warn!(user = %device.user, conn = conn.0, queue = DEVICE_QUEUE, "device not reading its stream: disconnecting it");
+            self.metrics.slow_consumers.inc();
+            let now = self.now();
+            self.drop_device(conn, now);
+        }
+    }
+
+    /// A stream takes the place of a device whose stream was lost (or is
+    /// about to be found lost): `Connected` again, then what was parked.
+    fn resume(
+        &mut self,
+        conn: ConnId,
+        tx: DeviceTx,
+        reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
+    ) {
+        let Some(device) = self.devices.get_mut(&conn) else {
+            return;
+        };
+        let hello = connected(&device.user, conn, &device.resume_token, true);
+        if tx.try_send(Ok(hello)).is_err() {
             return;
         }
-        warn!(user = %user, conn = conn.0, queue = DEVICE_QUEUE, "device not reading its stream: disconnecting it");
-        self.metrics.slow_consumers.inc();
-        self.devices.remove(&conn);
-        let now = self.now();
+        if let Some(until) = device.until.take() {
+            self.grace.remove(&(until, conn));
+        }
+        device.epoch += 1;
+        device.tx = Some(tx);
+        let _ = reply.send(Ok((conn, device.epoch)));
+        info!(user = %device.user, conn = conn.0, parked = device.parked.len(), "device resumed");
+        let parked: Vec<_> = device.parked.drain(..).collect();
+        for msg in parked {
+            self.send(conn, msg);
+        }
+    }
+
+    /// Devices whose grace window has passed are gone for good.
+    fn expire_grace(&mut self, now: Time) {
+        while let Some(&(until, conn)) = self.grace.first() {
+            if until > now {
+                break;
+            }
+            self.grace.pop_first();
+            info!(conn = conn.0, "device did not resume in time");
+            self.drop_device(conn, now);
+        }
+    }
+
+    /// The device is gone: its calls end for the peer (100106).
+    fn drop_device(&mut self, conn: ConnId, now: Time) {
+        if let Some(device) = self.devices.remove(&conn) {
+            info!(user = %device.user, conn = conn.0, "device disconnected");
+            self.resume_tokens.remove(&device.resume_token);
+            if let Some(until) = device.until {
+                self.grace.remove(&(until, conn));
+            }
+        }
         self.machine.disconnect(conn, now, &mut self.effects);
+    }
+}
+
+fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(pb::server_message::Kind::Connected(pb::Connected {
+            user_id: user.to_string(),
+            connection_id: conn.0.to_string(),
+            resume_token: token.to_string(),
+            resumed,
+        })),
     }
 }
 
@@ -675,8 +829,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_default_ring_timeout_is_30_seconds() {
         let (sb, token, tasks) = start();
-        let (alice, mut alice_rx) = sb.connect(Arc::from("alice")).await.unwrap();
-        let (_bob, mut bob_rx) = sb.connect(Arc::from("bob")).await.unwrap();
+        let Attached {
+            conn: alice,
+            rx: mut alice_rx,
+            ..
+        } = sb.connect(Arc::from("alice"), None).await.unwrap();
+        let Attached {
+            conn: _bob,
+            rx: mut bob_rx,
+            ..
+        } = sb.connect(Arc::from("bob"), None).await.unwrap();
         sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
             .await
             .unwrap();
@@ -701,11 +863,89 @@ mod tests {
         tasks.wait().await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_device_resumes_within_the_grace_window_or_is_given_up() {
+        let (sb, token, tasks) = start();
+        let Attached {
+            conn: alice,
+            epoch,
+            rx: mut alice_rx,
+        } = sb.connect(Arc::from("alice"), None).await.unwrap();
+        let hello = match alice_rx.recv().await.unwrap().unwrap().kind {
+            Some(pb::server_message::Kind::Connected(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let Attached {
+            conn: bob,
+            rx: mut bob_rx,
+            ..
+        } = sb.connect(Arc::from("bob"), None).await.unwrap();
+        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            event(&mut bob_rx).await.event_type,
+            pb::EventType::Request as i32
+        );
+        // alice's stream breaks: bob's REPLY is parked for her.
+        drop(alice_rx);
+        sb.disconnect(alice, epoch, true).await;
+        sb.control(bob, 1, control(ControlKind::Reply, "alice", 0))
+            .await
+            .unwrap();
+        // A stranger with alice's token but another identity gets a new device.
+        let other = sb
+            .connect(Arc::from("mallory"), Some(hello.resume_token.clone()))
+            .await
+            .unwrap();
+        assert_ne!(other.conn, alice);
+        // alice resumes: Connected (resumed), then REPLY and START.
+        let back = sb
+            .connect(Arc::from("alice"), Some(hello.resume_token.clone()))
+            .await
+            .unwrap();
+        assert_eq!((back.conn, back.epoch), (alice, epoch + 1));
+        let mut rx = back.rx;
+        match rx.recv().await.unwrap().unwrap().kind {
+            Some(pb::server_message::Kind::Connected(c)) => assert!(c.resumed),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(event(&mut rx).await.event_type, pb::EventType::Reply as i32);
+        assert_eq!(event(&mut rx).await.event_type, pb::EventType::Start as i32);
+        // The old stream's late end changes nothing.
+        sb.disconnect(alice, epoch, true).await;
+        assert_eq!(
+            sb.user_state(Arc::from("alice")).await.unwrap().state,
+            UserState::Talking
+        );
+        // Lost again, and not back within 10 s: bob gets FINISH 100106.
+        drop(rx);
+        sb.disconnect(alice, epoch + 1, true).await;
+        let began = Instant::now();
+        let mut finish = event(&mut bob_rx).await;
+        while finish.event_type != pb::EventType::Finish as i32 {
+            finish = event(&mut bob_rx).await;
+        }
+        assert_eq!(finish.error_code, codes::CONNECTION_LOST);
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+        token.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
     #[tokio::test]
     async fn a_device_that_stops_reading_is_disconnected_and_its_peer_told() {
         let (sb, token, tasks) = start();
-        let (alice, _alice_rx_never_read) = sb.connect(Arc::from("alice")).await.unwrap();
-        let (bob, mut bob_rx) = sb.connect(Arc::from("bob")).await.unwrap();
+        let Attached {
+            conn: alice,
+            rx: _alice_rx_never_read,
+            ..
+        } = sb.connect(Arc::from("alice"), None).await.unwrap();
+        let Attached {
+            conn: bob,
+            rx: mut bob_rx,
+            ..
+        } = sb.connect(Arc::from("bob"), None).await.unwrap();
         sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
             .await
             .unwrap();

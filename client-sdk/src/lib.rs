@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tracing::warn;
+use tracing::{debug, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::call_service_client::CallServiceClient;
 
@@ -261,7 +261,8 @@ impl Drop for ReaderGuard {
 /// method takes `&self`. Dropping it closes the stream.
 #[derive(Debug)]
 pub struct Client {
-    tx: mpsc::Sender<pb::ClientMessage>,
+    /// The current stream's outbound queue; replaced on reconnect.
+    tx: Outbound,
     pending: Pending,
     next_seq: AtomicU64,
     user_id: String,
@@ -351,35 +352,21 @@ impl Client {
         channel: Channel,
         credentials: Credentials,
     ) -> Result<(Client, Events), Error> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let (key, value) = match &credentials {
-            Credentials::Bearer(t) => ("authorization", format!("Bearer {t}")),
-            Credentials::DevUser(u) => (DEV_USER_HEADER, u.clone()),
-        };
-        let value: MetadataValue<_> = value.parse().map_err(|_| Error::Credentials)?;
-        request.metadata_mut().insert(key, value);
-
-        let mut inbound = CallServiceClient::new(channel)
-            .session(request)
-            .await
-            .map_err(Error::Refused)?
-            .into_inner();
-        let connected = match inbound.message().await.map_err(Error::Refused)? {
-            Some(pb::ServerMessage {
-                kind: Some(pb::server_message::Kind::Connected(c)),
-            }) => c,
-            Some(_) => return Err(Error::Protocol("the first message was not Connected")),
-            None => return Err(Error::Disconnected),
-        };
-
+        let (tx, session) = open(&channel, &credentials, None).await?;
+        let connected = session.connected.clone();
+        let outbound: Outbound = Arc::new(Mutex::new(tx));
         let pending: Pending = Arc::default();
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let end = EndReason::default();
-        let reader = tokio::spawn(read(inbound, pending.clone(), events_tx, end.clone()));
+        let link = Link {
+            channel,
+            credentials,
+            outbound: Arc::downgrade(&outbound),
+        };
+        let reader = tokio::spawn(run(link, session, pending.clone(), events_tx, end.clone()));
         let guard = Arc::new(ReaderGuard(reader));
         let client = Client {
-            tx,
+            tx: outbound,
             pending,
             next_seq: AtomicU64::new(1),
             user_id: connected.user_id,
@@ -465,7 +452,8 @@ impl Client {
                 user_str: c.user_str,
             })),
         };
-        if self.tx.send(msg).await.is_err() {
+        let tx = lock(&self.tx).clone();
+        if tx.send(msg).await.is_err() {
             lock(&self.pending).remove(&seq);
             return Err(Error::Disconnected);
         }
@@ -493,25 +481,174 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn read(
-    mut inbound: tonic::Streaming<pb::ServerMessage>,
+/// How many times the SDK tries to reconnect after its stream breaks,
+/// waiting 100 ms, then twice as long each time (at most 5 s), with jitter.
+pub const RECONNECT_ATTEMPTS: u32 = 8;
+/// The metadata key a stream resumes a device with.
+pub const RESUME_HEADER: &str = "x-videocall-resume";
+
+type Outbound = Arc<Mutex<mpsc::Sender<pb::ClientMessage>>>;
+
+/// What it takes to open another stream.
+struct Link {
+    channel: Channel,
+    credentials: Credentials,
+    /// The client's outbound slot; gone once the client is dropped.
+    outbound: std::sync::Weak<Mutex<mpsc::Sender<pb::ClientMessage>>>,
+}
+
+/// An open stream, past its `Connected`.
+struct Session {
+    inbound: tonic::Streaming<pb::ServerMessage>,
+    connected: pb::Connected,
+}
+
+/// Opens a stream (resuming a device when `resume` is its token) and waits
+/// for `Connected`.
+async fn open(
+    channel: &Channel,
+    credentials: &Credentials,
+    resume: Option<&str>,
+) -> Result<(mpsc::Sender<pb::ClientMessage>, Session), Error> {
+    let (tx, rx) = mpsc::channel(64);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let (key, value) = match credentials {
+        Credentials::Bearer(t) => ("authorization", format!("Bearer {t}")),
+        Credentials::DevUser(u) => (DEV_USER_HEADER, u.clone()),
+    };
+    let value: MetadataValue<_> = value.parse().map_err(|_| Error::Credentials)?;
+    request.metadata_mut().insert(key, value);
+    if let Some(token) = resume {
+        let value: MetadataValue<_> = token
+            .parse()
+            .map_err(|_| Error::Protocol("bad resume token"))?;
+        request.metadata_mut().insert(RESUME_HEADER, value);
+    }
+    let mut inbound = CallServiceClient::new(channel.clone())
+        .session(request)
+        .await
+        .map_err(Error::Refused)?
+        .into_inner();
+    let connected = match inbound.message().await.map_err(Error::Refused)? {
+        Some(pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::Connected(c)),
+        }) => c,
+        Some(_) => return Err(Error::Protocol("the first message was not Connected")),
+        None => return Err(Error::Disconnected),
+    };
+    Ok((tx, Session { inbound, connected }))
+}
+
+/// Whether a stream that ended with `code` is worth reopening: the network
+/// or the server went away, as opposed to being refused.
+fn reconnectable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+    )
+}
+
+/// `base` scaled by a factor in [0.5, 1.0), so that clients cut off together
+/// do not all come back at the same instant.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+}
+
+/// Reads the stream; when it breaks, reconnects with backoff and resumes
+/// the device, so calls go on (the service keeps a device for a grace
+/// window). If the device could not be resumed (the window passed, or the
+/// service restarted), the new stream is a fresh device: controls waiting
+/// for a result fail with [`Error::Disconnected`].
+async fn run(
+    link: Link,
+    mut session: Session,
     pending: Pending,
     events: mpsc::Sender<CallEvent>,
     end: EndReason,
 ) {
     loop {
+        let status = read(&mut session.inbound, &pending, &events).await;
+        let cause = match status {
+            Some(s) if reconnectable(s.code()) => s,
+            other => {
+                *lock(&end) = other;
+                break;
+            }
+        };
+        let mut delay = Duration::from_millis(100);
+        let mut reopened = None;
+        for attempt in 1..=RECONNECT_ATTEMPTS {
+            tokio::time::sleep(jitter(delay)).await;
+            if link.outbound.strong_count() == 0 {
+                return;
+            }
+            match open(
+                &link.channel,
+                &link.credentials,
+                Some(&session.connected.resume_token),
+            )
+            .await
+            {
+                Ok(x) => {
+                    reopened = Some(x);
+                    break;
+                }
+                Err(Error::Refused(s)) if !reconnectable(s.code()) => {
+                    warn!(code = ?s.code(), message = s.message(), "reconnect refused");
+                    break;
+                }
+                Err(e) => debug!(attempt, error = %e, "reconnect failed"),
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        let Some((tx, next)) = reopened else {
+            *lock(&end) = Some(cause);
+            break;
+        };
+        if next.connected.resumed {
+            debug!("stream resumed");
+        } else {
+            warn!("reconnected as a new device: the old device's calls have ended");
+            lock(&pending).clear();
+        }
+        match link.outbound.upgrade() {
+            Some(slot) => *lock(&slot) = tx,
+            None => return,
+        }
+        session = next;
+    }
+    // Waiting controls learn that the stream is gone.
+    lock(&pending).clear();
+}
+
+/// Reads one stream until it ends: `None` when it ended cleanly, else the
+/// status it failed with.
+async fn read(
+    inbound: &mut tonic::Streaming<pb::ServerMessage>,
+    pending: &Pending,
+    events: &mpsc::Sender<CallEvent>,
+) -> Option<tonic::Status> {
+    loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
-            Ok(None) => break,
+            Ok(None) => return None,
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "call service stream failed");
-                *lock(&end) = Some(status);
-                break;
+                return Some(status);
             }
         };
         match msg.kind {
             Some(pb::server_message::Kind::Result(r)) => {
-                if let Some(tx) = lock(&pending).remove(&r.seq) {
+                if let Some(tx) = lock(pending).remove(&r.seq) {
                     let _ = tx.send(ControlResult {
                         code: Code(r.code),
                         call_id: r.call_id,
@@ -520,16 +657,13 @@ async fn read(
                 }
             }
             Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {
+                // If nobody reads events any more, keep serving results.
                 Some(event) => {
-                    if events.send(event).await.is_err() {
-                        // Nobody reads events any more; keep serving results.
-                    }
+                    let _ = events.send(event).await;
                 }
                 None => warn!("ignoring an event of an unknown type"),
             },
             Some(pb::server_message::Kind::Connected(_)) | None => {}
         }
     }
-    // Waiting controls learn that the stream is gone.
-    lock(&pending).clear();
 }

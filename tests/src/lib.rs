@@ -43,10 +43,20 @@ impl CallService {
     /// Starts a call service with development identities, using `business`
     /// as its hook (if any). `tweak` adjusts the configuration.
     pub async fn start(business: Option<&str>, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_at("127.0.0.1:0", business, tweak).await
+    }
+
+    /// Like [`CallService::start`], with the client API on `client_addr`
+    /// (to restart a service where its clients expect it).
+    pub async fn start_at(
+        client_addr: &str,
+        business: Option<&str>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         init_tracing();
         let mut config = Config::for_tests(business.map(str::to_owned));
         tweak(&mut config);
-        let client = TcpListener::bind("127.0.0.1:0")
+        let client = TcpListener::bind(client_addr)
             .await
             .expect("bind client port");
         let admin = TcpListener::bind("127.0.0.1:0")
@@ -289,4 +299,67 @@ pub async fn start_silent_hook() -> String {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     url
+}
+
+/// A TCP proxy in front of a server, whose connections a test can cut, the
+/// way a network blip would.
+#[derive(Debug)]
+pub struct Proxy {
+    pub url: String,
+    cut: tokio::sync::watch::Sender<u64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards connections on a new port to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let target = target.to_owned();
+        let accepting = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let target = target.clone();
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            cut,
+            open,
+            task,
+        }
+    }
+
+    /// Cuts every connection going through now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Whether new connections get through.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

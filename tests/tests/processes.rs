@@ -200,12 +200,14 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
         .expect("exit in time")
         .expect("wait");
     assert!(exit.success(), "call-service exited with {exit}");
-    assert!(
-        tokio::time::timeout(PATIENCE, alice.events.next())
-            .await
-            .expect("stream ends")
-            .is_none()
-    );
+    // The SDK tries to reconnect (the service said UNAVAILABLE), then gives
+    // up: at most RECONNECT_ATTEMPTS backoffs, about 16 s.
+    let end = tokio::time::timeout(PATIENCE * 3, alice.events.next())
+        .await
+        .expect("stream ends");
+    assert!(end.is_none());
+    let reason = alice.events.end_reason().expect("a reason");
+    assert_eq!(reason.code(), tonic::Code::Unavailable, "{reason:?}");
 
     business.kill().await.expect("stop business-service");
 }

@@ -400,11 +400,15 @@ async fn live_calls_end_with_terminated_when_the_service_stops() {
         .await;
     bob.expect(EventKind::Finish, "alice", Code::TERMINATED)
         .await;
-    assert!(
-        tokio::time::timeout(PATIENCE, alice.events.next())
-            .await
-            .expect("ends")
-            .is_none()
+    // The stream ends with UNAVAILABLE: the SDK tries to reconnect, then
+    // gives up (nobody restarted the service).
+    let end = tokio::time::timeout(PATIENCE * 3, alice.events.next())
+        .await
+        .expect("ends");
+    assert!(end.is_none());
+    assert_eq!(
+        alice.events.end_reason().expect("a reason").code(),
+        tonic::Code::Unavailable
     );
 }
 

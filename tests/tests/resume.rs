@@ -1,0 +1,118 @@
+//! Dead peers and resume: a stream cut mid-call and resumed within the
+//! grace window (the peer sees nothing), one cut for longer (the peer gets
+//! 100106), and a server restart with clients reconnecting by themselves.
+
+use std::time::Duration;
+
+use client_sdk::{Client, Code, Credentials, EventKind};
+use videocall_proto::v1 as pb;
+use videocall_tests::{CallService, PATIENCE, Phone, Proxy, user_state};
+
+async fn phone_at(url: &str, user: &str) -> Phone {
+    let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
+        .await
+        .expect("connect");
+    Phone {
+        user: user.into(),
+        client,
+        events,
+    }
+}
+
+async fn talking(alice: &mut Phone, bob: &mut Phone) {
+    alice.call("bob").await;
+    bob.expect(EventKind::Request, "alice", Code::OK).await;
+    bob.client.reply("alice", Code::OK).await.expect("reply");
+    alice.expect(EventKind::Reply, "bob", Code::OK).await;
+    alice.expect(EventKind::Start, "bob", Code::OK).await;
+    bob.expect(EventKind::Start, "alice", Code::OK).await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_call_resumes_and_the_peer_sees_nothing() {
+    let svc = CallService::start(None, |c| c.limits.resume_grace = Duration::from_secs(20)).await;
+    let proxy = Proxy::start(svc.client_url.trim_start_matches("http://")).await;
+    let mut alice = phone_at(&proxy.url, "alice").await;
+    let mut bob = svc.phone("bob").await;
+    talking(&mut alice, &mut bob).await;
+
+    // The network drops alice's connection; new connections are refused
+    // until bob has hung up, so the FINISH is sent while alice is away.
+    proxy.set_open(false);
+    proxy.cut();
+    let admin = svc.admin().await;
+    assert_eq!(user_state(&admin, "alice").await, pb::UserState::Talking);
+    bob.client.finish("alice").await.expect("finish");
+    bob.expect(EventKind::Finish, "alice", Code::OK).await;
+    proxy.set_open(true);
+    // alice's SDK reconnects by itself, resumes, and gets what it missed.
+    alice.expect(EventKind::Finish, "bob", Code::OK).await;
+    bob.assert_quiet().await;
+    // Still the same device, and it works.
+    assert_eq!(
+        admin.user_state("alice").await.expect("state").connections,
+        1
+    );
+    talking(&mut alice, &mut bob).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_grace_window_the_peer_gets_100106() {
+    let svc =
+        CallService::start(None, |c| c.limits.resume_grace = Duration::from_millis(300)).await;
+    let proxy = Proxy::start(svc.client_url.trim_start_matches("http://")).await;
+    let mut alice = phone_at(&proxy.url, "alice").await;
+    let mut bob = svc.phone("bob").await;
+    talking(&mut alice, &mut bob).await;
+    proxy.set_open(false);
+    proxy.cut();
+    bob.expect(EventKind::Finish, "alice", Code::CONNECTION_LOST)
+        .await;
+    assert_eq!(
+        user_state(&svc.admin().await, "bob").await,
+        pb::UserState::Idle
+    );
+    proxy.set_open(true);
+    // alice comes back as a new device and can call again.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for _ in 0..400 {
+        tick.tick().await;
+        if user_state(&svc.admin().await, "alice").await == pb::UserState::Idle {
+            break;
+        }
+    }
+    talking(&mut alice, &mut bob).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn clients_reconnect_by_themselves_after_a_server_restart() {
+    let port = videocall_tests::process::free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    let svc = CallService::start_at(&addr, None, |_| {}).await;
+    let url = svc.client_url.clone();
+    let mut alice = phone_at(&url, "alice").await;
+    let mut bob = phone_at(&url, "bob").await;
+    talking(&mut alice, &mut bob).await;
+    svc.stop().await;
+    alice
+        .expect(EventKind::Finish, "bob", Code::TERMINATED)
+        .await;
+    bob.expect(EventKind::Finish, "alice", Code::TERMINATED)
+        .await;
+
+    let svc = CallService::start_at(&addr, None, |_| {}).await;
+    let admin = svc.admin().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for _ in 0..((PATIENCE.as_millis() / 50) * 2) {
+        tick.tick().await;
+        let a = admin.user_state("alice").await.expect("state").connections;
+        let b = admin.user_state("bob").await.expect("state").connections;
+        if a == 1 && b == 1 {
+            break;
+        }
+    }
+    talking(&mut alice, &mut bob).await;
+    svc.stop().await;
+}
