@@ -83,15 +83,7 @@ impl CallService {
 
     /// Connects a device of `user`.
     pub async fn phone(&self, user: &str) -> Phone {
-        let (client, events) =
-            Client::connect(self.client_url.clone(), Credentials::dev_user(user))
-                .await
-                .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"));
-        Phone {
-            user: user.to_owned(),
-            client,
-            events,
-        }
+        phone_at(&self.client_url, user).await
     }
 
     pub async fn admin(&self) -> Admin {
@@ -264,6 +256,25 @@ impl Phone {
         if let Some(e) = self.events.try_next() {
             panic!("{}: unexpected event {e:?}", self.user);
         }
+    }
+}
+
+/// Connects a device of `user` (development identity) to the client API
+/// at `url`.
+pub async fn phone_at(url: &str, user: &str) -> Phone {
+    phone_with(url, user, Credentials::dev_user(user)).await
+}
+
+/// Connects a device with `credentials`, which must name `user`.
+pub async fn phone_with(url: &str, user: &str, credentials: Credentials) -> Phone {
+    let (client, events) = Client::connect(url.to_owned(), credentials)
+        .await
+        .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"));
+    assert_eq!(client.user_id(), user);
+    Phone {
+        user: user.to_owned(),
+        client,
+        events,
     }
 }
 

@@ -9,8 +9,8 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use client_sdk::{Client, Code, Credentials, EventKind};
-use videocall_tests::Phone;
+use client_sdk::{Code, EventKind};
+use videocall_tests::phone_at;
 use videocall_tests::process::{binaries, free_port, workspace};
 
 const BASE: &str = "videocall-base:bookworm";
@@ -88,17 +88,6 @@ impl Drop for Compose {
     }
 }
 
-async fn phone(url: &str, user: &str) -> Phone {
-    let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
-        .await
-        .expect("connect");
-    Phone {
-        user: user.into(),
-        client,
-        events,
-    }
-}
-
 #[tokio::test]
 async fn compose_up_calls_through_the_containers_and_keeps_records() {
     let docker = Command::new("docker")
@@ -173,9 +162,9 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
 
     // Real clients on the host call through the containers.
     let url = format!("http://127.0.0.1:{client_port}");
-    let mut alice = phone(&url, "alice").await;
-    let mut bob = phone(&url, "bob").await;
-    let mut mallory = phone(&url, "mallory").await;
+    let mut alice = phone_at(&url, "alice").await;
+    let mut bob = phone_at(&url, "bob").await;
+    let mut mallory = phone_at(&url, "mallory").await;
     mallory.call("bob").await;
     mallory.expect(EventKind::Reply, "bob", Code(200_001)).await;
     let call_id = alice.call("bob").await;

@@ -2,21 +2,11 @@
 //! business-service, call-service, SDK clients, the admin subcommand, and a
 //! clean exit on SIGTERM.
 
-use client_sdk::{Client, Code, Credentials, EventKind};
+use client_sdk::{Code, EventKind};
 use tokio::process::Command;
+use videocall_tests::phone_at;
 use videocall_tests::process::{binaries, field, free_port, spawn};
 use videocall_tests::{PATIENCE, Phone};
-
-async fn phone(url: &str, user: &str) -> Phone {
-    let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
-        .await
-        .expect("connect");
-    Phone {
-        user: user.into(),
-        client,
-        events,
-    }
-}
 
 #[tokio::test]
 async fn the_binaries_place_refuse_and_force_end_calls() {
@@ -68,9 +58,9 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     let client_url = format!("http://{}", field(&line, "client"));
     let admin_url = format!("http://{}", field(&line, "admin"));
 
-    let mut alice = phone(&client_url, "alice").await;
-    let mut bob = phone(&client_url, "bob").await;
-    let mut mallory = phone(&client_url, "mallory").await;
+    let mut alice = phone_at(&client_url, "alice").await;
+    let mut bob = phone_at(&client_url, "bob").await;
+    let mut mallory = phone_at(&client_url, "mallory").await;
 
     // Refused by the business service's policy, code unchanged.
     mallory.call("bob").await;
@@ -113,7 +103,7 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     bob.expect(EventKind::Finish, "alice", Code(200_999)).await;
 
     // The policy file changes; SIGHUP makes the business service reload it.
-    let mut eve = phone(&client_url, "eve").await;
+    let mut eve = phone_at(&client_url, "eve").await;
     alice.call("eve").await;
     alice.expect(EventKind::Reply, "eve", Code(200_002)).await;
     std::fs::write(&policy, "# eve may be called now\n").expect("write policy");
@@ -271,7 +261,7 @@ async fn every_call_gets_one_complete_record_across_business_restarts() {
     let url = format!("http://{}", field(&line, "client"));
     let mut p: Vec<Phone> = Vec::new();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
-        p.push(phone(&url, user).await);
+        p.push(phone_at(&url, user).await);
     }
     let mut ids = Vec::new();
     // Two calls talking, one ringing.

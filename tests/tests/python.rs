@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use client_sdk::{Client, Code, Credentials, EventKind};
-use videocall_tests::Phone;
+use client_sdk::{Code, EventKind};
+use videocall_tests::phone_at;
 use videocall_tests::process::{Proc, binaries, field, spawn, workspace};
 
 fn python() -> String {
@@ -38,17 +38,6 @@ fn py(python: &str, script: &Path, stubs: &Path, args: &[&str]) -> Proc {
     ];
     all.extend_from_slice(args);
     Proc::start(Path::new(python), &all)
-}
-
-async fn phone(url: &str, user: &str) -> Phone {
-    let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
-        .await
-        .expect("connect");
-    Phone {
-        user: user.into(),
-        client,
-        events,
-    }
 }
 
 #[tokio::test]
@@ -107,7 +96,7 @@ async fn python_business_service_and_python_client_with_rust() {
         &["--url", &client_addr, "--user", "bob", "answer"],
     );
     bob.line("READY").await;
-    let mut alice = phone(&url, "alice").await;
+    let mut alice = phone_at(&url, "alice").await;
     alice.call("bob").await;
     alice.expect(EventKind::Reply, "bob", Code::OK).await;
     let room = alice.expect(EventKind::Start, "bob", Code::OK).await.param;
@@ -128,7 +117,7 @@ async fn python_business_service_and_python_client_with_rust() {
     }
 
     // A Python client calls a Rust SDK client, and hangs up after START.
-    let mut carol = phone(&url, "carol").await;
+    let mut carol = phone_at(&url, "carol").await;
     let mut dave = py(
         &python,
         &example("client.py"),

@@ -4,20 +4,10 @@
 
 use std::time::Duration;
 
-use client_sdk::{Client, Code, Credentials, EventKind};
+use client_sdk::{Code, EventKind};
 use videocall_proto::v1 as pb;
+use videocall_tests::phone_at;
 use videocall_tests::{CallService, PATIENCE, Phone, Proxy, user_state};
-
-async fn phone_at(url: &str, user: &str) -> Phone {
-    let (client, events) = Client::connect(url.to_owned(), Credentials::dev_user(user))
-        .await
-        .expect("connect");
-    Phone {
-        user: user.into(),
-        client,
-        events,
-    }
-}
 
 async fn talking(alice: &mut Phone, bob: &mut Phone) {
     alice.call("bob").await;

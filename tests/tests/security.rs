@@ -9,7 +9,8 @@ use client_sdk::{Client, Code, Credentials, EventKind};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use videocall_proto::v1 as pb;
-use videocall_tests::{CallService, PATIENCE, Phone, user_state};
+use videocall_tests::phone_with;
+use videocall_tests::{CallService, PATIENCE, user_state};
 
 const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 const ADMIN: &str = "the-admin-secret";
@@ -43,18 +44,6 @@ async fn secured(tweak: impl FnOnce(&mut call_service::Config)) -> CallService {
         tweak(c);
     })
     .await
-}
-
-async fn phone_with(url: &str, user: &str, credentials: Credentials) -> Phone {
-    let (client, events) = Client::connect(url.to_owned(), credentials)
-        .await
-        .expect("connect");
-    assert_eq!(client.user_id(), user);
-    Phone {
-        user: user.into(),
-        client,
-        events,
-    }
 }
 
 async fn admin(svc: &CallService) -> Admin {
