@@ -278,6 +278,25 @@ pub async fn phone_with(url: &str, user: &str, credentials: Credentials) -> Phon
     }
 }
 
+/// `caller` calls `callee`, who answers: both have seen START. Returns
+/// the room id.
+pub async fn talking(caller: &mut Phone, callee: &mut Phone) -> u32 {
+    let (a, b) = (caller.user.clone(), callee.user.clone());
+    caller.call(&b).await;
+    callee.expect(EventKind::Request, &a, Code::OK).await;
+    assert_eq!(
+        callee.client.reply(&a, Code::OK).await.expect("reply"),
+        Code::OK
+    );
+    caller.expect(EventKind::Reply, &b, Code::OK).await;
+    let room = caller.expect(EventKind::Start, &b, Code::OK).await.param;
+    assert_eq!(
+        callee.expect(EventKind::Start, &a, Code::OK).await.param,
+        room
+    );
+    room
+}
+
 /// A user's state through the admin API.
 pub async fn user_state(admin: &Admin, user: &str) -> pb::UserState {
     let s = admin.user_state(user).await.expect("user state");

@@ -7,16 +7,7 @@ use std::time::Duration;
 use client_sdk::{Code, EventKind};
 use videocall_proto::v1 as pb;
 use videocall_tests::phone_at;
-use videocall_tests::{CallService, PATIENCE, Phone, Proxy, user_state};
-
-async fn talking(alice: &mut Phone, bob: &mut Phone) {
-    alice.call("bob").await;
-    bob.expect(EventKind::Request, "alice", Code::OK).await;
-    bob.client.reply("alice", Code::OK).await.expect("reply");
-    alice.expect(EventKind::Reply, "bob", Code::OK).await;
-    alice.expect(EventKind::Start, "bob", Code::OK).await;
-    bob.expect(EventKind::Start, "alice", Code::OK).await;
-}
+use videocall_tests::{CallService, PATIENCE, Proxy, talking, user_state};
 
 #[tokio::test]
 async fn a_stream_cut_mid_call_resumes_and_the_peer_sees_nothing() {

@@ -10,7 +10,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use tokio::net::TcpListener;
 use videocall_proto::v1 as pb;
 use videocall_tests::phone_with;
-use videocall_tests::{CallService, PATIENCE, user_state};
+use videocall_tests::{CallService, PATIENCE, talking, user_state};
 
 const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 const ADMIN: &str = "the-admin-secret";
@@ -162,12 +162,7 @@ async fn a_token_expiring_mid_call_ends_that_stream() {
     let short = tokens::hs256(&claims("alice", now() + 2), SECRET.as_bytes()).expect("sign");
     let mut alice = phone_with(&url, "alice", Credentials::Bearer(short)).await;
     let mut bob = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
-    alice.call("bob").await;
-    bob.expect(EventKind::Request, "alice", Code::OK).await;
-    bob.client.reply("alice", Code::OK).await.expect("reply");
-    alice.expect(EventKind::Reply, "bob", Code::OK).await;
-    alice.expect(EventKind::Start, "bob", Code::OK).await;
-    bob.expect(EventKind::Start, "alice", Code::OK).await;
+    talking(&mut alice, &mut bob).await;
     // At expiry the server ends alice's stream, saying why; bob's call ends.
     let end = tokio::time::timeout(PATIENCE, alice.events.next())
         .await
@@ -377,12 +372,7 @@ async fn live_calls_end_with_terminated_when_the_service_stops() {
     let svc = CallService::start(None, |_| {}).await;
     let mut alice = svc.phone("alice").await;
     let mut bob = svc.phone("bob").await;
-    alice.call("bob").await;
-    bob.expect(EventKind::Request, "alice", Code::OK).await;
-    bob.client.reply("alice", Code::OK).await.expect("reply");
-    alice.expect(EventKind::Reply, "bob", Code::OK).await;
-    alice.expect(EventKind::Start, "bob", Code::OK).await;
-    bob.expect(EventKind::Start, "alice", Code::OK).await;
+    talking(&mut alice, &mut bob).await;
     svc.stop().await;
     alice
         .expect(EventKind::Finish, "bob", Code::TERMINATED)
