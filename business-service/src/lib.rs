@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime};
 use jiff::Timestamp;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -423,14 +422,15 @@ impl Business {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         let closing = CancellationToken::new();
+        // Nagle off on accepted connections (the builder's `tcp_nodelay`
+        // covers only listeners tonic binds): answers are small writes.
         let hook_srv = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(self.health_service.clone())
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(BusinessHookServer::new(self.hook.clone()))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 closing.clone().cancelled_owned(),
             );
         let metrics_srv = async {

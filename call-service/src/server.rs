@@ -6,7 +6,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
@@ -156,7 +155,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha.clone())
         .add_service(client_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.client),
+            incoming(listeners.client),
             closing.clone().cancelled_owned(),
         );
     let admin_srv = builder(limits, tls.admin)?
@@ -164,10 +163,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(admin_api)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.admin),
-            closing.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming(listeners.admin), closing.clone().cancelled_owned());
     let stop_metrics = closing.clone().cancelled_owned();
     let metrics_srv = async {
         match listeners.metrics {
@@ -254,9 +250,16 @@ fn addr(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
+/// Accepted connections with Nagle's algorithm off. (The builder's
+/// `tcp_nodelay` applies only to listeners tonic binds itself.) Events are
+/// small writes: with Nagle on, one waits for the peer's delayed ACK, about
+/// 40 ms on Linux.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 fn builder(limits: &Limits, tls: Option<ServerTlsConfig>) -> Result<Server, ServeError> {
     let server = Server::builder()
-        .tcp_nodelay(true)
         // Finds dead peers: a ping on idle connections, dropped if unanswered.
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout));

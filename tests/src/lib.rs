@@ -326,7 +326,9 @@ pub async fn start_silent_hook() -> String {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::business_hook_server::BusinessHookServer::new(Silent))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
     );
     url
 }

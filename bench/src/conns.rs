@@ -1,0 +1,200 @@
+//! Idle connections: N devices connected at once, each its own TCP + HTTP/2
+//! connection and `Session` stream, from several 127.0.0.x source addresses
+//! (one address has about 28k ephemeral ports). Measures the call service's
+//! resident memory per connected device and per active call.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use client_sdk::{Client, Code, Credentials, EventKind, Events};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::Endpoint;
+
+use crate::procs::{Server, scrape};
+
+/// What to connect.
+#[derive(Debug, Clone)]
+pub struct ConnSpec {
+    pub clients: usize,
+    pub sources: Vec<IpAddr>,
+    /// Connection attempts in flight at once.
+    pub parallel: usize,
+    /// Calls to put in the talking state among the connected devices, to
+    /// measure memory per call.
+    pub active_calls: usize,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnResult {
+    pub clients: usize,
+    pub connected: usize,
+    pub failed: usize,
+    pub sources: usize,
+    pub connect_s: f64,
+    pub connects_per_s: f64,
+    /// The call service's RSS before the first client and with all
+    /// connected (KiB).
+    pub server_rss_before_kib: u64,
+    pub server_rss_connected_kib: u64,
+    /// (connected − before) / connected, KiB and bytes.
+    pub server_kib_per_client: f64,
+    /// Devices the service counts (its `videocall_connected_devices`).
+    pub server_reports_connected: f64,
+    pub active_calls: usize,
+    pub server_rss_calls_kib: u64,
+    /// Extra RSS per call in the talking state (KiB).
+    pub server_kib_per_call: f64,
+    /// The load generator's own RSS per client (KiB), for reference.
+    pub generator_kib_per_client: f64,
+    pub first_errors: Vec<String>,
+}
+
+type Device = (Client, Events);
+
+pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::Result<ConnResult> {
+    let metrics = call_service.addr("metrics")?;
+    let before = call_service.sample();
+    let me_before = crate::procs::sample(std::process::id()).unwrap_or_default();
+    let started = Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(spec.parallel.max(1)));
+    let mut set = JoinSet::new();
+    let progress = (!spec.quiet).then(|| {
+        let done = done.clone();
+        let total = spec.clients;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                eprintln!(
+                    "[{:>4.0}s] connected {}/{}",
+                    started.elapsed().as_secs_f64(),
+                    done.load(Relaxed),
+                    total
+                );
+            }
+        })
+    });
+    for i in 0..spec.clients {
+        let source = spec.sources[i % spec.sources.len()];
+        let url = url.to_owned();
+        let gate = gate.clone();
+        let done = done.clone();
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
+            let channel = Endpoint::from_shared(url)
+                .map_err(|e| e.to_string())?
+                .local_address(Some(source))
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .map_err(|e| format!("connect from {source}: {e}"))?;
+            let device =
+                Client::connect_with_channel(channel, Credentials::dev_user(format!("idle{i}")))
+                    .await
+                    .map_err(|e| format!("session: {e}"))?;
+            done.fetch_add(1, Relaxed);
+            Ok::<(usize, Device), String>((i, device))
+        });
+    }
+    let mut devices: Vec<Option<Device>> = (0..spec.clients).map(|_| None).collect();
+    let mut failed = 0;
+    let mut first_errors = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok((i, d))) => devices[i] = Some(d),
+            Ok(Err(e)) => {
+                failed += 1;
+                if first_errors.len() < 5 {
+                    first_errors.push(e);
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if first_errors.len() < 5 {
+                    first_errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let connected = spec.clients - failed;
+    let reported = scrape(&metrics, "videocall_connected_devices")
+        .await
+        .unwrap_or(-1.0);
+    let with_clients = call_service.sample();
+    let me_after = crate::procs::sample(std::process::id()).unwrap_or_default();
+    let per = |a: u64, b: u64, n: usize| (a as f64 - b as f64) / n.max(1) as f64;
+
+    // Calls in the talking state between pairs of the connected devices.
+    let mut pairs: Vec<(Device, Device)> = Vec::new();
+    let mut it = devices.iter_mut().filter_map(Option::take);
+    while pairs.len() < spec.active_calls {
+        match (it.next(), it.next()) {
+            (Some(a), Some(b)) => pairs.push((a, b)),
+            _ => break,
+        }
+    }
+    let mut talking = 0;
+    for ((caller, ce), (callee, ee)) in pairs.iter_mut() {
+        if talk(caller, ce, callee, ee).await.is_ok() {
+            talking += 1;
+        }
+    }
+    let with_calls = call_service.sample();
+    for ((caller, _), (callee, _)) in &pairs {
+        let _ = caller.finish(callee.user_id()).await;
+    }
+    Ok(ConnResult {
+        clients: spec.clients,
+        connected,
+        failed,
+        sources: spec.sources.len(),
+        connect_s,
+        connects_per_s: connected as f64 / connect_s.max(1e-9),
+        server_rss_before_kib: before.rss_kib,
+        server_rss_connected_kib: with_clients.rss_kib,
+        server_kib_per_client: per(with_clients.rss_kib, before.rss_kib, connected),
+        server_reports_connected: reported,
+        active_calls: talking,
+        server_rss_calls_kib: with_calls.rss_kib,
+        server_kib_per_call: per(with_calls.rss_kib, with_clients.rss_kib, talking),
+        generator_kib_per_client: per(me_after.rss_kib, me_before.rss_kib, connected),
+        first_errors,
+    })
+}
+
+/// Puts a call between two idle devices into the talking state.
+async fn talk(
+    caller: &Client,
+    caller_events: &mut Events,
+    callee: &Client,
+    callee_events: &mut Events,
+) -> anyhow::Result<()> {
+    let patience = Duration::from_secs(10);
+    anyhow::ensure!(caller.request(callee.user_id(), 3, 0, "").await? == Code::OK);
+    anyhow::ensure!(next(callee_events, patience).await == Some(EventKind::Request));
+    anyhow::ensure!(callee.reply(caller.user_id(), Code::OK).await? == Code::OK);
+    anyhow::ensure!(next(caller_events, patience).await == Some(EventKind::Reply));
+    anyhow::ensure!(next(caller_events, patience).await == Some(EventKind::Start));
+    anyhow::ensure!(next(callee_events, patience).await == Some(EventKind::Start));
+    Ok(())
+}
+
+async fn next(events: &mut Events, patience: Duration) -> Option<EventKind> {
+    tokio::time::timeout(patience, events.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|e| e.kind)
+}

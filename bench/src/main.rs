@@ -1,0 +1,421 @@
+//! `videocall-bench`: load generator and benchmarks. Parses the command
+//! line, starts the services as child processes, runs one mode, prints a
+//! summary and writes JSON / markdown.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use videocall_bench::calls::{CallPlan, LoadSpec, Pool};
+use videocall_bench::procs::{ServiceOptions, Services, sibling};
+use videocall_bench::{conns, echo, ramp, report};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "videocall-bench",
+    version,
+    about = "Load generator and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Full calls at one rate (open loop), against services it starts.
+    Calls {
+        #[command(flatten)]
+        common: Common,
+        /// Calls started per second.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Calls to start.
+        #[arg(long, default_value_t = 5000)]
+        calls: u64,
+        /// Exit with status 1 unless every call went as planned.
+        #[arg(long)]
+        require_clean: bool,
+    },
+    /// Raise the rate until calls fail, then bisect: the highest rate with
+    /// zero failed calls, and latency at half of it.
+    Ramp {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 500.0)]
+        start_rate: f64,
+        /// Each step multiplies the rate by this.
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        #[arg(long, default_value_t = 100_000.0)]
+        max_rate: f64,
+        /// Length of each step.
+        #[arg(long, default_value_t = 5.0)]
+        step_seconds: f64,
+        /// Bisection rounds after the first failing step.
+        #[arg(long, default_value_t = 3)]
+        refine: u32,
+    },
+    /// N idle connected devices: memory per device and per call.
+    Connections {
+        #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
+        services: ServiceArgs,
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// How many 127.0.0.x source addresses to spread them over (from
+        /// 127.0.0.2).
+        #[arg(long, default_value_t = 8)]
+        sources: u8,
+        /// Connection attempts in flight at once.
+        #[arg(long, default_value_t = 512)]
+        parallel: usize,
+        /// Calls to put in the talking state among them.
+        #[arg(long, default_value_t = 1000)]
+        active_calls: usize,
+    },
+    /// The transport baseline: a minimal tonic echo server (its own
+    /// process) under closed-loop unary and streaming load.
+    Echo {
+        #[command(flatten)]
+        out: Output,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Requests in flight; each value is one run per kind.
+        #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+        concurrency: Vec<usize>,
+    },
+    /// Serve the echo service (started by `echo`).
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Output {
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a markdown summary here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// No live progress on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    /// The call-service binary (default: next to this one).
+    #[arg(long)]
+    call_service: Option<PathBuf>,
+    /// The business-service binary (default: next to this one).
+    #[arg(long)]
+    business_service: Option<PathBuf>,
+    /// No business service: the call service approves calls itself.
+    #[arg(long)]
+    no_business: bool,
+    /// Let the business service keep call records (SQLite), as it does by
+    /// default in production.
+    #[arg(long)]
+    records: bool,
+    /// The call service's ring timeout (the timed-out share waits for it).
+    #[arg(long, default_value = "1s", value_parser = humantime_ms)]
+    ring_timeout: Duration,
+    /// Extra argument for the call service (repeat).
+    #[arg(long = "call-arg", allow_hyphen_values = true)]
+    call_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    #[command(flatten)]
+    out: Output,
+    #[command(flatten)]
+    services: ServiceArgs,
+    /// Caller/callee pairs of connected devices: the concurrency limit.
+    #[arg(long, default_value_t = 2000)]
+    pairs: usize,
+    /// How long the callee rings before answering, in ms.
+    #[arg(long, default_value_t = 0)]
+    answer_delay_ms: u64,
+    /// How long an answered call lasts, in ms.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
+    /// Share of calls the callee rejects (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    reject: f64,
+    /// Share of calls the caller cancels while ringing.
+    #[arg(long, default_value_t = 0.0)]
+    cancel: f64,
+    /// Share of calls nobody answers (they end at the ring timeout).
+    #[arg(long, default_value_t = 0.0)]
+    no_answer: f64,
+    /// The longest wait for one event before a call counts as failed, in ms.
+    #[arg(long, default_value_t = 5000)]
+    patience_ms: u64,
+}
+
+fn humantime_ms(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "ms"));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("bad duration {s:?}: use ms or s")),
+    }
+}
+
+impl ServiceArgs {
+    fn options(&self) -> ServiceOptions {
+        ServiceOptions {
+            call_service: self
+                .call_service
+                .clone()
+                .unwrap_or_else(|| sibling("call-service")),
+            business_service: self
+                .business_service
+                .clone()
+                .unwrap_or_else(|| sibling("business-service")),
+            business: !self.no_business,
+            records: self.records,
+            ring_timeout: self.ring_timeout,
+            call_args: self.call_args.clone(),
+        }
+    }
+}
+
+impl Common {
+    fn spec(&self, rate: f64, calls: u64) -> anyhow::Result<LoadSpec> {
+        let plan = CallPlan {
+            answer_delay: Duration::from_millis(self.answer_delay_ms),
+            hold: Duration::from_millis(self.hold_ms),
+            reject: self.reject,
+            cancel: self.cancel,
+            timeout: self.no_answer,
+        };
+        let shares = [plan.reject, plan.cancel, plan.timeout];
+        if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
+            bail!(
+                "--reject, --cancel and --no-answer are shares between 0 and 1, summing to at most 1"
+            );
+        }
+        if rate <= 0.0 || !rate.is_finite() {
+            bail!("the rate must be positive");
+        }
+        Ok(LoadSpec {
+            rate,
+            calls,
+            plan,
+            patience: Duration::from_millis(self.patience_ms),
+        })
+    }
+}
+
+/// What the machine was, for the report.
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    memory_gib: f64,
+    kernel: String,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Document<'a, T: Serialize> {
+    mode: &'a str,
+    machine: Machine,
+    result: &'a T,
+}
+
+fn write_out<T: Serialize>(
+    out: &Output,
+    mode: &str,
+    result: &T,
+    markdown: String,
+) -> anyhow::Result<()> {
+    println!("{markdown}");
+    if let Some(p) = &out.json {
+        let doc = Document {
+            mode,
+            machine: machine(),
+            result,
+        };
+        std::fs::write(p, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if let Some(p) = &out.markdown {
+        std::fs::write(p, markdown).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Thousands of connections: take every file descriptor the hard limit allows.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    match cli.command {
+        Mode::Calls {
+            common,
+            rate,
+            calls,
+            require_clean,
+        } => {
+            let spec = common.spec(rate, calls)?;
+            let services = Services::start(&common.services.options()).await?;
+            let mut pool = Pool::connect(&services.client_url()?, common.pairs, "b").await?;
+            let step = ramp::step(&services, &mut pool, &spec, common.out.quiet).await?;
+            drop(pool);
+            services.stop().await;
+            write_out(&common.out, "calls", &step, report::step(&step))?;
+            if require_clean && !step.clean {
+                bail!("not every call went as planned");
+            }
+        }
+        Mode::Ramp {
+            common,
+            start_rate,
+            factor,
+            max_rate,
+            step_seconds,
+            refine,
+        } => {
+            if factor <= 1.0 {
+                bail!("--factor must be above 1");
+            }
+            let template = common.spec(start_rate, 1)?;
+            let services = Services::start(&common.services.options()).await?;
+            let mut pool = Pool::connect(&services.client_url()?, common.pairs, "b").await?;
+            let r = ramp::RampSpec {
+                start_rate,
+                factor,
+                max_rate,
+                step_seconds,
+                refine,
+            };
+            let result = ramp::ramp(&services, &mut pool, &template, &r, common.out.quiet).await?;
+            drop(pool);
+            services.stop().await;
+            write_out(&common.out, "ramp", &result, report::ramp(&result))?;
+        }
+        Mode::Connections {
+            out,
+            services,
+            clients,
+            sources,
+            parallel,
+            active_calls,
+        } => {
+            let sources: Vec<IpAddr> = (0..sources.max(1))
+                .map(|i| IpAddr::from([127, 0, 0, 2u8.saturating_add(i)]))
+                .collect();
+            let started = Services::start(&services.options()).await?;
+            let spec = conns::ConnSpec {
+                clients,
+                sources,
+                parallel,
+                active_calls,
+                quiet: out.quiet,
+            };
+            let result = conns::run(&started.client_url()?, &started.call, &spec).await?;
+            started.stop().await;
+            write_out(&out, "connections", &result, report::conns(&result))?;
+        }
+        Mode::Echo {
+            out,
+            seconds,
+            connections,
+            concurrency,
+        } => {
+            let server = videocall_bench::procs::Server::start(
+                "echo-server",
+                &std::env::current_exe()?,
+                &["echo-server".to_owned()],
+            )
+            .await?;
+            let url = format!("http://{}", server.addr("addr")?);
+            let mut results = Vec::new();
+            for &c in &concurrency {
+                let before = server.sample();
+                let mut r = echo::unary(&url, connections, c, seconds).await?;
+                let mid = server.sample();
+                let mut s = echo::stream(&url, connections, c, seconds).await?;
+                let after = server.sample();
+                if !out.quiet {
+                    eprintln!(
+                        "echo in flight {c}: unary {:.0}/s (server CPU {:.2} s), stream {:.0}/s (server CPU {:.2} s)",
+                        r.per_s,
+                        mid.cpu_s - before.cpu_s,
+                        s.per_s,
+                        after.cpu_s - mid.cpu_s
+                    );
+                }
+                r.server_cpu_s = mid.cpu_s - before.cpu_s;
+                s.server_cpu_s = after.cpu_s - mid.cpu_s;
+                results.push(r);
+                results.push(s);
+            }
+            server.stop(Duration::from_secs(5)).await;
+            write_out(&out, "echo", &results, report::echo(&results))?;
+        }
+        Mode::EchoServer { listen } => {
+            let listener = TcpListener::bind(listen).await?;
+            println!("echo listening: addr={}", listener.local_addr()?);
+            echo::serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}

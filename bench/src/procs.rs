@@ -1,0 +1,317 @@
+//! The servers under test as separate processes, and what they cost: CPU
+//! seconds and resident memory read from `/proc`, counters scraped from
+//! their Prometheus endpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// CPU time and memory of one process at one instant (Linux `/proc`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcSample {
+    /// User + system CPU seconds since the process started.
+    pub cpu_s: f64,
+    /// Resident set size now, KiB.
+    pub rss_kib: u64,
+    /// Peak resident set size since the process started, KiB.
+    pub peak_rss_kib: u64,
+}
+
+/// Reads `/proc/<pid>`; `None` once the process is gone (or off Linux).
+pub fn sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(ProcSample {
+        // The kernel's clock tick is 100 Hz on every Linux platform we run on.
+        cpu_s: ticks as f64 / 100.0,
+        rss_kib: kib("VmRSS:"),
+        peak_rss_kib: kib("VmHWM:"),
+    })
+}
+
+/// What a process spent over a run: the difference of two samples, with the
+/// peak memory seen.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcCost {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl ProcCost {
+    pub fn between(before: ProcSample, after: ProcSample) -> Self {
+        Self {
+            cpu_s: after.cpu_s - before.cpu_s,
+            rss_kib: after.rss_kib,
+            peak_rss_kib: after.peak_rss_kib,
+        }
+    }
+}
+
+/// Where the service binaries are: next to this one (same `target/<profile>`).
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+        .join(name)
+}
+
+/// One running server process; killed when dropped.
+#[derive(Debug)]
+pub struct Server {
+    pub name: &'static str,
+    child: Child,
+    pid: u32,
+    /// `key=value` pairs from its "listening" line.
+    listening: String,
+}
+
+impl Server {
+    /// Starts `program` and waits for its "listening" line on stdout.
+    pub async fn start(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let pid = child.id().context("no pid")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let listening = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("listening:") {
+                    return Ok(line);
+                }
+            }
+            bail!("{name} exited before it was listening")
+        })
+        .await
+        .with_context(|| format!("{name} did not start in 30 s"))??;
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            name,
+            child,
+            pid,
+            listening,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The address it printed for `key` (`client`, `hook`, `metrics`, ...).
+    pub fn addr(&self, key: &str) -> anyhow::Result<String> {
+        self.listening
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("no {key}= in {:?}", self.listening))
+    }
+
+    pub fn sample(&self) -> ProcSample {
+        sample(self.pid).unwrap_or_default()
+    }
+
+    /// Asks it to stop (SIGTERM via `kill`) and waits at most `patience`.
+    pub async fn stop(mut self, patience: Duration) {
+        let _ = Command::new("kill")
+            .arg(self.pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(patience, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The call service and an approving business service, started for a run.
+#[derive(Debug)]
+pub struct Services {
+    pub call: Server,
+    pub business: Option<Server>,
+    /// Holds the business service's records database.
+    _dir: Option<TempDir>,
+}
+
+/// Settings of the services a run starts.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub call_service: PathBuf,
+    pub business_service: PathBuf,
+    /// Without it, the call service approves every call itself (no hook).
+    pub business: bool,
+    /// Keep call records in SQLite (the reference business service's default).
+    pub records: bool,
+    pub ring_timeout: Duration,
+    /// Extra `call-service` arguments.
+    pub call_args: Vec<String>,
+}
+
+impl Services {
+    pub async fn start(o: &ServiceOptions) -> anyhow::Result<Self> {
+        let mut dir = None;
+        let business = if o.business {
+            let mut args: Vec<String> = [
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ]
+            .map(String::from)
+            .to_vec();
+            if o.records {
+                let d = TempDir::new()?;
+                args.push("--database".into());
+                args.push(d.path.join("records.db").display().to_string());
+                dir = Some(d);
+            } else {
+                args.push("--no-records".into());
+            }
+            Some(Server::start("business-service", &o.business_service, &args).await?)
+        } else {
+            None
+        };
+        let mut args: Vec<String> = [
+            "--client-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--dev-identity",
+            // A load generator is one very busy client per device: lift the
+            // per-connection and per-node limits that protect a real node.
+            "--controls-per-second",
+            "1000000",
+            "--control-burst",
+            "1000000",
+            "--max-connections",
+            "1000000",
+            "--max-pending-approvals",
+            "1000000",
+            "--resume-grace",
+            "0s",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push("--ring-timeout".into());
+        args.push(format!("{}ms", o.ring_timeout.as_millis()));
+        if let Some(b) = &business {
+            args.push("--business-url".into());
+            args.push(format!("http://{}", b.addr("hook")?));
+        }
+        args.extend(o.call_args.iter().cloned());
+        let call = Server::start("call-service", &o.call_service, &args).await?;
+        Ok(Self {
+            call,
+            business,
+            _dir: dir,
+        })
+    }
+
+    pub fn client_url(&self) -> anyhow::Result<String> {
+        Ok(format!("http://{}", self.call.addr("client")?))
+    }
+
+    pub fn samples(&self) -> Vec<(&'static str, ProcSample)> {
+        let mut v = vec![(self.call.name, self.call.sample())];
+        if let Some(b) = &self.business {
+            v.push((b.name, b.sample()));
+        }
+        v
+    }
+
+    pub async fn stop(self) {
+        self.call.stop(Duration::from_secs(10)).await;
+        if let Some(b) = self.business {
+            b.stop(Duration::from_secs(10)).await;
+        }
+    }
+}
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "videocall-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The value of one un-labelled metric (or the sum over its labels) from a
+/// Prometheus text endpoint at `addr` (`host:port`).
+pub async fn scrape(addr: &str, metric: &str) -> anyhow::Result<f64> {
+    let text = fetch_metrics(addr).await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            let bare = name.split('{').next()?;
+            (bare == metric).then(|| value.parse::<f64>().ok())?
+        })
+        .sum())
+}
+
+async fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}

@@ -1,0 +1,198 @@
+//! Runs of the call load against started services: one rate, or a ramp that
+//! finds the highest rate with zero failed calls.
+//!
+//! A step is clean when every offered call started on time (no pair
+//! shortage), every call went as planned, and the call service dropped no
+//! notice to the business service (events on means every event reaches it).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::calls::{self, LoadResult, LoadSpec, Pool, Progress};
+use crate::procs::{ProcCost, Services, scrape};
+
+/// One run at one rate, with what the processes spent on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    #[serde(flatten)]
+    pub load: LoadResult,
+    /// Notices the call service dropped during the step.
+    pub notices_dropped: f64,
+    pub clean: bool,
+    /// CPU seconds and memory of each server process over the step.
+    pub processes: Vec<(String, ProcCost)>,
+    /// CPU seconds per 1000 completed calls, all server processes together.
+    pub server_cpu_ms_per_call: f64,
+}
+
+/// How a ramp goes.
+#[derive(Debug, Clone)]
+pub struct RampSpec {
+    pub start_rate: f64,
+    pub factor: f64,
+    pub max_rate: f64,
+    pub step_seconds: f64,
+    /// Bisection rounds between the last clean and the first failing rate.
+    pub refine: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RampResult {
+    pub steps: Vec<Step>,
+    /// The highest offered rate that ran clean.
+    pub max_clean_rate: Option<f64>,
+    /// Its completed calls per second.
+    pub max_clean_completed_per_s: Option<f64>,
+    /// A run at half the max clean rate, for setup latency.
+    pub at_half: Option<Step>,
+}
+
+/// Runs `spec` once and measures the services around it.
+pub async fn step(
+    services: &Services,
+    pool: &mut Pool,
+    spec: &LoadSpec,
+    quiet: bool,
+) -> anyhow::Result<Step> {
+    let metrics = services.call.addr("metrics")?;
+    let dropped_before = scrape(&metrics, "videocall_notices_dropped_total").await?;
+    let before = services.samples();
+    let progress = Arc::new(Progress::default());
+    let printer = (!quiet).then(|| {
+        let p = progress.clone();
+        let rate = spec.rate;
+        let total = spec.calls;
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = 0;
+            loop {
+                tick.tick().await;
+                let done = p.done.load(Relaxed);
+                let started = p.started.load(Relaxed);
+                eprintln!(
+                    "[{:>5.1}s] rate {rate:.0}/s  started {started}/{total}  completed {done} (+{}/s)  failed {}  in flight {}",
+                    t0.elapsed().as_secs_f64(),
+                    done - last,
+                    p.failed.load(Relaxed),
+                    started.saturating_sub(done + p.failed.load(Relaxed)),
+                );
+                last = done;
+            }
+        })
+    });
+    let load = calls::run(pool, spec, &progress).await;
+    if let Some(p) = printer {
+        p.abort();
+    }
+    let after = services.samples();
+    // Notices still queued are not lost; wait for them so the next step
+    // starts from an idle service, and count drops once they are settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scrape(&metrics, "videocall_notice_backlog").await? > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let notices_dropped =
+        scrape(&metrics, "videocall_notices_dropped_total").await? - dropped_before;
+    let processes: Vec<(String, ProcCost)> = before
+        .iter()
+        .zip(after.iter())
+        .map(|((name, b), (_, a))| (name.to_string(), ProcCost::between(*b, *a)))
+        .collect();
+    let cpu: f64 = processes.iter().map(|(_, c)| c.cpu_s).sum();
+    let clean = load.clean() && notices_dropped == 0.0;
+    Ok(Step {
+        server_cpu_ms_per_call: cpu * 1000.0 / (load.completed.max(1) as f64),
+        load,
+        notices_dropped,
+        clean,
+        processes,
+    })
+}
+
+/// Raises the rate by `factor` until a step fails, then bisects.
+pub async fn ramp(
+    services: &Services,
+    pool: &mut Pool,
+    template: &LoadSpec,
+    r: &RampSpec,
+    quiet: bool,
+) -> anyhow::Result<RampResult> {
+    let mut steps = Vec::new();
+    let mut good: Option<(f64, f64)> = None;
+    let mut bad: Option<f64> = None;
+    let mut rate = r.start_rate;
+    let run_at = |rate: f64| LoadSpec {
+        rate,
+        calls: ((rate * r.step_seconds).ceil() as u64).max(1),
+        ..template.clone()
+    };
+    while rate <= r.max_rate {
+        let s = step(services, pool, &run_at(rate), quiet).await?;
+        report_step(&s);
+        let clean = s.clean;
+        let completed = s.load.completed_per_s;
+        steps.push(s);
+        if clean {
+            good = Some((rate, completed));
+            rate *= r.factor;
+        } else {
+            bad = Some(rate);
+            break;
+        }
+    }
+    if let (Some(_), Some(_)) = (good, bad) {
+        for _ in 0..r.refine {
+            let (lo, _) = good.unwrap_or_default();
+            let hi = bad.unwrap_or(lo);
+            let mid = ((lo + hi) / 2.0).round();
+            if hi - lo < lo * 0.03 {
+                break;
+            }
+            let s = step(services, pool, &run_at(mid), quiet).await?;
+            report_step(&s);
+            if s.clean {
+                good = Some((mid, s.load.completed_per_s));
+            } else {
+                bad = Some(mid);
+            }
+            steps.push(s);
+        }
+    }
+    let at_half = match good {
+        Some((rate, _)) => {
+            let s = step(services, pool, &run_at(rate / 2.0), quiet).await?;
+            report_step(&s);
+            Some(s)
+        }
+        None => None,
+    };
+    Ok(RampResult {
+        steps,
+        max_clean_rate: good.map(|g| g.0),
+        max_clean_completed_per_s: good.map(|g| g.1),
+        at_half,
+    })
+}
+
+fn report_step(s: &Step) {
+    let l = &s.load;
+    eprintln!(
+        "step {:>7.0}/s: {} — completed {:.0}/s, failed {}, not started {}, notices dropped {}, REQUEST→START p99 {:.2} ms",
+        l.offered_rate,
+        if s.clean { "clean" } else { "NOT clean" },
+        l.completed_per_s,
+        l.failed,
+        l.not_started,
+        s.notices_dropped,
+        l.request_to_start.p99_ms,
+    );
+    for (what, n) in &l.failures {
+        eprintln!("    {n} × {what}");
+    }
+}
