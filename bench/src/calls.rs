@@ -37,6 +37,8 @@ pub struct CallPlan {
     pub reject: f64,
     pub cancel: f64,
     pub timeout: f64,
+    /// The call service's ring timeout (what an unanswered call lasts).
+    pub ring_timeout: Duration,
 }
 
 /// One run at one offered rate.
@@ -132,6 +134,8 @@ pub struct LoadResult {
     pub not_started: u64,
     /// From the first scheduled start to the last call's end.
     pub elapsed_s: f64,
+    /// The longest `elapsed_s` a clean run may take.
+    pub allowed_s: f64,
     /// Completed calls per second over `elapsed_s`.
     pub completed_per_s: f64,
     /// How far behind schedule the generator started calls, at worst.
@@ -149,8 +153,14 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Every call went as planned, and the last one ended on time: within
+    /// 5% + 0.5 s of the schedule, plus what a call itself lasts (as for
+    /// SIPp in `bench/sip`).
     pub fn clean(&self) -> bool {
-        self.failed == 0 && self.not_started == 0 && self.started == self.offered
+        self.failed == 0
+            && self.not_started == 0
+            && self.started == self.offered
+            && self.elapsed_s <= self.allowed_s
     }
 }
 
@@ -308,6 +318,9 @@ pub async fn run(pool: &mut Pool, spec: &LoadSpec, progress: &Arc<Progress>) -> 
         failures: r.failures,
         not_started,
         elapsed_s: elapsed,
+        allowed_s: spec.calls as f64 / spec.rate * 1.05
+            + 0.5
+            + call_length(&spec.plan).as_secs_f64(),
         completed_per_s: completed as f64 / elapsed.max(1e-9),
         max_start_lag_ms: max_lag.as_secs_f64() * 1000.0,
         request_to_reply: r.to_reply.summary(),
@@ -316,6 +329,15 @@ pub async fn run(pool: &mut Pool, spec: &LoadSpec, progress: &Arc<Progress>) -> 
         finish_to_finished: r.to_finished.summary(),
         per_second: r.per_second,
     }
+}
+
+/// The longest a call itself lasts under `plan`, on top of its set-up.
+fn call_length(plan: &CallPlan) -> Duration {
+    let ring = match plan.timeout > 0.0 {
+        true => plan.ring_timeout,
+        false => Duration::ZERO,
+    };
+    (plan.answer_delay + plan.hold).max(ring)
 }
 
 /// Waits for the next event of `events` and checks it is `kind` with `code`.

@@ -205,6 +205,7 @@ impl Common {
             reject: self.reject,
             cancel: self.cancel,
             timeout: self.no_answer,
+            ring_timeout: self.services.ring_timeout,
         };
         let shares = [plan.reject, plan.cancel, plan.timeout];
         if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {

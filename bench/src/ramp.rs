@@ -90,13 +90,14 @@ pub async fn step(
     if let Some(p) = printer {
         p.abort();
     }
-    let after = services.samples();
     // Notices still queued are not lost; wait for them so the next step
     // starts from an idle service, and count drops once they are settled.
+    // Their delivery is part of the step's cost.
     let deadline = Instant::now() + Duration::from_secs(60);
     while scrape(&metrics, "videocall_notice_backlog").await? > 0.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let after = services.samples();
     let notices_dropped =
         scrape(&metrics, "videocall_notices_dropped_total").await? - dropped_before;
     let processes: Vec<(String, ProcCost)> = before

@@ -273,27 +273,19 @@ fn event_name(t: i32) -> &'static str {
     }
 }
 
-#[tonic::async_trait]
-impl BusinessHook for Hook {
-    async fn on_call_event(
-        &self,
-        request: Request<pb::CallEventNotice>,
-    ) -> Result<Response<pb::CallEventAck>, Status> {
-        let n = request.into_inner();
-        if n.call_id.is_empty() || n.event_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "call_id and event_id are required",
-            ));
-        }
-        let decision = (n.decision_required && n.event_type == pb::EventType::Request as i32)
-            .then(|| self.decide(&n));
+impl Hook {
+    /// Counts, logs and observes one notice; returns the decision for an
+    /// approval.
+    fn observe(&self, n: &pb::CallEventNotice, approval: bool) -> Option<u32> {
+        let decision =
+            (approval && n.event_type == pb::EventType::Request as i32).then(|| self.decide(n));
         let event = event_name(n.event_type);
         self.metrics
             .notices
             .get_or_create(&metrics::EventLabel { event })
             .inc();
         info!(
-            event = event_name(n.event_type),
+            event,
             call_id = %n.call_id,
             seq = n.sequence,
             source = %n.source_user_id,
@@ -303,8 +295,52 @@ impl BusinessHook for Hook {
             "call event"
         );
         if let Some(enforcer) = &self.enforcer {
-            enforcer.observe(&n, self.policy.get().as_ref());
+            enforcer.observe(n, self.policy.get().as_ref());
         }
+        decision
+    }
+
+    /// After a write: healthy again, or refused so that the call service
+    /// delivers the notices again.
+    async fn stored(
+        &self,
+        result: Result<(), records::RecordsError>,
+        call_id: &str,
+    ) -> Result<(), Status> {
+        match result {
+            Ok(()) => {
+                self.records_ok(true).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.records_ok(false).await;
+                warn!(call_id, error = %e, "call event not recorded");
+                Err(Status::unavailable(format!(
+                    "call records unavailable: {e}"
+                )))
+            }
+        }
+    }
+}
+
+fn check(n: &pb::CallEventNotice) -> Result<(), Status> {
+    if n.call_id.is_empty() || n.event_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "call_id and event_id are required",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl BusinessHook for Hook {
+    async fn on_call_event(
+        &self,
+        request: Request<pb::CallEventNotice>,
+    ) -> Result<Response<pb::CallEventAck>, Status> {
+        let n = request.into_inner();
+        check(&n)?;
+        let decision = self.observe(&n, n.decision_required);
         if let Some(records) = &self.records {
             if decision.is_some() {
                 // The caller is waiting: the decision does no I/O. The
@@ -312,17 +348,8 @@ impl BusinessHook for Hook {
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
                 records.store_soon(n.clone(), rang_ms);
             } else {
-                match records.store(n.clone(), None).await {
-                    Ok(()) => self.records_ok(true).await,
-                    Err(e) => {
-                        self.records_ok(false).await;
-                        // Refused, so that the call service delivers it again.
-                        warn!(call_id = %n.call_id, error = %e, "call event not recorded");
-                        return Err(Status::unavailable(format!(
-                            "call records unavailable: {e}"
-                        )));
-                    }
-                }
+                let result = records.store(n.clone(), None).await;
+                self.stored(result, &n.call_id).await?;
             }
         }
         // No observer is fine.
@@ -330,6 +357,28 @@ impl BusinessHook for Hook {
         Ok(Response::new(pb::CallEventAck {
             result_code: decision.unwrap_or(0),
         }))
+    }
+
+    async fn on_call_events(
+        &self,
+        request: Request<pb::CallEventBatch>,
+    ) -> Result<Response<pb::CallEventBatchAck>, Status> {
+        let batch = request.into_inner().notices;
+        // All or nothing: a malformed notice refuses the batch unseen.
+        batch.iter().try_for_each(check)?;
+        for n in &batch {
+            // A batch carries no approvals.
+            self.observe(n, false);
+        }
+        if let Some(records) = &self.records {
+            let first = batch.first().map(|n| n.call_id.clone()).unwrap_or_default();
+            let result = records.store_all(batch.clone()).await;
+            self.stored(result, &first).await?;
+        }
+        for n in batch {
+            let _ = self.observers.send(n);
+        }
+        Ok(Response::new(pb::CallEventBatchAck {}))
     }
 }
 

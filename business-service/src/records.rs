@@ -218,6 +218,34 @@ impl Records {
     }
 }
 
+impl Records {
+    /// Stores several notices and returns once all are committed: they are
+    /// queued together, so the writer commits them in one transaction.
+    pub async fn store_all(&self, notices: Vec<pb::CallEventNotice>) -> Result<(), RecordsError> {
+        let mut acks = Vec::with_capacity(notices.len());
+        for notice in notices {
+            let (done, rx) = oneshot::channel();
+            self.tx
+                .send(Job {
+                    notice,
+                    rang_ms: None,
+                    done,
+                })
+                .await
+                .map_err(|_| RecordsError::Stopped)?;
+            acks.push(rx);
+        }
+        for rx in acks {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(RecordsError::Write(e)),
+                Err(_) => return Err(RecordsError::Stopped),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.blocking_recv() {

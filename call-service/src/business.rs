@@ -16,6 +16,12 @@
 //!   lost answer) can be recognised. A notice the business service refuses
 //!   as malformed (INVALID_ARGUMENT, UNIMPLEMENTED, OUT_OF_RANGE) is not
 //!   retried: it is logged and counted (`videocall_notices_rejected_total`).
+//! - **Batches**: notices that queued up on a lane while the previous
+//!   delivery was in flight go together in one `OnCallEvents` request (at
+//!   most [`BATCH_MAX`]), retried as a whole; a lone notice goes with
+//!   `OnCallEvent`. Under load this replaces hundreds of round trips with
+//!   one. A business service that answers UNIMPLEMENTED (the method is
+//!   optional) gets every notice one at a time from then on.
 //! - **A REQUEST whose approval failed** is queued as a notice too
 //!   (`decision_required` false), so the call's record is complete once the
 //!   business service is back.
@@ -25,6 +31,7 @@
 //!   business service.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -33,18 +40,21 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use videocall_proto::v1 as pb;
 use videocall_proto::v1::business_hook_client::BusinessHookClient;
 
 use crate::codes;
 use crate::convert::notice_to_proto;
-use crate::machine::{Initiator, Notice, Verdict};
+use crate::machine::{CallId, Initiator, Notice, Verdict};
 use crate::metrics::{KindLabel, Metrics};
 
 /// Ordered delivery lanes for notices.
 pub const LANES: usize = 8;
 /// Notices a lane holds before it drops new ones.
 pub const LANE_QUEUE: usize = 4096;
+/// The most notices one `OnCallEvents` request carries.
+pub const BATCH_MAX: usize = 256;
 /// The first wait before retrying a notice.
 pub const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// The longest wait between retries.
@@ -132,6 +142,8 @@ impl Business {
             .tcp_nodelay(true);
         let client = BusinessHookClient::new(endpoint.connect_lazy());
         let mut lanes = Vec::with_capacity(LANES);
+        // Until the business service shows it has no OnCallEvents.
+        let batches = Arc::new(AtomicBool::new(true));
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             lanes.push(tx);
@@ -142,6 +154,7 @@ impl Business {
                 rx,
                 metrics.clone(),
                 shutdown.clone(),
+                batches.clone(),
             ));
         }
         Ok(Self {
@@ -236,46 +249,146 @@ async fn lane(
     mut rx: mpsc::Receiver<Notice>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    batches: Arc<AtomicBool>,
 ) {
+    let mut queued = Vec::with_capacity(BATCH_MAX);
     loop {
-        let notice = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => return,
             n = rx.recv() => match n { Some(n) => n, None => return },
         };
-        let mut backoff = RETRY_FIRST;
-        let mut attempt = 1u32;
-        loop {
-            let mut request =
-                tonic::Request::new(notice_to_proto(&notice, clock.wall_time(notice.at)));
-            request.set_timeout(deadline);
-            let mut client = client.clone();
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = tokio::time::timeout(deadline, client.on_call_event(request)) => r,
-            };
-            let error = match result {
-                Ok(Ok(_)) => break,
-                Ok(Err(status)) if !retryable(status.code()) => {
-                    metrics.notices_rejected.inc();
-                    warn!(call_id = %notice.call_id, seq = notice.seq, code = ?status.code(), error = %status.message(), "notice refused by the business service; not retried");
-                    break;
-                }
-                Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
-                Err(_) => "deadline passed".to_owned(),
-            };
-            metrics.notice_retries.inc();
-            if attempt == 1 {
-                warn!(call_id = %notice.call_id, seq = notice.seq, %error, "notice not delivered; retrying with backoff");
-            } else {
-                debug!(call_id = %notice.call_id, seq = notice.seq, attempt, %error, "notice not delivered");
+        queued.push(first);
+        // Whatever queued up meanwhile goes in the same request.
+        while queued.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(n) => queued.push(n),
+                Err(_) => break,
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(RETRY_MAX);
-            attempt += 1;
         }
+        if queued.len() > 1 && batches.load(Ordering::Relaxed) {
+            let batch = pb::CallEventBatch {
+                notices: queued
+                    .iter()
+                    .map(|n| notice_to_proto(n, clock.wall_time(n.at)))
+                    .collect(),
+            };
+            let send = || {
+                let mut client = client.clone();
+                let mut request = tonic::Request::new(batch.clone());
+                request.set_timeout(deadline);
+                async move { client.on_call_events(request).await.map(drop) }
+            };
+            let first = &queued[0];
+            let what = Attempt {
+                call_id: first.call_id,
+                seq: first.seq,
+                notices: queued.len(),
+            };
+            match deliver(send, what, deadline, &metrics, &shutdown).await {
+                Delivery::Done => {
+                    queued.clear();
+                    continue;
+                }
+                Delivery::Shutdown => return,
+                Delivery::Refused(tonic::Code::Unimplemented) => {
+                    // Once is enough to know: one at a time from now on.
+                    if batches.swap(false, Ordering::Relaxed) {
+                        info!(
+                            "the business service does not implement OnCallEvents: notices go one at a time"
+                        );
+                    }
+                }
+                Delivery::Refused(code) => {
+                    metrics.notices_rejected.inc_by(queued.len() as u64);
+                    warn!(call_id = %first.call_id, notices = queued.len(), ?code, "notice batch refused by the business service; not retried");
+                    queued.clear();
+                    continue;
+                }
+            }
+        }
+        for notice in queued.drain(..) {
+            let proto = notice_to_proto(&notice, clock.wall_time(notice.at));
+            let send = || {
+                let mut client = client.clone();
+                let mut request = tonic::Request::new(proto.clone());
+                request.set_timeout(deadline);
+                async move { client.on_call_event(request).await.map(drop) }
+            };
+            let what = Attempt {
+                call_id: notice.call_id,
+                seq: notice.seq,
+                notices: 1,
+            };
+            match deliver(send, what, deadline, &metrics, &shutdown).await {
+                Delivery::Done => {}
+                Delivery::Shutdown => return,
+                Delivery::Refused(code) => {
+                    metrics.notices_rejected.inc();
+                    warn!(call_id = %notice.call_id, seq = notice.seq, ?code, "notice refused by the business service; not retried");
+                }
+            }
+        }
+    }
+}
+
+/// What a delivery attempt carries, for logs.
+#[derive(Clone, Copy)]
+struct Attempt {
+    call_id: CallId,
+    seq: u32,
+    notices: usize,
+}
+
+enum Delivery {
+    Done,
+    /// Refused as malformed or unsupported: sending it again will not help.
+    Refused(tonic::Code),
+    Shutdown,
+}
+
+/// Sends until the business service takes it or refuses it for good,
+/// retrying with exponential backoff in between.
+async fn deliver<F, Fut>(
+    send: F,
+    what: Attempt,
+    deadline: Duration,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Delivery
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let mut backoff = RETRY_FIRST;
+    let mut attempt = 1u32;
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return Delivery::Shutdown,
+            r = tokio::time::timeout(deadline, send()) => r,
+        };
+        let error = match result {
+            Ok(Ok(())) => return Delivery::Done,
+            Ok(Err(status)) if !retryable(status.code()) => {
+                if status.code() != tonic::Code::Unimplemented {
+                    debug!(error = %status.message(), "refused");
+                }
+                return Delivery::Refused(status.code());
+            }
+            Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+            Err(_) => "deadline passed".to_owned(),
+        };
+        metrics.notice_retries.inc();
+        if attempt == 1 {
+            warn!(call_id = %what.call_id, seq = what.seq, notices = what.notices, %error, "notice not delivered; retrying with backoff");
+        } else {
+            debug!(call_id = %what.call_id, seq = what.seq, notices = what.notices, attempt, %error, "notice not delivered");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Delivery::Shutdown,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RETRY_MAX);
+        attempt += 1;
     }
 }
 

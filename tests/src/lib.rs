@@ -316,6 +316,13 @@ impl pb::business_hook_server::BusinessHook for Silent {
     ) -> Result<tonic::Response<pb::CallEventAck>, tonic::Status> {
         std::future::pending().await
     }
+
+    async fn on_call_events(
+        &self,
+        _: tonic::Request<pb::CallEventBatch>,
+    ) -> Result<tonic::Response<pb::CallEventBatchAck>, tonic::Status> {
+        std::future::pending().await
+    }
 }
 
 /// Starts a hook that never answers; returns its URL. It runs until the

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Turns the JSON of one benchmark run (Kamailio/SIPp, tonic echo, the call
+service's ramp and idle connections) into one markdown report with a table
+of ratios and PNG plots."""
+
+import argparse
+import json
+import os
+
+
+def load(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def fmt(x, digits=0):
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def ratio(a, b):
+    return "—" if not a or not b else f"{a / b:.2f}×"
+
+
+def plots(ramp, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    steps = sorted(ramp["result"]["steps"], key=lambda s: s["offered_rate"])
+    rates = [s["offered_rate"] for s in steps]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+        ax.plot(rates, [s["request_to_start"][key] for s in steps], marker="o", label=label)
+    bad = [s["offered_rate"] for s in steps if not s["clean"]]
+    for r in bad:
+        ax.axvline(r, color="red", alpha=0.2)
+    ax.set_xlabel("offered rate (calls/s)")
+    ax.set_ylabel("REQUEST→START (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Call setup latency against offered rate (red: step with failures)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "latency-vs-rate.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    files.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    t0 = 0
+    for s in ramp["result"]["steps"]:
+        per = s.get("per_second", [])
+        ax.plot(range(t0, t0 + len(per)), per, color="tab:green" if s["clean"] else "tab:red")
+        t0 += len(per) + 1
+    ax.set_xlabel("time (s, ramp steps back to back)")
+    ax.set_ylabel("completed calls/s")
+    ax.set_title("Throughput against time during the ramp (red: step with failures)")
+    ax.grid(True, alpha=0.3)
+    path = os.path.join(out_dir, "throughput-vs-time.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    files.append(path)
+    return files
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kamailio")
+    ap.add_argument("--echo")
+    ap.add_argument("--ramp", required=True)
+    ap.add_argument("--connections")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--command", default="./scripts/bench.sh")
+    args = ap.parse_args()
+
+    kam = load(args.kamailio)
+    echo = load(args.echo)
+    ramp = load(args.ramp)
+    conns = load(args.connections)
+    r = ramp["result"]
+    ours = r.get("max_clean_rate")
+    half = r.get("at_half")
+    kam_plain = kam["plain"]["max_clean_rate"] if kam else None
+    kam_dialog = kam["dialog"]["max_clean_rate"] if kam else None
+
+    m = ramp["machine"]
+    out = []
+    w = out.append
+    w("# Benchmark report\n")
+    w(f"Produced by `{args.command}`: every process on one machine, in one run.\n")
+    w(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}.")
+    if kam:
+        w(f" Kamailio: {kam['kamailio_version']}; SIPp: {kam['sipp_version']}.")
+    w("\n\n## Side by side\n\n")
+    w("| system | highest rate with zero failures | ours ÷ it |\n|---|---:|---:|\n")
+    w(f"| **call service**: full call (REQUEST, approval by the business service, REPLY, START, FINISH; notices on) | **{fmt(ours)} calls/s** | 1.00× |\n")
+    if kam:
+        w(f"| Kamailio stateful proxy (tm, record-route), SIPp UAC ↔ UAS | {fmt(kam_plain)} calls/s | {ratio(ours, kam_plain)} |\n")
+        w(f"| Kamailio stateful proxy + dialog tracking | {fmt(kam_dialog)} calls/s | {ratio(ours, kam_dialog)} |\n")
+    if echo:
+        best = {}
+        for e in echo["result"]:
+            if e["errors"] == 0 and e["per_s"] > best.get(e["kind"], {"per_s": 0})["per_s"]:
+                best[e["kind"]] = e
+        for kind, label in (("unary", "tonic echo, unary"), ("stream", "tonic echo, bidirectional stream ping-pong")):
+            if kind in best:
+                b = best[kind]
+                w(f"| {label} (transport limit; {b['concurrency']} in flight) | {fmt(b['per_s'])} round trips/s | — |\n")
+    w("\nA call through the call service is 3 controls with their results and 7 events on the clients' streams, ")
+    w("1 approval and 3 notices (unary RPCs) to the business service; a SIP call through the proxy is 7 SIP messages each way.\n")
+
+    w("\n## Targets\n\n| target | measured | met |\n|---|---|---|\n")
+    if kam_plain and ours:
+        w(f"| ≥ 2.5× Kamailio's best clean rate | {ours / kam_plain:.2f}× ({fmt(ours)} vs {fmt(kam_plain)}) | {'yes' if ours >= 2.5 * kam_plain else 'no'} |\n")
+    if half:
+        p99 = half["request_to_start"]["p99_ms"]
+        w(f"| REQUEST→START p99 ≤ 2 ms at half the max rate ({fmt(half['offered_rate'])}/s) | {p99:.3f} ms | {'yes' if p99 <= 2.0 else 'no'} |\n")
+    if conns:
+        c = conns["result"]
+        w(f"| ≤ 16 KiB server memory per idle client | {c['server_kib_per_client']:.2f} KiB | {'yes' if c['server_kib_per_client'] <= 16 else 'no'} |\n")
+        w(f"| 100,000 idle clients on one node | {c['connected']:,} connected of {c['clients']:,} asked | {'yes' if c['connected'] >= 100000 and c['failed'] == 0 else 'no'} |\n")
+
+    w("\n## Call service ramp\n\n")
+    w("Each step offers calls open loop for a few seconds; a step is clean when every call started on time, ")
+    w("every event both sides received was the one the contract says, and no notice to the business service was dropped.\n\n")
+    w("| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 ms | p99 | p99.9 | call-service CPU s | business-service CPU s |\n")
+    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for s in r["steps"]:
+        procs = dict((p[0], p[1]) for p in s["processes"])
+        w(f"| {s['offered_rate']:.0f} | {s['completed_per_s']:.0f} | {'yes' if s['clean'] else 'no'} | {s['failed']} | {s['not_started']} | "
+          f"{s['notices_dropped']:.0f} | {s['request_to_start']['p50_ms']:.3f} | {s['request_to_start']['p99_ms']:.3f} | "
+          f"{s['request_to_start']['p999_ms']:.3f} | {procs.get('call-service', {}).get('cpu_s', 0):.2f} | "
+          f"{procs.get('business-service', {}).get('cpu_s', 0):.2f} |\n")
+        if s["failures"]:
+            for what, n in s["failures"].items():
+                w(f"| | | | {n} × {what} | | | | | | | |\n")
+    if half:
+        w(f"\n### At half the highest clean rate ({half['offered_rate']:.0f} calls/s offered)\n\n")
+        w("| latency (ms) | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|\n")
+        for key, label in (("request_to_reply", "REQUEST→REPLY"), ("request_to_start", "REQUEST→START"),
+                           ("request_to_ring", "REQUEST→callee rings"), ("finish_to_finished", "FINISH→both FINISHed")):
+            p = half[key]
+            w(f"| {label} | {p['p50_ms']:.3f} | {p['p90_ms']:.3f} | {p['p99_ms']:.3f} | {p['p999_ms']:.3f} | {p['max_ms']:.3f} |\n")
+        w("\n| process | CPU s | RSS MiB | peak RSS MiB |\n|---|---:|---:|---:|\n")
+        for name, c in half["processes"]:
+            w(f"| {name} | {c['cpu_s']:.2f} | {c['rss_kib'] / 1024:.1f} | {c['peak_rss_kib'] / 1024:.1f} |\n")
+
+    if kam:
+        w("\n## Kamailio steps\n\n| mode | offered/s | completed/s | clean | ok | failed | Kamailio CPU s |\n|---|---:|---:|---|---:|---:|---:|\n")
+        for mode in ("plain", "dialog"):
+            for s in kam[mode]["steps"]:
+                w(f"| {mode} | {s['offered_rate']:.0f} | {s['completed_per_s']:.0f} | {'yes' if s['clean'] else 'no'} | {s['successful']} | {s['failed']} | {s['kamailio_cpu_s']:.2f} |\n")
+
+    if echo:
+        w("\n## tonic echo (transport baseline)\n\n| kind | connections | in flight | round trips/s | p50 ms | p99 ms | server CPU s | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        for e in echo["result"]:
+            w(f"| {e['kind']} | {e['connections']} | {e['concurrency']} | {e['per_s']:.0f} | {e['latency']['p50_ms']:.3f} | {e['latency']['p99_ms']:.3f} | {e['server_cpu_s']:.2f} | {e['errors']} |\n")
+
+    if conns:
+        c = conns["result"]
+        w("\n## Idle connections\n\n| figure | value |\n|---|---:|\n")
+        w(f"| clients asked / connected / failed | {c['clients']:,} / {c['connected']:,} / {c['failed']} |\n")
+        w(f"| source addresses | {c['sources']} |\n")
+        w(f"| time to connect all | {c['connect_s']:.1f} s ({c['connects_per_s']:.0f}/s) |\n")
+        w(f"| devices the service reports | {c['server_reports_connected']:,.0f} |\n")
+        w(f"| call-service RSS before / with all connected | {c['server_rss_before_kib'] / 1024:.1f} / {c['server_rss_connected_kib'] / 1024:.1f} MiB |\n")
+        w(f"| **server memory per idle client** | **{c['server_kib_per_client']:.2f} KiB** |\n")
+        w(f"| calls put in the talking state | {c['active_calls']:,} |\n")
+        w(f"| server memory per active call | {c['server_kib_per_call']:.2f} KiB |\n")
+        w(f"| load generator memory per client | {c['generator_kib_per_client']:.2f} KiB |\n")
+        for e in c.get("first_errors", []):
+            w(f"\nError: `{e}`\n")
+
+    try:
+        files = plots(ramp, args.out_dir)
+        w("\n## Plots\n\n")
+        for f in files:
+            w(f"![{os.path.basename(f)}]({os.path.basename(f)})\n\n")
+    except ImportError:
+        w("\n(matplotlib is not installed: no plots.)\n")
+
+    path = os.path.join(args.out_dir, "REPORT.md")
+    with open(path, "w") as f:
+        f.write("".join(out))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
