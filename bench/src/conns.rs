@@ -26,6 +26,9 @@ pub struct ConnSpec {
     /// Calls to put in the talking state among the connected devices, to
     /// measure memory per call.
     pub active_calls: usize,
+    /// How long to keep them connected before measuring (to look at the
+    /// service from outside meanwhile).
+    pub hold: Duration,
     pub quiet: bool,
 }
 
@@ -129,6 +132,14 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
         p.abort();
     }
     let connected = spec.clients - failed;
+    if !spec.hold.is_zero() {
+        eprintln!(
+            "holding {connected} clients for {:?} (call-service pid {})",
+            spec.hold,
+            call_service.pid()
+        );
+        tokio::time::sleep(spec.hold).await;
+    }
     let reported = scrape(&metrics, "videocall_connected_devices")
         .await
         .unwrap_or(-1.0);

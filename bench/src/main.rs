@@ -78,6 +78,9 @@ enum Mode {
         /// Calls to put in the talking state among them.
         #[arg(long, default_value_t = 1000)]
         active_calls: usize,
+        /// Seconds to keep them connected before measuring.
+        #[arg(long, default_value_t = 0)]
+        hold_seconds: u64,
     },
     /// The transport baseline: a minimal tonic echo server (its own
     /// process) under closed-loop unary and streaming load.
@@ -293,9 +296,27 @@ fn write_out<T: Serialize>(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Worker threads: one per core unless BENCH_THREADS says otherwise (one
+    // thread measured slower: the generator then runs out of its core).
+    let threads = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -356,6 +377,7 @@ async fn main() -> anyhow::Result<()> {
             sources,
             parallel,
             active_calls,
+            hold_seconds,
         } => {
             let sources: Vec<IpAddr> = (0..sources.max(1))
                 .map(|i| IpAddr::from([127, 0, 0, 2u8.saturating_add(i)]))
@@ -366,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
                 sources,
                 parallel,
                 active_calls,
+                hold: Duration::from_secs(hold_seconds),
                 quiet: out.quiet,
             };
             let result = conns::run(&started.client_url()?, &started.call, &spec).await?;

@@ -131,7 +131,8 @@ impl Stream for DeviceStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(None) => {}
-            other => return other,
+            Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(*msg))),
+            Poll::Pending => return Poll::Pending,
         }
         let Some(end) = self.end.as_mut() else {
             return Poll::Ready(None);

@@ -34,7 +34,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Status;
 use tracing::{debug, info, warn};
 use videocall_proto::v1 as pb;
 
@@ -55,8 +54,11 @@ const COMMAND_QUEUE: usize = 4096;
 
 /// The receiving half of a device's outgoing queue: what its gRPC response
 /// stream reads.
-pub type DeviceRx = mpsc::Receiver<Result<pb::ServerMessage, Status>>;
-type DeviceTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+/// Messages are boxed: a channel allocates its first block of 32 slots up
+/// front, and a slot of the unboxed message made that block a large share of
+/// an idle device's memory.
+pub type DeviceRx = mpsc::Receiver<Box<pb::ServerMessage>>;
+type DeviceTx = mpsc::Sender<Box<pb::ServerMessage>>;
 
 /// The limits the switchboard enforces.
 #[derive(Clone, Copy, Debug)]
@@ -433,7 +435,7 @@ impl Actor {
                 }
                 let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
                 let hello = connected(&user, conn, &token, false);
-                if tx.try_send(Ok(hello)).is_err() {
+                if tx.try_send(Box::new(hello)).is_err() {
                     return;
                 }
                 let _ = reply.send(Ok((conn, 1)));
@@ -695,7 +697,7 @@ impl Actor {
             return;
         };
         let full = match &device.tx {
-            Some(tx) => tx.try_send(Ok(msg)).is_err(),
+            Some(tx) => tx.try_send(Box::new(msg)).is_err(),
             None => {
                 device.parked.push_back(msg);
                 device.parked.len() > DEVICE_QUEUE
@@ -721,7 +723,7 @@ impl Actor {
             return;
         };
         let hello = connected(&device.user, conn, &device.resume_token, true);
-        if tx.try_send(Ok(hello)).is_err() {
+        if tx.try_send(Box::new(hello)).is_err() {
             return;
         }
         if let Some(until) = device.until.take() {

@@ -5,9 +5,12 @@
 //! - [`v1`]: messages, enums, and the tonic clients and servers of the three
 //!   services (`CallService` for clients, `BusinessHook` implemented by the
 //!   business service, `CallAdmin` for the business service and operators).
+//! - [`codec`]: the codec the generated code uses (prost, small buffers).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 //!
 //! Business teams working in another language need only the `.proto` files.
+
+pub mod codec;
 
 /// Generated code for package `videocall.v1`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]
