@@ -821,7 +821,7 @@ mod tests {
     /// The next event on a device queue, skipping `Connected` and results.
     async fn event(rx: &mut DeviceRx) -> pb::CallEvent {
         loop {
-            match rx.recv().await.expect("queue open").expect("no error").kind {
+            match rx.recv().await.expect("queue open").kind {
                 Some(pb::server_message::Kind::Event(e)) => return e,
                 _ => continue,
             }
@@ -873,7 +873,7 @@ mod tests {
             epoch,
             rx: mut alice_rx,
         } = sb.connect(Arc::from("alice"), None).await.unwrap();
-        let hello = match alice_rx.recv().await.unwrap().unwrap().kind {
+        let hello = match alice_rx.recv().await.unwrap().kind {
             Some(pb::server_message::Kind::Connected(c)) => c,
             other => panic!("{other:?}"),
         };
@@ -908,7 +908,7 @@ mod tests {
             .unwrap();
         assert_eq!((back.conn, back.epoch), (alice, epoch + 1));
         let mut rx = back.rx;
-        match rx.recv().await.unwrap().unwrap().kind {
+        match rx.recv().await.unwrap().kind {
             Some(pb::server_message::Kind::Connected(c)) => assert!(c.resumed),
             other => panic!("{other:?}"),
         }

@@ -8,7 +8,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::PATIENCE;
 
-/// Builds the binaries (services and phone; a no-op when they are fresh) and returns
+/// Builds the binaries (services, phone and load generator; a no-op when they are fresh) and returns
 /// the directory they are in: the one the running test comes from.
 pub fn binaries() -> PathBuf {
     let exe = std::env::current_exe().expect("test path");
@@ -28,6 +28,8 @@ pub fn binaries() -> PathBuf {
         "business-service",
         "-p",
         "phone",
+        "-p",
+        "videocall-bench",
         "--bins",
     ]);
     if dir.file_name().is_some_and(|n| n == "release") {

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The full benchmark, side by side on this machine in one run:
+#   (a) Kamailio as a stateful proxy (tm, record-route; with and without
+#       dialog tracking) between a SIPp UAC and UAS: highest clean call rate;
+#   (b) a minimal tonic echo service (unary and bidirectional): the transport;
+#   (c) the call service with an approving business service: highest clean
+#       full-call rate, latency at half of it, memory per idle client.
+# Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
+# target/benchenv), builds in release mode, and writes JSON, REPORT.md and
+# PNG plots to the output directory (default target/bench/<date-time>).
+#
+#   ./scripts/bench.sh [output-dir]
+#   QUICK=1 ./scripts/bench.sh      # shorter steps, fewer idle clients
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=${1:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+step_seconds=${STEP_SECONDS:-5}
+clients=${CLIENTS:-100000}
+if [ "${QUICK:-0}" = 1 ]; then
+  step_seconds=3
+  clients=10000
+fi
+
+missing=()
+command -v kamailio >/dev/null || missing+=(kamailio)
+command -v sipp >/dev/null || missing+=(sip-tester)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+venv=target/benchenv
+if ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check matplotlib
+fi
+
+# UDP buffers for SIP near 3,000 calls/s, ports and descriptors for the idle
+# clients. Each is best effort: a container may refuse them.
+sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 2>/dev/null || echo "note: could not raise UDP buffer limits"
+sysctl -qw net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null || true
+hard=$(ulimit -Hn)
+ulimit -Hn 1048576 2>/dev/null || echo "note: the hard limit of open files stays at $hard (raising it needs CAP_SYS_RESOURCE)"
+ulimit -Sn "$(ulimit -Hn)"
+fds=$(ulimit -n)
+# Both ends of every connection are on this machine, one process each: a
+# process can hold about as many clients as it has descriptors.
+if [ "$clients" -gt $((fds - 1000)) ]; then
+  echo "note: $clients idle clients need $clients descriptors per process; this shell allows $fds: measuring $((fds - 1000))"
+  clients=$((fds - 1000))
+fi
+
+cargo build --release --locked -p call-service -p business-service -p videocall-bench
+bench=target/release/videocall-bench
+
+echo "== (a) Kamailio + SIPp"
+python3 bench/sip/sip_bench.py --step-seconds "$step_seconds" --json "$out/kamailio.json"
+echo "== (b) tonic echo"
+"$bench" echo --seconds "$step_seconds" --json "$out/echo.json" --markdown "$out/echo.md"
+echo "== (c) call service: ramp"
+"$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 \
+  --json "$out/ramp.json" --markdown "$out/ramp.md"
+echo "== (c) call service: $clients idle clients"
+"$bench" connections --clients "$clients" --active-calls 1000 \
+  --json "$out/connections.json" --markdown "$out/connections.md"
+
+"$venv/bin/python" bench/report.py --kamailio "$out/kamailio.json" --echo "$out/echo.json" \
+  --ramp "$out/ramp.json" --connections "$out/connections.json" --out-dir "$out"
+echo
+sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
+echo "full report: $out/REPORT.md"
