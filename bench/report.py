@@ -93,7 +93,9 @@ def main():
     w(f"Produced by `{args.command}`: every process on one machine, in one run.\n")
     w(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}.")
     if kam:
-        w(f" Kamailio: {kam['kamailio_version']}; SIPp: {kam['sipp_version']}.")
+        kv = kam["kamailio_version"].removeprefix("version: ").strip()
+        sv = kam["sipp_version"].strip().rstrip(".")
+        w(f" Kamailio: {kv}; SIPp: {sv}.")
     w("\n\n## Side by side\n\n")
     w("| system | highest rate with zero failures | ours ÷ it |\n|---|---:|---:|\n")
     w(f"| **call service**: full call (REQUEST, approval by the business service, REPLY, START, FINISH; notices on) | **{fmt(ours)} calls/s** | 1.00× |\n")
@@ -110,7 +112,8 @@ def main():
                 b = best[kind]
                 w(f"| {label} (transport limit; {b['concurrency']} in flight) | {fmt(b['per_s'])} round trips/s | — |\n")
     w("\nA call through the call service is 3 controls with their results and 7 events on the clients' streams, ")
-    w("1 approval and 3 notices (unary RPCs) to the business service; a SIP call through the proxy is 7 SIP messages each way.\n")
+    w("1 approval (a unary RPC) and 3 notices (batched with other calls' notices under load) to the business service; ")
+    w("a SIP call through the proxy is 7 SIP messages in, 7 out (INVITE, 100, 180, 200, ACK, BYE, 200).\n")
 
     w("\n## Targets\n\n| target | measured | met |\n|---|---|---|\n")
     if kam_plain and ours:
