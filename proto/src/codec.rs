@@ -1,11 +1,12 @@
 //! The protobuf codec of every generated client and server: prost's, with
 //! small initial buffers.
 //!
-//! tonic starts each stream's encode and decode buffers at 8 KiB. The
-//! contract's messages are a few hundred bytes (16 KiB at most, enforced by
-//! the call service), and a call service holds one long-lived stream per
-//! connected device, so those buffers were a large share of the memory of an
-//! idle device. Buffers still grow when a message needs it.
+//! tonic starts each stream's encode and decode buffers at 8 KiB; these start
+//! at 256 bytes. The contract's messages are a few hundred bytes (16 KiB at
+//! most, enforced by the call service), and a call service holds one
+//! long-lived stream per connected device, so those buffers were a large
+//! share of the memory of an idle device. Buffers still grow when a message
+//! needs it.
 
 use std::marker::PhantomData;
 
@@ -13,7 +14,7 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Initial buffer per stream and direction.
-pub const BUFFER_SIZE: usize = 1024;
+pub const BUFFER_SIZE: usize = 256;
 /// tonic's default: how much encoded output to gather before yielding.
 pub const YIELD_THRESHOLD: usize = 32 * 1024;
 
