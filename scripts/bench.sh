@@ -4,7 +4,8 @@
 #       dialog tracking) between a SIPp UAC and UAS: highest clean call rate;
 #   (b) a minimal tonic echo service (unary and bidirectional): the transport;
 #   (c) the call service with an approving business service: highest clean
-#       full-call rate, latency at half of it, memory per idle client.
+#       full-call rate (each device its own connection, then devices sharing
+#       8 connections), latency at half of it, memory per idle client.
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -59,14 +60,17 @@ python3 bench/sip/sip_bench.py --step-seconds "$step_seconds" --json "$out/kamai
 echo "== (b) tonic echo"
 "$bench" echo --seconds "$step_seconds" --json "$out/echo.json" --markdown "$out/echo.md"
 echo "== (c) call service: ramp"
-"$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 \
+"$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp.json" --markdown "$out/ramp.md"
+echo "== (c) call service: ramp, devices multiplexed over 8 HTTP/2 connections"
+"$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --shared-connections 8 \
+  --json "$out/ramp-shared.json" --markdown "$out/ramp-shared.md"
 echo "== (c) call service: $clients idle clients"
 "$bench" connections --clients "$clients" --active-calls 1000 \
   --json "$out/connections.json" --markdown "$out/connections.md"
 
 "$venv/bin/python" bench/report.py --kamailio "$out/kamailio.json" --echo "$out/echo.json" \
-  --ramp "$out/ramp.json" --connections "$out/connections.json" --out-dir "$out"
+  --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --connections "$out/connections.json" --out-dir "$out"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
 echo "full report: $out/REPORT.md"

@@ -76,24 +76,54 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Connects `pairs` caller/callee pairs to the call service at `url`
-    /// (each device its own HTTP/2 connection, as real terminals).
-    pub async fn connect(url: &str, pairs: usize, tag: &str) -> anyhow::Result<Self> {
+    /// Connects `pairs` caller/callee pairs to the call service at `url`.
+    /// With `shared` 0 each device has its own HTTP/2 connection, as
+    /// terminals on their own; otherwise the devices' streams share `shared`
+    /// connections, as behind an HTTP/2 proxy (and as SIPp sends every call
+    /// over one socket).
+    pub async fn connect(
+        url: &str,
+        pairs: usize,
+        shared: usize,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let (free_tx, free_rx) = mpsc::channel(pairs.max(1));
         let mut set = JoinSet::new();
         let gate = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut channels = Vec::with_capacity(shared);
+        for _ in 0..shared {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(url.to_owned())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            );
+        }
         for i in 0..pairs {
             let url = url.to_owned();
             let tag = tag.to_owned();
             let gate = gate.clone();
+            let channels = (!channels.is_empty()).then(|| {
+                (
+                    channels[(2 * i) % channels.len()].clone(),
+                    channels[(2 * i + 1) % channels.len()].clone(),
+                )
+            });
             set.spawn(async move {
                 let _permit = gate.acquire_owned().await?;
-                let (caller, caller_events) =
-                    Client::connect(url.clone(), Credentials::dev_user(format!("{tag}c{i}")))
-                        .await?;
-                let (callee, callee_events) =
-                    Client::connect(url, Credentials::dev_user(format!("{tag}e{i}"))).await?;
+                let caller_id = Credentials::dev_user(format!("{tag}c{i}"));
+                let callee_id = Credentials::dev_user(format!("{tag}e{i}"));
+                let ((caller, caller_events), (callee, callee_events)) = match channels {
+                    Some((a, b)) => (
+                        Client::connect_with_channel(a, caller_id).await?,
+                        Client::connect_with_channel(b, callee_id).await?,
+                    ),
+                    None => (
+                        Client::connect(url.clone(), caller_id).await?,
+                        Client::connect(url, callee_id).await?,
+                    ),
+                };
                 anyhow::Ok(Pair {
                     caller,
                     caller_events,
@@ -367,6 +397,14 @@ fn control(who: &str, what: &str, r: Result<Code, client_sdk::Error>) -> Result<
     }
 }
 
+/// Sleeps, unless there is nothing to wait: a zero sleep still waits for
+/// the timer's next tick (up to 1 ms).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 /// One call from REQUEST to both FINISHed, checked event by event.
 async fn call(
     p: &mut Pair,
@@ -415,7 +453,7 @@ async fn call(
             return Ok(t);
         }
         Outcome::Cancelled => {
-            tokio::time::sleep(plan.answer_delay).await;
+            pause(plan.answer_delay).await;
             control("caller", "FINISH", p.caller.finish(&callee_id).await)?;
             expect(
                 &mut p.caller_events,
@@ -437,7 +475,7 @@ async fn call(
         }
         Outcome::Rejected | Outcome::Answered => {}
     }
-    tokio::time::sleep(plan.answer_delay).await;
+    pause(plan.answer_delay).await;
     let answered = Instant::now();
     let ringing = answered - rang;
     if outcome == Outcome::Rejected {
@@ -496,7 +534,7 @@ async fn call(
     )
     .await?;
     t.to_start = Some((s1.max(s2) - t0).saturating_sub(ringing));
-    tokio::time::sleep(plan.hold).await;
+    pause(plan.hold).await;
     let hang_up = Instant::now();
     control("caller", "FINISH", p.caller.finish(&callee_id).await)?;
     let f1 = expect(

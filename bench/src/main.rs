@@ -148,6 +148,10 @@ struct Common {
     /// Caller/callee pairs of connected devices: the concurrency limit.
     #[arg(long, default_value_t = 2000)]
     pairs: usize,
+    /// Devices share this many HTTP/2 connections (as behind an HTTP/2
+    /// proxy); 0: each device has its own, as a terminal on its own.
+    #[arg(long, default_value_t = 0)]
+    shared_connections: usize,
     /// How long the callee rings before answering, in ms.
     #[arg(long, default_value_t = 0)]
     answer_delay_ms: u64,
@@ -335,7 +339,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let spec = common.spec(rate, calls)?;
             let services = Services::start(&common.services.options()).await?;
-            let mut pool = Pool::connect(&services.client_url()?, common.pairs, "b").await?;
+            let mut pool = Pool::connect(
+                &services.client_url()?,
+                common.pairs,
+                common.shared_connections,
+                "b",
+            )
+            .await?;
             let step = ramp::step(&services, &mut pool, &spec, common.out.quiet).await?;
             drop(pool);
             services.stop().await;
@@ -357,7 +367,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let template = common.spec(start_rate, 1)?;
             let services = Services::start(&common.services.options()).await?;
-            let mut pool = Pool::connect(&services.client_url()?, common.pairs, "b").await?;
+            let mut pool = Pool::connect(
+                &services.client_url()?,
+                common.pairs,
+                common.shared_connections,
+                "b",
+            )
+            .await?;
             let r = ramp::RampSpec {
                 start_rate,
                 factor,

@@ -94,7 +94,10 @@ pub async fn step(
     // starts from an idle service, and count drops once they are settled.
     // Their delivery is part of the step's cost.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while scrape(&metrics, "videocall_notice_backlog").await? > 0.0 && Instant::now() < deadline {
+    while (scrape(&metrics, "videocall_notice_backlog").await? > 0.0
+        || scrape(&metrics, "videocall_calls").await? > 0.0)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = services.samples();
@@ -134,6 +137,7 @@ pub async fn ramp(
         ..template.clone()
     };
     while rate <= r.max_rate {
+        settle().await;
         let s = step(services, pool, &run_at(rate), quiet).await?;
         report_step(&s);
         let clean = s.clean;
@@ -155,6 +159,7 @@ pub async fn ramp(
             if hi - lo < lo * 0.03 {
                 break;
             }
+            settle().await;
             let s = step(services, pool, &run_at(mid), quiet).await?;
             report_step(&s);
             if s.clean {
@@ -167,6 +172,7 @@ pub async fn ramp(
     }
     let at_half = match good {
         Some((rate, _)) => {
+            settle().await;
             let s = step(services, pool, &run_at(rate / 2.0), quiet).await?;
             report_step(&s);
             Some(s)
@@ -179,6 +185,13 @@ pub async fn ramp(
         max_clean_completed_per_s: good.map(|g| g.1),
         at_half,
     })
+}
+
+/// A pause between steps, so that what an overloaded step left behind (the
+/// kernel's socket buffers, deferred work in every process) does not count
+/// against the next one.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 fn report_step(s: &Step) {
