@@ -58,7 +58,7 @@ impl BusinessHook for GatedHook {
             batch.iter().all(|n| !n.decision_required),
             "an approval in a batch"
         );
-        self.batch_sizes.lock().unwrap().push(batch.len());
+        self.batch_sizes.lock().expect("lock").push(batch.len());
         for n in batch {
             let _ = self.seen.send((Via::Batch, n));
         }
@@ -82,8 +82,8 @@ async fn run(batches: bool) -> (Vec<(Via, pb::CallEventNotice)>, Vec<usize>) {
         seen: seen_tx,
         batch_sizes: batch_sizes.clone(),
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(BusinessHookServer::new(hook))
@@ -95,26 +95,26 @@ async fn run(batches: bool) -> (Vec<(Via, pb::CallEventNotice)>, Vec<usize>) {
         let mut caller = svc.phone(&a).await;
         let mut callee = svc.phone(&b).await;
         talking(&mut caller, &mut callee).await;
-        assert_eq!(caller.client.finish(&b).await.unwrap(), Code::OK);
+        assert_eq!(caller.client.finish(&b).await.expect("finish"), Code::OK);
         caller.expect(EventKind::Finish, &b, Code::OK).await;
         callee.expect(EventKind::Finish, &a, Code::OK).await;
     }
     // Every notice exists now; most wait behind a held one.
-    open_tx.send(true).unwrap();
+    open_tx.send(true).expect("the hook is listening");
     let mut received = Vec::new();
     let mut ids = HashSet::new();
     while ids.len() < NOTICES {
         let (via, n) = tokio::time::timeout(PATIENCE, seen.recv())
             .await
             .expect("every notice arrives")
-            .unwrap();
+            .expect("the hook is running");
         // At least once: a repeat is allowed, and ignored here.
         if ids.insert(n.event_id.clone()) {
             received.push((via, n));
         }
     }
     svc.stop().await;
-    let sizes = batch_sizes.lock().unwrap().clone();
+    let sizes = batch_sizes.lock().expect("lock").clone();
     (received, sizes)
 }
 
