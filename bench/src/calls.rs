@@ -61,6 +61,26 @@ struct Pair {
     callee_events: Events,
 }
 
+impl Pair {
+    async fn caller_gets(
+        &mut self,
+        kind: EventKind,
+        code: Code,
+        patience: Duration,
+    ) -> Result<Instant, String> {
+        expect(&mut self.caller_events, "caller", kind, code, patience).await
+    }
+
+    async fn callee_gets(
+        &mut self,
+        kind: EventKind,
+        code: Code,
+        patience: Duration,
+    ) -> Result<Instant, String> {
+        expect(&mut self.callee_events, "callee", kind, code, patience).await
+    }
+}
+
 /// The connected devices calls are placed between.
 pub struct Pool {
     free_tx: mpsc::Sender<Pair>,
@@ -434,43 +454,19 @@ async fn call(
     match outcome {
         Outcome::TimedOut => {
             let patience = patience + Duration::from_secs(60);
-            expect(
-                &mut p.caller_events,
-                "caller",
-                EventKind::Reply,
-                Code::NO_ANSWER,
-                patience,
-            )
-            .await?;
-            expect(
-                &mut p.callee_events,
-                "callee",
-                EventKind::Finish,
-                Code::NO_ANSWER,
-                patience,
-            )
-            .await?;
+            p.caller_gets(EventKind::Reply, Code::NO_ANSWER, patience)
+                .await?;
+            p.callee_gets(EventKind::Finish, Code::NO_ANSWER, patience)
+                .await?;
             return Ok(t);
         }
         Outcome::Cancelled => {
             pause(plan.answer_delay).await;
             control("caller", "FINISH", p.caller.finish(&callee_id).await)?;
-            expect(
-                &mut p.caller_events,
-                "caller",
-                EventKind::Reply,
-                Code::CANCELLED,
-                patience,
-            )
-            .await?;
-            expect(
-                &mut p.callee_events,
-                "callee",
-                EventKind::Finish,
-                Code::CANCELLED,
-                patience,
-            )
-            .await?;
+            p.caller_gets(EventKind::Reply, Code::CANCELLED, patience)
+                .await?;
+            p.callee_gets(EventKind::Finish, Code::CANCELLED, patience)
+                .await?;
             return Ok(t);
         }
         Outcome::Rejected | Outcome::Answered => {}
@@ -484,23 +480,12 @@ async fn call(
             "REPLY",
             p.callee.reply(&caller_id, Code::REJECTED).await,
         )?;
-        let r = expect(
-            &mut p.caller_events,
-            "caller",
-            EventKind::Reply,
-            Code::REJECTED,
-            patience,
-        )
-        .await?;
+        let r = p
+            .caller_gets(EventKind::Reply, Code::REJECTED, patience)
+            .await?;
         t.to_reply = Some((r - t0).saturating_sub(ringing));
-        expect(
-            &mut p.callee_events,
-            "callee",
-            EventKind::Finish,
-            Code::REJECTED,
-            patience,
-        )
-        .await?;
+        p.callee_gets(EventKind::Finish, Code::REJECTED, patience)
+            .await?;
         return Ok(t);
     }
     control(
@@ -508,51 +493,16 @@ async fn call(
         "REPLY",
         p.callee.reply(&caller_id, Code::OK).await,
     )?;
-    let r = expect(
-        &mut p.caller_events,
-        "caller",
-        EventKind::Reply,
-        Code::OK,
-        patience,
-    )
-    .await?;
+    let r = p.caller_gets(EventKind::Reply, Code::OK, patience).await?;
     t.to_reply = Some((r - t0).saturating_sub(ringing));
-    let s1 = expect(
-        &mut p.caller_events,
-        "caller",
-        EventKind::Start,
-        Code::OK,
-        patience,
-    )
-    .await?;
-    let s2 = expect(
-        &mut p.callee_events,
-        "callee",
-        EventKind::Start,
-        Code::OK,
-        patience,
-    )
-    .await?;
+    let s1 = p.caller_gets(EventKind::Start, Code::OK, patience).await?;
+    let s2 = p.callee_gets(EventKind::Start, Code::OK, patience).await?;
     t.to_start = Some((s1.max(s2) - t0).saturating_sub(ringing));
     pause(plan.hold).await;
     let hang_up = Instant::now();
     control("caller", "FINISH", p.caller.finish(&callee_id).await)?;
-    let f1 = expect(
-        &mut p.caller_events,
-        "caller",
-        EventKind::Finish,
-        Code::OK,
-        patience,
-    )
-    .await?;
-    let f2 = expect(
-        &mut p.callee_events,
-        "callee",
-        EventKind::Finish,
-        Code::OK,
-        patience,
-    )
-    .await?;
+    let f1 = p.caller_gets(EventKind::Finish, Code::OK, patience).await?;
+    let f2 = p.callee_gets(EventKind::Finish, Code::OK, patience).await?;
     t.to_finished = Some(f1.max(f2) - hang_up);
     Ok(t)
 }

@@ -205,6 +205,19 @@ impl ServiceArgs {
 }
 
 impl Common {
+    /// The services, and the pool of devices connected to them.
+    async fn start(&self) -> anyhow::Result<(Services, Pool)> {
+        let services = Services::start(&self.services.options()).await?;
+        let pool = Pool::connect(
+            &services.client_url()?,
+            self.pairs,
+            self.shared_connections,
+            "b",
+        )
+        .await?;
+        Ok((services, pool))
+    }
+
     fn spec(&self, rate: f64, calls: u64) -> anyhow::Result<LoadSpec> {
         let plan = CallPlan {
             answer_delay: Duration::from_millis(self.answer_delay_ms),
@@ -338,14 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             require_clean,
         } => {
             let spec = common.spec(rate, calls)?;
-            let services = Services::start(&common.services.options()).await?;
-            let mut pool = Pool::connect(
-                &services.client_url()?,
-                common.pairs,
-                common.shared_connections,
-                "b",
-            )
-            .await?;
+            let (services, mut pool) = common.start().await?;
             let step = ramp::step(&services, &mut pool, &spec, common.out.quiet).await?;
             drop(pool);
             services.stop().await;
@@ -366,14 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--factor must be above 1");
             }
             let template = common.spec(start_rate, 1)?;
-            let services = Services::start(&common.services.options()).await?;
-            let mut pool = Pool::connect(
-                &services.client_url()?,
-                common.pairs,
-                common.shared_connections,
-                "b",
-            )
-            .await?;
+            let (services, mut pool) = common.start().await?;
             let r = ramp::RampSpec {
                 start_rate,
                 factor,
