@@ -343,10 +343,16 @@ impl BusinessHook for Hook {
         let decision = self.observe(&n, n.decision_required);
         if let Some(records) = &self.records {
             if decision.is_some() {
-                // The caller is waiting: the decision does no I/O. The
-                // record is written right after, from the writer's queue.
+                // Stored before the answer: once approved, the call service
+                // does not send this REQUEST again, so a crash right after
+                // answering must not lose it. A commit is cheap here (WAL,
+                // synchronous=NORMAL: no fsync) and the writer commits
+                // concurrent approvals together. A failed write does not
+                // hold up the call: it is logged and the service reports
+                // NOT_SERVING, as for any notice.
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
-                records.store_soon(n.clone(), rang_ms);
+                let result = records.store(n.clone(), rang_ms).await;
+                let _ = self.stored(result, &n.call_id).await;
             } else {
                 let result = records.store(n.clone(), None).await;
                 self.stored(result, &n.call_id).await?;

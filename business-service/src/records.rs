@@ -10,11 +10,9 @@
 //!
 //! One thread owns the connection ([`Records`] is its handle); writes are
 //! batched into one transaction per wake-up and acknowledged only once
-//! committed, so the hook answers a notice only after it is on disk. The
-//! one exception is the REQUEST being approved: the caller is waiting, so it
-//! is queued without waiting for the disk ([`Records::store_soon`]); a crash
-//! in that instant loses its flags, param and user string, and the record is
-//! still built, with caller and callee, from the call's later events.
+//! committed, so the hook answers a notice, and an approval, only after it is
+//! written (WAL with `synchronous=NORMAL`: safe across a crash of the
+//! process, no fsync per commit).
 //! Readers (the operator CLI) open their own connection; WAL mode lets them
 //! read while the service writes.
 
@@ -176,23 +174,6 @@ impl Records {
             .spawn(move || writer(conn, rx))
             .map_err(RecordsError::Thread)?;
         Ok(Self { tx })
-    }
-
-    /// Queues a notice for storing without waiting for the disk (the writer
-    /// logs failures). Used on the approval path, which must not wait for
-    /// I/O; keeps the writer's order when the queue has room.
-    pub fn store_soon(&self, notice: pb::CallEventNotice, rang_ms: Option<i64>) {
-        let (done, _) = oneshot::channel();
-        if let Err(mpsc::error::TrySendError::Full(job)) = self.tx.try_send(Job {
-            notice,
-            rang_ms,
-            done,
-        }) {
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(job).await;
-            });
-        }
     }
 
     /// Stores a notice and returns once it is committed.

@@ -72,7 +72,11 @@ impl Proc {
     fn spawn(program: &Path, args: &[&str], log: &str, capture: bool) -> Self {
         let mut child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", log)
+            // VIDEOCALL_TEST_LOG overrides, to see a failing test's services.
+            .env(
+                "RUST_LOG",
+                std::env::var("VIDEOCALL_TEST_LOG").unwrap_or_else(|_| log.to_owned()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(if capture {
