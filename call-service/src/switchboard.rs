@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -195,10 +197,6 @@ enum Command {
         epoch: u64,
         lost: bool,
     },
-    Verdict {
-        call_id: CallId,
-        verdict: Verdict,
-    },
     ForceFinish {
         f: ForceFinish,
         reply: oneshot::Sender<Outcome>,
@@ -243,14 +241,11 @@ impl LocalSwitchboard {
         let actor = Actor {
             machine: Machine::new(config),
             limits,
-            approvals_in_flight: 0,
+            approvals: FuturesUnordered::new(),
             devices: HashMap::new(),
             resume_tokens: HashMap::new(),
             grace: BTreeSet::new(),
             business,
-            tx: tx.clone(),
-            tasks: tasks.clone(),
-            shutdown: shutdown.clone(),
             start,
             effects: Vec::new(),
             metrics,
@@ -347,18 +342,17 @@ struct Device {
 struct Actor {
     machine: Machine,
     limits: SwitchboardLimits,
-    /// Approval tasks not yet answered.
-    approvals_in_flight: usize,
+    /// Approvals waiting for the business service. Polled by the actor
+    /// itself rather than spawned: a verdict is applied the moment it
+    /// arrives, with no task to wake and no command to queue in between.
+    /// Each has its own deadline, so none waits forever.
+    approvals: FuturesUnordered<BoxFuture<'static, (CallId, Verdict)>>,
     devices: HashMap<ConnId, Device>,
     /// Resume token -> device.
     resume_tokens: HashMap<Arc<str>, ConnId>,
     /// Grace deadlines of devices whose stream broke.
     grace: BTreeSet<(Time, ConnId)>,
     business: Option<Business>,
-    /// For approval tasks to send their verdicts back.
-    tx: mpsc::Sender<Command>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
     start: Instant,
     effects: Vec<Effect>,
     metrics: Metrics,
@@ -392,6 +386,13 @@ impl Actor {
                 () = shutdown.cancelled() => {
                     self.end_all_calls();
                     break;
+                }
+                // Before commands: under load there is always a command, and
+                // approvals in flight are bounded.
+                Some((call_id, verdict)) = self.approvals.next(), if !self.approvals.is_empty() => {
+                    let now = self.now();
+                    self.machine.approval_done(call_id, verdict, now, &mut self.effects);
+                    self.apply();
                 }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
@@ -457,7 +458,7 @@ impl Actor {
                     Ok(ctl)
                         if ctl.kind == ControlKind::Request
                             && self.business.is_some()
-                            && self.approvals_in_flight >= self.limits.max_pending_approvals =>
+                            && self.approvals.len() >= self.limits.max_pending_approvals =>
                     {
                         Outcome {
                             code: codes::OVERLOADED,
@@ -518,11 +519,6 @@ impl Actor {
                 } else {
                     self.drop_device(conn, now);
                 }
-            }
-            Command::Verdict { call_id, verdict } => {
-                self.approvals_in_flight = self.approvals_in_flight.saturating_sub(1);
-                self.machine
-                    .approval_done(call_id, verdict, now, &mut self.effects);
             }
             Command::ForceFinish { f, reply } => {
                 let o = self.machine.force_finish(&f, now, &mut self.effects);
@@ -599,18 +595,11 @@ impl Actor {
                             );
                         }
                         Some(business) => {
-                            self.approvals_in_flight += 1;
                             let business = business.clone();
-                            let tx = self.tx.clone();
-                            let shutdown = self.shutdown.clone();
-                            self.tasks.spawn(async move {
+                            self.approvals.push(Box::pin(async move {
                                 let call_id = notice.call_id;
-                                let verdict = tokio::select! {
-                                    v = business.approve(notice) => v,
-                                    () = shutdown.cancelled() => return,
-                                };
-                                let _ = tx.send(Command::Verdict { call_id, verdict }).await;
-                            });
+                                (call_id, business.approve(notice).await)
+                            }));
                         }
                     }
                 }
