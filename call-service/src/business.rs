@@ -1,8 +1,8 @@
 //! The call service's side of the business hook: approvals and notices.
 //!
 //! - **Approval** of a REQUEST is one unary call with its own deadline
-//!   ([`BusinessConfig::deadline`]), made from its own task, never queued
-//!   behind notices. A timeout, a transport error or an error status is
+//!   ([`BusinessConfig::deadline`]), a future the switchboard polls, never
+//!   queued behind notices. A timeout, a transport error or an error status is
 //!   turned into a verdict by the failure policy.
 //! - **Notices** (every other event) go through [`LANES`] ordered lanes: a
 //!   call always maps to the same lane, and a lane delivers one notice at a
