@@ -228,6 +228,39 @@ struct Recorder {
     per_second: Vec<u64>,
 }
 
+impl Recorder {
+    /// One call's result, ended in second `second` of the run.
+    fn record(&mut self, outcome: Outcome, result: Result<Timings, String>, second: usize) {
+        let t = match result {
+            Ok(t) => t,
+            Err(what) => {
+                *self.failures.entry(what).or_default() += 1;
+                return;
+            }
+        };
+        match outcome {
+            Outcome::Answered => self.answered += 1,
+            Outcome::Rejected => self.rejected += 1,
+            Outcome::Cancelled => self.cancelled += 1,
+            Outcome::TimedOut => self.timed_out += 1,
+        }
+        if self.per_second.len() <= second {
+            self.per_second.resize(second + 1, 0);
+        }
+        self.per_second[second] += 1;
+        for (latency, d) in [
+            (&mut self.to_ring, t.to_ring),
+            (&mut self.to_reply, t.to_reply),
+            (&mut self.to_start, t.to_start),
+            (&mut self.to_finished, t.to_finished),
+        ] {
+            if let Some(d) = d {
+                latency.record(d);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
     Answered,
@@ -305,40 +338,15 @@ pub async fn run(pool: &mut Pool, spec: &LoadSpec, progress: &Arc<Progress>) -> 
                         let mut pair = pair;
                         let result = call(&mut pair, outcome, &plan, patience).await;
                         let second = start.elapsed().as_secs() as usize;
-                        let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
-                        match result {
-                            Ok(t) => {
-                                match outcome {
-                                    Outcome::Answered => r.answered += 1,
-                                    Outcome::Rejected => r.rejected += 1,
-                                    Outcome::Cancelled => r.cancelled += 1,
-                                    Outcome::TimedOut => r.timed_out += 1,
-                                }
-                                if r.per_second.len() <= second {
-                                    r.per_second.resize(second + 1, 0);
-                                }
-                                r.per_second[second] += 1;
-                                if let Some(d) = t.to_ring {
-                                    r.to_ring.record(d);
-                                }
-                                if let Some(d) = t.to_reply {
-                                    r.to_reply.record(d);
-                                }
-                                if let Some(d) = t.to_start {
-                                    r.to_start.record(d);
-                                }
-                                if let Some(d) = t.to_finished {
-                                    r.to_finished.record(d);
-                                }
-                                drop(r);
-                                progress.done.fetch_add(1, Relaxed);
-                                let _ = free.try_send(pair);
-                            }
-                            Err(what) => {
-                                *r.failures.entry(what).or_default() += 1;
-                                drop(r);
-                                progress.failed.fetch_add(1, Relaxed);
-                            }
+                        let ok = result.is_ok();
+                        rec.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(outcome, result, second);
+                        if ok {
+                            progress.done.fetch_add(1, Relaxed);
+                            let _ = free.try_send(pair);
+                        } else {
+                            progress.failed.fetch_add(1, Relaxed);
                         }
                     });
                 }

@@ -106,44 +106,7 @@ pub async fn unary(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<EchoResult> {
-    let chans = channels(url, connections.max(1)).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut set = JoinSet::new();
-    for i in 0..concurrency {
-        let mut client = EchoClient::new(chans[i % chans.len()].clone());
-        let stop = stop.clone();
-        let errors = errors.clone();
-        set.spawn(async move {
-            let mut lat = Latency::default();
-            let mut seq = 0u64;
-            while !stop.load(Relaxed) {
-                seq += 1;
-                let t = Instant::now();
-                let msg = pb::Message {
-                    seq,
-                    body: BODY.into(),
-                };
-                match client.unary(msg).await {
-                    Ok(_) => lat.record(t.elapsed()),
-                    Err(_) => {
-                        errors.fetch_add(1, Relaxed);
-                    }
-                }
-            }
-            lat
-        });
-    }
-    finish(
-        "unary",
-        set,
-        stop,
-        errors,
-        connections,
-        concurrency,
-        seconds,
-    )
-    .await
+    load("unary", url, connections, concurrency, seconds).await
 }
 
 /// Bidirectional-stream ping-pong: `concurrency` streams over `connections`
@@ -154,57 +117,90 @@ pub async fn stream(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<EchoResult> {
+    load("stream", url, connections, concurrency, seconds).await
+}
+
+/// `concurrency` loops of `kind` (`unary` or `stream`) until `seconds` pass.
+async fn load(
+    kind: &'static str,
+    url: &str,
+    connections: usize,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<EchoResult> {
     let chans = channels(url, connections.max(1)).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for i in 0..concurrency {
-        let mut client = EchoClient::new(chans[i % chans.len()].clone());
-        let stop = stop.clone();
-        let errors = errors.clone();
-        set.spawn(async move {
-            let mut lat = Latency::default();
-            let (tx, rx) = mpsc::channel(1);
-            let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
-                Ok(r) => r.into_inner(),
-                Err(_) => {
-                    errors.fetch_add(1, Relaxed);
-                    return lat;
-                }
-            };
-            let mut seq = 0u64;
-            while !stop.load(Relaxed) {
-                seq += 1;
-                let t = Instant::now();
-                let msg = pb::Message {
-                    seq,
-                    body: BODY.into(),
-                };
-                if tx.send(msg).await.is_err() {
-                    errors.fetch_add(1, Relaxed);
-                    break;
-                }
-                match inbound.next().await {
-                    Some(Ok(_)) => lat.record(t.elapsed()),
-                    _ => {
-                        errors.fetch_add(1, Relaxed);
-                        break;
-                    }
-                }
-            }
-            lat
-        });
+        let client = EchoClient::new(chans[i % chans.len()].clone());
+        let (stop, errors) = (stop.clone(), errors.clone());
+        match kind {
+            "unary" => set.spawn(unary_loop(client, stop, errors)),
+            _ => set.spawn(stream_loop(client, stop, errors)),
+        };
     }
-    finish(
-        "stream",
-        set,
-        stop,
-        errors,
-        connections,
-        concurrency,
-        seconds,
-    )
-    .await
+    finish(kind, set, stop, errors, connections, concurrency, seconds).await
+}
+
+fn message(seq: u64) -> pb::Message {
+    pb::Message {
+        seq,
+        body: BODY.into(),
+    }
+}
+
+async fn unary_loop(
+    mut client: EchoClient<Channel>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+) -> Latency {
+    let mut lat = Latency::default();
+    let mut seq = 0u64;
+    while !stop.load(Relaxed) {
+        seq += 1;
+        let t = Instant::now();
+        match client.unary(message(seq)).await {
+            Ok(_) => lat.record(t.elapsed()),
+            Err(_) => {
+                errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    lat
+}
+
+async fn stream_loop(
+    mut client: EchoClient<Channel>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+) -> Latency {
+    let mut lat = Latency::default();
+    let (tx, rx) = mpsc::channel(1);
+    let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(_) => {
+            errors.fetch_add(1, Relaxed);
+            return lat;
+        }
+    };
+    let mut seq = 0u64;
+    while !stop.load(Relaxed) {
+        seq += 1;
+        let t = Instant::now();
+        if tx.send(message(seq)).await.is_err() {
+            errors.fetch_add(1, Relaxed);
+            break;
+        }
+        match inbound.next().await {
+            Some(Ok(_)) => lat.record(t.elapsed()),
+            _ => {
+                errors.fetch_add(1, Relaxed);
+                break;
+            }
+        }
+    }
+    lat
 }
 
 async fn finish(

@@ -132,7 +132,7 @@ struct ServiceArgs {
     #[arg(long)]
     records: bool,
     /// The call service's ring timeout (the timed-out share waits for it).
-    #[arg(long, default_value = "1s", value_parser = humantime_ms)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     ring_timeout: Duration,
     /// Extra argument for the call service (repeat).
     #[arg(long = "call-arg", allow_hyphen_values = true)]
@@ -170,19 +170,6 @@ struct Common {
     /// The longest wait for one event before a call counts as failed, in ms.
     #[arg(long, default_value_t = 5000)]
     patience_ms: u64,
-}
-
-fn humantime_ms(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "ms"));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("bad duration {s:?}: use ms or s")),
-    }
 }
 
 impl ServiceArgs {

@@ -162,7 +162,7 @@ pub struct Services {
     pub call: Server,
     pub business: Option<Server>,
     /// Holds the business service's records database.
-    _dir: Option<TempDir>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Settings of the services a run starts.
@@ -193,9 +193,11 @@ impl Services {
             .map(String::from)
             .to_vec();
             if o.records {
-                let d = TempDir::new()?;
+                let d = tempfile::Builder::new()
+                    .prefix("videocall-bench-")
+                    .tempdir()?;
                 args.push("--database".into());
-                args.push(d.path.join("records.db").display().to_string());
+                args.push(d.path().join("records.db").display().to_string());
                 dir = Some(d);
             } else {
                 args.push("--no-records".into());
@@ -259,33 +261,6 @@ impl Services {
         if let Some(b) = self.business {
             b.stop(Duration::from_secs(10)).await;
         }
-    }
-}
-
-/// A directory removed when dropped.
-#[derive(Debug)]
-pub struct TempDir {
-    pub path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!(
-            "videocall-bench-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&path)?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
