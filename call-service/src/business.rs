@@ -17,11 +17,15 @@
 //!   as malformed (INVALID_ARGUMENT, UNIMPLEMENTED, OUT_OF_RANGE) is not
 //!   retried: it is logged and counted (`videocall_notices_rejected_total`).
 //! - **Batches**: notices that queued up on a lane while the previous
-//!   delivery was in flight go together in one `OnCallEvents` request (at
-//!   most [`BATCH_MAX`]), retried as a whole; a lone notice goes with
+//!   delivery was in flight, or that arrive within the linger
+//!   ([`BusinessConfig::notice_linger`], counted from when the first of them
+//!   happened) go together in one `OnCallEvents` request (at most
+//!   [`BATCH_MAX`]), retried as a whole; a lone notice goes with
 //!   `OnCallEvent`. Under load this replaces hundreds of round trips with
-//!   one. A business service that answers UNIMPLEMENTED (the method is
-//!   optional) gets every notice one at a time from then on.
+//!   one: each round trip costs both services far more than the notices it
+//!   carries. A business service that answers UNIMPLEMENTED (the method is
+//!   optional) gets every notice one at a time from then on, without
+//!   lingering.
 //! - **A REQUEST whose approval failed** is queued as a notice too
 //!   (`decision_required` false), so the call's record is complete once the
 //!   business service is back.
@@ -48,6 +52,10 @@ use crate::codes;
 use crate::convert::notice_to_proto;
 use crate::machine::{CallId, Initiator, Notice, Verdict};
 use crate::metrics::{KindLabel, Metrics};
+use crate::unary::EndWithMessage;
+
+/// The business hook's client.
+type Client = BusinessHookClient<EndWithMessage<Channel>>;
 
 /// Ordered delivery lanes for notices.
 pub const LANES: usize = 8;
@@ -55,6 +63,8 @@ pub const LANES: usize = 8;
 pub const LANE_QUEUE: usize = 4096;
 /// The most notices one `OnCallEvents` request carries.
 pub const BATCH_MAX: usize = 256;
+/// The default of [`BusinessConfig::notice_linger`].
+pub const NOTICE_LINGER: Duration = Duration::from_millis(5);
 /// The first wait before retrying a notice.
 pub const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// The longest wait between retries.
@@ -79,6 +89,8 @@ pub struct BusinessConfig {
     /// notice to be taken).
     pub deadline: Duration,
     pub failure_policy: FailurePolicy,
+    /// How long a notice may wait for others to share its request.
+    pub notice_linger: Duration,
 }
 
 /// Invalid business service settings.
@@ -92,7 +104,7 @@ pub struct BusinessUrlError {
 /// A handle to the business service. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Business {
-    client: BusinessHookClient<Channel>,
+    client: Client,
     deadline: Duration,
     policy: FailurePolicy,
     lanes: Arc<[mpsc::Sender<Notice>]>,
@@ -140,7 +152,7 @@ impl Business {
             })?
             .connect_timeout(config.deadline)
             .tcp_nodelay(true);
-        let client = BusinessHookClient::new(endpoint.connect_lazy());
+        let client = BusinessHookClient::new(EndWithMessage(endpoint.connect_lazy()));
         let mut lanes = Vec::with_capacity(LANES);
         // Until the business service shows it has no OnCallEvents.
         let batches = Arc::new(AtomicBool::new(true));
@@ -150,6 +162,7 @@ impl Business {
             tasks.spawn(lane(
                 client.clone(),
                 config.deadline,
+                config.notice_linger,
                 clock,
                 rx,
                 metrics.clone(),
@@ -243,8 +256,9 @@ impl Business {
 }
 
 async fn lane(
-    client: BusinessHookClient<Channel>,
+    client: Client,
     deadline: Duration,
+    linger: Duration,
     clock: Clock,
     mut rx: mpsc::Receiver<Notice>,
     metrics: Metrics,
@@ -257,12 +271,27 @@ async fn lane(
             () = shutdown.cancelled() => return,
             n = rx.recv() => match n { Some(n) => n, None => return },
         };
+        // Whatever queued up meanwhile, or comes within the linger, goes in
+        // the same request. The linger counts from when the first notice
+        // happened: one that already waited behind a delivery waits no more.
+        let until = clock.start + first.at + linger;
         queued.push(first);
-        // Whatever queued up meanwhile goes in the same request.
+        let batching = batches.load(Ordering::Relaxed);
         while queued.len() < BATCH_MAX {
             match rx.try_recv() {
                 Ok(n) => queued.push(n),
-                Err(_) => break,
+                Err(_) if !batching || Instant::now() >= until => break,
+                Err(_) => {
+                    let room = BATCH_MAX - queued.len();
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        r = tokio::time::timeout_at(until, rx.recv_many(&mut queued, room)) => {
+                            if !matches!(r, Ok(n) if n > 0) {
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
         if queued.len() > 1 && batches.load(Ordering::Relaxed) {

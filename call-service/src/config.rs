@@ -117,6 +117,13 @@ pub struct Config {
     )]
     pub approval_failure_policy: FailurePolicy,
 
+    /// How long a notice may wait for others to go with it in one
+    /// `OnCallEvents` request. Notices never hold up a call; a short wait
+    /// turns many small requests into a few larger ones under load. 0: send
+    /// at once.
+    #[arg(long, env = "CALL_SERVICE_NOTICE_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub notice_linger: Duration,
+
     /// How long a call rings before the caller gets REPLY 100105.
     #[arg(long, env = "CALL_SERVICE_RING_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ring_timeout: Duration,
@@ -199,6 +206,7 @@ impl Config {
             business_url,
             approval_deadline: Duration::from_secs(2),
             approval_failure_policy: FailurePolicy::Refuse,
+            notice_linger: crate::business::NOTICE_LINGER,
             ring_timeout: Duration::from_secs(30),
             dev_identity: true,
             jwt_secret: None,

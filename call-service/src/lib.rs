@@ -9,7 +9,8 @@
 //!   [`switchboard::Switchboard`] trait; per-device queues and their
 //!   slow-consumer policy.
 //! - [`business`]: approvals (deadline, failure policy) and ordered,
-//!   non-blocking notices to the business hook.
+//!   non-blocking notices to the business hook; [`unary`]: its requests
+//!   end with their message (one write fewer each).
 //! - [`api`]: the gRPC edge, client API and admin API; [`convert`]
 //!   validates protobuf into domain types; [`auth`] says who a client is.
 //! - [`config`]: flags and environment variables; [`server`]: wiring,
@@ -26,6 +27,7 @@ pub mod machine;
 pub mod metrics;
 pub mod server;
 pub mod switchboard;
+pub mod unary;
 
 pub use config::Config;
 pub use server::{Listeners, ServeError, serve};

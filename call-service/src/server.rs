@@ -80,6 +80,7 @@ pub async fn serve(
                 url: url.clone(),
                 deadline: config.approval_deadline,
                 failure_policy: config.approval_failure_policy,
+                notice_linger: config.notice_linger,
             },
             clock,
             metrics.clone(),

@@ -467,7 +467,13 @@ impl Actor {
                         }
                     }
                     Ok(ctl) => {
-                        let call_id = CallId(uuid::Uuid::new_v4());
+                        // Only a REQUEST names a call; a random id costs a
+                        // system call, so the others get none.
+                        let call_id = CallId(if ctl.kind == ControlKind::Request {
+                            uuid::Uuid::new_v4()
+                        } else {
+                            uuid::Uuid::nil()
+                        });
                         self.machine
                             .control(conn, &ctl, call_id, now, &mut self.effects)
                     }
