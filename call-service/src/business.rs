@@ -161,9 +161,11 @@ impl Business {
             lanes.push(tx);
             tasks.spawn(lane(
                 client.clone(),
-                config.deadline,
-                config.notice_linger,
-                clock,
+                LaneTiming {
+                    deadline: config.deadline,
+                    linger: config.notice_linger,
+                    clock,
+                },
                 rx,
                 metrics.clone(),
                 shutdown.clone(),
@@ -255,16 +257,28 @@ impl Business {
     }
 }
 
-async fn lane(
-    client: Client,
+/// A lane's times: how long a delivery may take, how long a notice may
+/// wait for company, and the clock notices are stamped with.
+#[derive(Clone, Copy)]
+struct LaneTiming {
     deadline: Duration,
     linger: Duration,
     clock: Clock,
+}
+
+async fn lane(
+    client: Client,
+    timing: LaneTiming,
     mut rx: mpsc::Receiver<Notice>,
     metrics: Metrics,
     shutdown: CancellationToken,
     batches: Arc<AtomicBool>,
 ) {
+    let LaneTiming {
+        deadline,
+        linger,
+        clock,
+    } = timing;
     let mut queued = Vec::with_capacity(BATCH_MAX);
     loop {
         let first = tokio::select! {

@@ -4,10 +4,12 @@
 //!
 //! The hook holds every `OnCallEvent` notice until the test opens a gate, so
 //! that notices queue up on the lanes while all calls are placed and ended;
-//! once the gate opens, what queued goes out.
+//! once the gate opens, what queued goes out. With a long linger and the
+//! gate open, notices wait for each other instead.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use client_sdk::{Code, EventKind};
 use tokio::net::TcpListener;
@@ -72,8 +74,13 @@ const NOTICES: usize = CALLS * 3;
 
 /// Places `CALLS` answered calls while the hook holds notices, opens the
 /// gate and returns what the hook received, in order, with the batch sizes.
-async fn run(batches: bool) -> (Vec<(Via, pb::CallEventNotice)>, Vec<usize>) {
-    let (open_tx, open) = watch::channel(false);
+/// With `linger`, the gate is open from the start and the call service's
+/// notices linger that long.
+async fn run(
+    batches: bool,
+    linger: Option<Duration>,
+) -> (Vec<(Via, pb::CallEventNotice)>, Vec<usize>) {
+    let (open_tx, open) = watch::channel(linger.is_some());
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let batch_sizes = Arc::new(Mutex::new(Vec::new()));
     let hook = GatedHook {
@@ -89,7 +96,12 @@ async fn run(batches: bool) -> (Vec<(Via, pb::CallEventNotice)>, Vec<usize>) {
             .add_service(BusinessHookServer::new(hook))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let svc = CallService::start(Some(&url), |_| {}).await;
+    let svc = CallService::start(Some(&url), |c| {
+        if let Some(linger) = linger {
+            c.notice_linger = linger;
+        }
+    })
+    .await;
     for i in 0..CALLS {
         let (a, b) = (format!("caller{i}"), format!("callee{i}"));
         let mut caller = svc.phone(&a).await;
@@ -148,7 +160,7 @@ fn assert_in_order(received: &[(Via, pb::CallEventNotice)]) {
 
 #[tokio::test]
 async fn queued_notices_go_in_batches_in_order() {
-    let (received, sizes) = run(true).await;
+    let (received, sizes) = run(true, None).await;
     assert_in_order(&received);
     // 36 notices on 8 lanes, each lane held at its first: some lane queued
     // several, and they went together.
@@ -160,8 +172,22 @@ async fn queued_notices_go_in_batches_in_order() {
 
 #[tokio::test]
 async fn without_on_call_events_notices_go_one_at_a_time() {
-    let (received, sizes) = run(false).await;
+    let (received, sizes) = run(false, None).await;
     assert_in_order(&received);
     assert!(sizes.is_empty());
     assert!(received.iter().all(|(v, _)| *v == Via::Single));
+}
+
+#[tokio::test]
+async fn notices_within_the_linger_share_one_request_per_lane() {
+    // Twelve calls take far less than this; each lane's first notice waits
+    // for all the others of its lane.
+    let (received, sizes) = run(true, Some(Duration::from_secs(3))).await;
+    assert_in_order(&received);
+    assert!(received.iter().all(|(v, _)| *v == Via::Batch));
+    assert_eq!(sizes.iter().sum::<usize>(), NOTICES);
+    assert!(
+        sizes.len() <= call_service::business::LANES,
+        "more requests than lanes: {sizes:?}"
+    );
 }
