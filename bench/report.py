@@ -88,9 +88,12 @@ def ramp_section(w, title, r):
         if s["failures"]:
             for what, n in s["failures"].items():
                 w(f"| | | | {n} × {what} | | | | | | | |\n")
-    half = r.get("at_half")
-    if half:
-        w(f"\n### At half the highest clean rate ({half['offered_rate']:.0f} calls/s offered)\n\n")
+    for key, what in (("at_half", "services started afresh"),
+                      ("at_half_after_ramp", "right after the ramp, same processes")):
+        half = r.get(key)
+        if not half:
+            continue
+        w(f"\n### At half the highest clean rate ({half['offered_rate']:.0f} calls/s offered; {what})\n\n")
         w("| latency (ms) | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|\n")
         for key, label in (("request_to_reply", "REQUEST→REPLY"), ("request_to_start", "REQUEST→START"),
                            ("request_to_ring", "REQUEST→callee rings"), ("finish_to_finished", "FINISH→both FINISHed")):
@@ -165,12 +168,16 @@ def main():
     w("a SIP call through the proxy is 7 SIP messages in, 7 out (INVITE, 100, 180, 200, ACK, BYE, 200).\n")
 
     w("\n## Targets\n\n| target | measured | met |\n|---|---|---|\n")
+    after = {"own connections": r.get("at_half_after_ramp"),
+             "shared connections": shared["result"].get("at_half_after_ramp") if shared else None}
     for label, rate, h in (("own connections", ours, half), ("shared connections", shared_rate, shared_half)):
         if kam_plain and rate:
             w(f"| ≥ 2.5× Kamailio's best clean rate ({label}) | {rate / kam_plain:.2f}× ({fmt(rate)} vs {fmt(kam_plain)}) | {'yes' if rate >= 2.5 * kam_plain else 'no'} |\n")
         if h:
             p99 = h["request_to_start"]["p99_ms"]
-            w(f"| REQUEST→START p99 ≤ 2 ms at half the max rate ({label}, {fmt(h['offered_rate'])}/s) | {p99:.3f} ms | {'yes' if p99 <= 2.0 else 'no'} |\n")
+            a = after[label]
+            later = f" (right after the ramp, same processes: {a['request_to_start']['p99_ms']:.3f} ms)" if a else ""
+            w(f"| REQUEST→START p99 ≤ 2 ms at half the max rate ({label}, {fmt(h['offered_rate'])}/s, services started afresh) | {p99:.3f} ms{later} | {'yes' if p99 <= 2.0 else 'no'} |\n")
     if conns:
         c = conns["result"]
         w(f"| ≤ 16 KiB server memory per idle client | {c['server_kib_per_client']:.2f} KiB | {'yes' if c['server_kib_per_client'] <= 16 else 'no'} |\n")

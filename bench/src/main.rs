@@ -367,9 +367,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 step_seconds,
                 refine,
             };
-            let result = ramp::ramp(&services, &mut pool, &template, &r, common.out.quiet).await?;
+            let mut result =
+                ramp::ramp(&services, &mut pool, &template, &r, common.out.quiet).await?;
             drop(pool);
             services.stop().await;
+            if let Some(rate) = result.max_clean_rate {
+                // Latency at half the rate, measured on services and devices
+                // that have not just been through an overload.
+                let (services, mut pool) = common.start().await?;
+                let half = ramp::at_rate(
+                    &services,
+                    &mut pool,
+                    &template,
+                    rate / 2.0,
+                    step_seconds,
+                    common.out.quiet,
+                )
+                .await?;
+                result.at_half = Some(half);
+                drop(pool);
+                services.stop().await;
+            }
             write_out(&common.out, "ramp", &result, report::ramp(&result))?;
         }
         Mode::Connections {

@@ -47,8 +47,12 @@ pub struct RampResult {
     pub max_clean_rate: Option<f64>,
     /// Its completed calls per second.
     pub max_clean_completed_per_s: Option<f64>,
-    /// A run at half the max clean rate, for setup latency.
+    /// Setup latency at half the highest clean rate, on services and devices started
+    /// afresh (filled in by the caller, see [`at_rate`]).
     pub at_half: Option<Step>,
+    /// Half the highest clean rate right after the ramp, on the same
+    /// processes: what an overload leaves behind shows here.
+    pub at_half_after_ramp: Option<Step>,
 }
 
 /// Runs `spec` once and measures the services around it.
@@ -131,11 +135,7 @@ pub async fn ramp(
     let mut good: Option<(f64, f64)> = None;
     let mut bad: Option<f64> = None;
     let mut rate = r.start_rate;
-    let run_at = |rate: f64| LoadSpec {
-        rate,
-        calls: ((rate * r.step_seconds).ceil() as u64).max(1),
-        ..template.clone()
-    };
+    let run_at = |rate: f64| spec_at(template, rate, r.step_seconds);
     while rate <= r.max_rate {
         settle().await;
         let s = step(services, pool, &run_at(rate), quiet).await?;
@@ -170,12 +170,9 @@ pub async fn ramp(
             steps.push(s);
         }
     }
-    let at_half = match good {
+    let at_half_after_ramp = match good {
         Some((rate, _)) => {
-            settle().await;
-            let s = step(services, pool, &run_at(rate / 2.0), quiet).await?;
-            report_step(&s);
-            Some(s)
+            Some(at_rate(services, pool, template, rate / 2.0, r.step_seconds, quiet).await?)
         }
         None => None,
     };
@@ -183,8 +180,32 @@ pub async fn ramp(
         steps,
         max_clean_rate: good.map(|g| g.0),
         max_clean_completed_per_s: good.map(|g| g.1),
-        at_half,
+        at_half: None,
+        at_half_after_ramp,
     })
+}
+
+fn spec_at(template: &LoadSpec, rate: f64, seconds: f64) -> LoadSpec {
+    LoadSpec {
+        rate,
+        calls: ((rate * seconds).ceil() as u64).max(1),
+        ..template.clone()
+    }
+}
+
+/// One step at `rate` for `seconds`, after settling.
+pub async fn at_rate(
+    services: &Services,
+    pool: &mut Pool,
+    template: &LoadSpec,
+    rate: f64,
+    seconds: f64,
+    quiet: bool,
+) -> anyhow::Result<Step> {
+    settle().await;
+    let s = step(services, pool, &spec_at(template, rate, seconds), quiet).await?;
+    report_step(&s);
+    Ok(s)
 }
 
 /// A pause between steps, so that what an overloaded step left behind (the

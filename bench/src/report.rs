@@ -110,7 +110,18 @@ pub fn ramp(r: &RampResult) -> String {
         }
     }
     if let Some(h) = &r.at_half {
-        let _ = writeln!(m, "\n### At half that rate\n\n{}", step(h));
+        let _ = writeln!(
+            m,
+            "\n### At half that rate (services started afresh)\n\n{}",
+            step(h)
+        );
+    }
+    if let Some(h) = &r.at_half_after_ramp {
+        let _ = writeln!(
+            m,
+            "\n### At half that rate, right after the ramp (same processes)\n\n{}",
+            step(h)
+        );
     }
     m
 }
