@@ -84,27 +84,28 @@ pub fn event_type(kind: EventKind) -> pb::EventType {
 pub fn event_to_proto(e: &Event) -> pb::CallEvent {
     pb::CallEvent {
         event_type: event_type(e.kind) as i32,
-        peer_user_id: e.peer.to_string(),
+        // `String::from` copies; `to_string` on an `Arc<str>` formats.
+        peer_user_id: String::from(&*e.peer),
         error_code: e.code,
         flags: e.flags,
         param: e.param,
-        user_str: e.user_str.to_string(),
-        call_id: e.call_id.to_string(),
+        user_str: String::from(&*e.user_str),
+        call_id: e.call_id.text(),
     }
 }
 
 pub fn notice_to_proto(n: &Notice, time: SystemTime) -> pb::CallEventNotice {
     pb::CallEventNotice {
         event_type: event_type(n.kind) as i32,
-        source_user_id: n.source.to_string(),
-        target_user_id: n.target.to_string(),
+        source_user_id: String::from(&*n.source),
+        target_user_id: String::from(&*n.target),
         error_code: n.code,
         flags: n.flags,
         param: n.param,
-        user_str: n.user_str.to_string(),
-        call_id: n.call_id.to_string(),
+        user_str: String::from(&*n.user_str),
+        call_id: n.call_id.text(),
         time: Some(prost_types::Timestamp::from(time)),
-        event_id: format!("{}-{}", n.call_id, n.seq),
+        event_id: event_id(n),
         sequence: n.seq,
         decision_required: n.decision_required,
         initiator: match n.initiator {
@@ -113,9 +114,17 @@ pub fn notice_to_proto(n: &Notice, time: SystemTime) -> pb::CallEventNotice {
             Initiator::Service => pb::Initiator::Service,
             Initiator::Business => pb::Initiator::Business,
         } as i32,
-        caller_user_id: n.caller.to_string(),
-        callee_user_id: n.callee.to_string(),
+        caller_user_id: String::from(&*n.caller),
+        callee_user_id: String::from(&*n.callee),
     }
+}
+
+/// `<call id>-<sequence>`: unique per notice, the same on a resend.
+fn event_id(n: &Notice) -> String {
+    let mut id = n.call_id.text();
+    id.push('-');
+    id.push_str(&n.seq.to_string());
+    id
 }
 
 pub fn user_state(s: UserState) -> pb::UserState {

@@ -44,6 +44,18 @@ impl std::fmt::Display for CallId {
     }
 }
 
+impl CallId {
+    /// The id as text (hyphenated, lower case), as on the wire. Encoded
+    /// directly: this runs for every event and notice, and `to_string` goes
+    /// through the formatting machinery.
+    pub fn text(&self) -> String {
+        self.0
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .to_owned()
+    }
+}
+
 /// The four event types of the contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {

@@ -502,7 +502,7 @@ impl Actor {
                     kind: Some(pb::server_message::Kind::Result(pb::ControlResult {
                         seq,
                         code: outcome.code,
-                        call_id: outcome.call_id.map(|c| c.to_string()).unwrap_or_default(),
+                        call_id: outcome.call_id.map(|c| c.text()).unwrap_or_default(),
                         message: outcome.reason.to_string(),
                     })),
                 };

@@ -612,3 +612,11 @@ proptest! {
         run(ops)?;
     }
 }
+
+#[test]
+fn a_call_id_as_text_is_what_display_writes() {
+    for _ in 0..100 {
+        let id = CallId(uuid::Uuid::new_v4());
+        assert_eq!(id.text(), id.to_string());
+    }
+}
