@@ -135,11 +135,8 @@ pub async fn ramp(
     let mut good: Option<(f64, f64)> = None;
     let mut bad: Option<f64> = None;
     let mut rate = r.start_rate;
-    let run_at = |rate: f64| spec_at(template, rate, r.step_seconds);
     while rate <= r.max_rate {
-        settle().await;
-        let s = step(services, pool, &run_at(rate), quiet).await?;
-        report_step(&s);
+        let s = at_rate(services, pool, template, rate, r.step_seconds, quiet).await?;
         let clean = s.clean;
         let completed = s.load.completed_per_s;
         steps.push(s);
@@ -159,9 +156,7 @@ pub async fn ramp(
             if hi - lo < lo * 0.03 {
                 break;
             }
-            settle().await;
-            let s = step(services, pool, &run_at(mid), quiet).await?;
-            report_step(&s);
+            let s = at_rate(services, pool, template, mid, r.step_seconds, quiet).await?;
             if s.clean {
                 good = Some((mid, s.load.completed_per_s));
             } else {
