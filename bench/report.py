@@ -105,6 +105,11 @@ def ramp_section(w, title, r):
 
 
 
+def conn_label(c):
+    n = c.get("shared_connections", 0)
+    return "each its own connection" if not n else f"streams over {n} shared connections"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kamailio")
@@ -112,6 +117,7 @@ def main():
     ap.add_argument("--ramp", required=True)
     ap.add_argument("--ramp-shared", help="the ramp with devices sharing connections")
     ap.add_argument("--connections")
+    ap.add_argument("--connections-shared", help="idle clients whose streams share connections")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--command", default="./scripts/bench.sh")
     args = ap.parse_args()
@@ -120,6 +126,7 @@ def main():
     echo = load(args.echo)
     ramp = load(args.ramp)
     conns = load(args.connections)
+    conns_shared = load(args.connections_shared)
     shared = load(args.ramp_shared)
     shared_offered = shared["result"].get("max_clean_rate") if shared else None
     shared_rate = shared["result"].get("max_clean_completed_per_s") if shared else None
@@ -178,10 +185,11 @@ def main():
             a = after[label]
             later = f" (right after the ramp, same processes: {a['request_to_start']['p99_ms']:.3f} ms)" if a else ""
             w(f"| REQUEST→START p99 ≤ 2 ms at half the max rate ({label}, {fmt(h['offered_rate'])}/s, services started afresh) | {p99:.3f} ms{later} | {'yes' if p99 <= 2.0 else 'no'} |\n")
-    if conns:
-        c = conns["result"]
-        w(f"| ≤ 16 KiB server memory per idle client | {c['server_kib_per_client']:.2f} KiB | {'yes' if c['server_kib_per_client'] <= 16 else 'no'} |\n")
-        w(f"| 100,000 idle clients on one node | {c['connected']:,} connected of {c['clients']:,} asked | {'yes' if c['connected'] >= 100000 and c['failed'] == 0 else 'no'} |\n")
+    idle = [(conn_label(d["result"]), d["result"]) for d in (conns, conns_shared) if d]
+    for label, c in idle:
+        w(f"| ≤ 16 KiB server memory per idle client ({label}) | {c['server_kib_per_client']:.2f} KiB | {'yes' if c['server_kib_per_client'] <= 16 else 'no'} |\n")
+    for label, c in idle:
+        w(f"| 100,000 idle clients on one node ({label}) | {c['connected']:,} connected of {c['clients']:,} asked | {'yes' if c['connected'] >= 100000 and c['failed'] == 0 else 'no'} |\n")
 
     ramp_section(w, "Call service ramp (each device its own connection)", r)
     if shared:
@@ -198,20 +206,24 @@ def main():
         for e in echo["result"]:
             w(f"| {e['kind']} | {e['connections']} | {e['concurrency']} | {e['per_s']:.0f} | {e['latency']['p50_ms']:.3f} | {e['latency']['p99_ms']:.3f} | {e['server_cpu_s']:.2f} | {e['errors']} |\n")
 
-    if conns:
-        c = conns["result"]
-        w("\n## Idle connections\n\n| figure | value |\n|---|---:|\n")
-        w(f"| clients asked / connected / failed | {c['clients']:,} / {c['connected']:,} / {c['failed']} |\n")
-        w(f"| source addresses | {c['sources']} |\n")
-        w(f"| time to connect all | {c['connect_s']:.1f} s ({c['connects_per_s']:.0f}/s) |\n")
-        w(f"| devices the service reports | {c['server_reports_connected']:,.0f} |\n")
-        w(f"| call-service RSS before / with all connected | {c['server_rss_before_kib'] / 1024:.1f} / {c['server_rss_connected_kib'] / 1024:.1f} MiB |\n")
-        w(f"| **server memory per idle client** | **{c['server_kib_per_client']:.2f} KiB** |\n")
-        w(f"| calls put in the talking state | {c['active_calls']:,} |\n")
-        w(f"| server memory per active call | {c['server_kib_per_call']:.2f} KiB |\n")
-        w(f"| load generator memory per client | {c['generator_kib_per_client']:.2f} KiB |\n")
-        for e in c.get("first_errors", []):
-            w(f"\nError: `{e}`\n")
+    if idle:
+        w("\n## Idle clients\n\n| figure | " + " | ".join(label for label, _ in idle) + " |\n|---|" + "---:|" * len(idle) + "\n")
+        rows = [
+            ("clients asked / connected / failed", lambda c: f"{c['clients']:,} / {c['connected']:,} / {c['failed']}"),
+            ("source addresses", lambda c: f"{c['sources']}"),
+            ("time to connect all", lambda c: f"{c['connect_s']:.1f} s ({c['connects_per_s']:.0f}/s)"),
+            ("devices the service reports", lambda c: f"{c['server_reports_connected']:,.0f}"),
+            ("call-service RSS before / with all connected", lambda c: f"{c['server_rss_before_kib'] / 1024:.1f} / {c['server_rss_connected_kib'] / 1024:.1f} MiB"),
+            ("**server memory per idle client**", lambda c: f"**{c['server_kib_per_client']:.2f} KiB**"),
+            ("calls put in the talking state", lambda c: f"{c['active_calls']:,}"),
+            ("server memory per active call", lambda c: f"{c['server_kib_per_call']:.2f} KiB"),
+            ("load generator memory per client", lambda c: f"{c['generator_kib_per_client']:.2f} KiB"),
+        ]
+        for name, f in rows:
+            w(f"| {name} | " + " | ".join(f(c) for _, c in idle) + " |\n")
+        for label, c in idle:
+            for e in c.get("first_errors", []):
+                w(f"\nError ({label}): `{e}`\n")
 
     try:
         ramps = [("own connections", ramp)] + ([("8 shared connections", shared)] if shared else [])

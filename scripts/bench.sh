@@ -5,7 +5,9 @@
 #   (b) a minimal tonic echo service (unary and bidirectional): the transport;
 #   (c) the call service with an approving business service: highest clean
 #       full-call rate (each device its own connection, then devices sharing
-#       8 connections), latency at half of it, memory per idle client.
+#       8 connections), latency at half of it, memory per idle client
+#       (each its own connection, as many as file descriptors allow; then
+#       100,000 whose streams share 64 connections).
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -46,10 +48,12 @@ ulimit -Hn 1048576 2>/dev/null || echo "note: the hard limit of open files stays
 ulimit -Sn "$(ulimit -Hn)"
 fds=$(ulimit -n)
 # Both ends of every connection are on this machine, one process each: a
-# process can hold about as many clients as it has descriptors.
-if [ "$clients" -gt $((fds - 1000)) ]; then
-  echo "note: $clients idle clients need $clients descriptors per process; this shell allows $fds: measuring $((fds - 1000))"
-  clients=$((fds - 1000))
+# process can hold about as many clients on their own connections as it has
+# descriptors. Clients sharing connections need a descriptor per connection.
+own_clients=$clients
+if [ "$own_clients" -gt $((fds - 1000)) ]; then
+  echo "note: $clients idle clients on their own connections need $clients descriptors per process; this shell allows $fds: measuring $((fds - 1000))"
+  own_clients=$((fds - 1000))
 fi
 
 cargo build --release --locked -p call-service -p business-service -p videocall-bench
@@ -65,12 +69,16 @@ echo "== (c) call service: ramp"
 echo "== (c) call service: ramp, devices multiplexed over 8 HTTP/2 connections"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --shared-connections 8 \
   --json "$out/ramp-shared.json" --markdown "$out/ramp-shared.md"
-echo "== (c) call service: $clients idle clients"
-"$bench" connections --clients "$clients" --active-calls 1000 \
+echo "== (c) call service: $own_clients idle clients, each its own connection"
+"$bench" connections --clients "$own_clients" --active-calls 1000 \
   --json "$out/connections.json" --markdown "$out/connections.md"
+echo "== (c) call service: $clients idle clients over 64 shared connections"
+"$bench" connections --clients "$clients" --shared-connections 64 --active-calls 1000 \
+  --json "$out/connections-shared.json" --markdown "$out/connections-shared.md"
 
 "$venv/bin/python" bench/report.py --kamailio "$out/kamailio.json" --echo "$out/echo.json" \
-  --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --connections "$out/connections.json" --out-dir "$out"
+  --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --connections "$out/connections.json" \
+  --connections-shared "$out/connections-shared.json" --out-dir "$out"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
 echo "full report: $out/REPORT.md"

@@ -1,18 +1,21 @@
 //! Idle connections: N devices connected at once, each its own TCP + HTTP/2
 //! connection and `Session` stream, from several 127.0.0.x source addresses
-//! (one address has about 28k ephemeral ports). Measures the call service's
-//! resident memory per connected device and per active call.
+//! (one address has about 28k ephemeral ports), or their streams spread over
+//! a few shared connections (as behind an HTTP/2 proxy or gateway, where one
+//! process's file descriptors no longer bound the count). Measures the call
+//! service's resident memory per connected device and per active call.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use anyhow::Context;
 use client_sdk::{Client, Code, Credentials, EventKind, Events};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::procs::{Server, scrape};
 
@@ -21,6 +24,9 @@ use crate::procs::{Server, scrape};
 pub struct ConnSpec {
     pub clients: usize,
     pub sources: Vec<IpAddr>,
+    /// 0: each device its own connection; otherwise the devices' streams
+    /// share this many connections.
+    pub shared: usize,
     /// Connection attempts in flight at once.
     pub parallel: usize,
     /// Calls to put in the talking state among the connected devices, to
@@ -38,6 +44,8 @@ pub struct ConnResult {
     pub connected: usize,
     pub failed: usize,
     pub sources: usize,
+    /// HTTP/2 connections the devices shared (0: each its own).
+    pub shared_connections: usize,
     pub connect_s: f64,
     pub connects_per_s: f64,
     /// The call service's RSS before the first client and with all
@@ -84,21 +92,22 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
             }
         })
     });
+    let mut shared = Vec::with_capacity(spec.shared);
+    for i in 0..spec.shared {
+        shared.push(connect(url, spec.sources[i % spec.sources.len()]).await?);
+    }
     for i in 0..spec.clients {
         let source = spec.sources[i % spec.sources.len()];
         let url = url.to_owned();
         let gate = gate.clone();
         let done = done.clone();
+        let channel = (!shared.is_empty()).then(|| shared[i % shared.len()].clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
-            let channel = Endpoint::from_shared(url)
-                .map_err(|e| e.to_string())?
-                .local_address(Some(source))
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(30))
-                .connect()
-                .await
-                .map_err(|e| format!("connect from {source}: {e}"))?;
+            let channel = match channel {
+                Some(c) => c,
+                None => connect(&url, source).await.map_err(|e| e.to_string())?,
+            };
             let device =
                 Client::connect_with_channel(channel, Credentials::dev_user(format!("idle{i}")))
                     .await
@@ -171,6 +180,7 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
         connected,
         failed,
         sources: spec.sources.len(),
+        shared_connections: spec.shared,
         connect_s,
         connects_per_s: connected as f64 / connect_s.max(1e-9),
         server_rss_before_kib: before.rss_kib,
@@ -183,6 +193,16 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
         generator_kib_per_client: per(me_after.rss_kib, me_before.rss_kib, connected),
         first_errors,
     })
+}
+
+async fn connect(url: &str, source: IpAddr) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_owned())?
+        .local_address(Some(source))
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connect from {source}"))
 }
 
 /// Puts a call between two idle devices into the talking state.

@@ -72,6 +72,10 @@ enum Mode {
         /// 127.0.0.2).
         #[arg(long, default_value_t = 8)]
         sources: u8,
+        /// The devices' streams share this many HTTP/2 connections (as
+        /// behind an HTTP/2 proxy); 0: each device has its own.
+        #[arg(long, default_value_t = 0)]
+        shared_connections: usize,
         /// Connection attempts in flight at once.
         #[arg(long, default_value_t = 512)]
         parallel: usize,
@@ -395,6 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             services,
             clients,
             sources,
+            shared_connections,
             parallel,
             active_calls,
             hold_seconds,
@@ -406,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = conns::ConnSpec {
                 clients,
                 sources,
+                shared: shared_connections,
                 parallel,
                 active_calls,
                 hold: Duration::from_secs(hold_seconds),

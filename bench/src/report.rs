@@ -137,6 +137,15 @@ pub fn conns(c: &ConnResult) -> String {
     let _ = writeln!(m, "| source addresses | {} |", c.sources);
     let _ = writeln!(
         m,
+        "| HTTP/2 connections | {} |",
+        if c.shared_connections == 0 {
+            "one per client".to_owned()
+        } else {
+            format!("{} shared by all clients", c.shared_connections)
+        }
+    );
+    let _ = writeln!(
+        m,
         "| time to connect all | {:.1} s ({:.0}/s) |",
         c.connect_s, c.connects_per_s
     );

@@ -70,3 +70,41 @@ async fn the_load_generator_places_every_kind_of_call_without_failures() {
     );
     assert!(stdout.contains("REQUEST→START"), "{stdout}");
 }
+
+/// The idle-clients mode, once with a connection per client and once with
+/// the clients' streams sharing a few connections: every client connects,
+/// the service counts them all, and calls among them reach the talking state.
+#[tokio::test]
+async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connections() {
+    for shared in [0, 4] {
+        let bin = binaries();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("connections.json");
+        let out = tokio::process::Command::new(bin.join("videocall-bench"))
+            .args(["connections", "--clients", "300", "--active-calls", "20"])
+            .args(["--sources", "2", "--quiet", "--shared-connections"])
+            .arg(shared.to_string())
+            .arg("--json")
+            .arg(&json)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run videocall-bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "videocall-bench failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).expect("JSON")).expect("valid JSON");
+        let r = &doc["result"];
+        assert_eq!(doc["mode"], "connections");
+        assert_eq!(r["shared_connections"], shared);
+        assert_eq!(r["connected"], 300, "{stdout}");
+        assert_eq!(r["failed"], 0, "{stdout}");
+        assert_eq!(r["server_reports_connected"], 300.0, "{stdout}");
+        assert_eq!(r["active_calls"], 20, "{stdout}");
+        assert!(r["server_rss_connected_kib"].as_u64().unwrap() > 0);
+    }
+}
