@@ -22,18 +22,20 @@ pub struct Limits {
     #[arg(long, env = "CALL_SERVICE_MAX_DEVICES_PER_USER", default_value_t = 8)]
     pub max_devices_per_user: usize,
 
-    /// Connected devices this node holds; one more is refused with
+    /// Connected devices (`Session` streams, over however many HTTP/2
+    /// connections) this node holds; one more is refused with
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "CALL_SERVICE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
-    /// Controls per second one connection may send (sustained); beyond it
-    /// (and the burst) a control is answered RATE_LIMITED (100204) and the
-    /// connection stays.
+    /// Controls per second one device (one `Session` stream, whether it has
+    /// a connection of its own or shares one) may send (sustained); beyond
+    /// it (and the burst) a control is answered RATE_LIMITED (100204) and
+    /// the stream stays.
     #[arg(long, env = "CALL_SERVICE_CONTROLS_PER_SECOND", default_value_t = 20)]
     pub controls_per_second: u32,
 
-    /// Controls one connection may send at once before the rate applies.
+    /// Controls one device may send at once before the rate applies.
     #[arg(long, env = "CALL_SERVICE_CONTROL_BURST", default_value_t = 40)]
     pub control_burst: u32,
 
