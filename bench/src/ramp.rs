@@ -48,8 +48,12 @@ pub struct RampResult {
     /// Its completed calls per second.
     pub max_clean_completed_per_s: Option<f64>,
     /// Setup latency at half the highest clean rate, on services and devices started
-    /// afresh (filled in by the caller, see [`at_rate`]).
+    /// afresh (filled in by the caller, see [`at_rate`]): of several such
+    /// runs, the one with the median REQUEST→START p99.
     pub at_half: Option<Step>,
+    /// REQUEST→START p99 of each fresh run at half rate (ms), in run order:
+    /// on a shared machine one run's tail moves by a factor of two.
+    pub at_half_p99_ms: Vec<f64>,
     /// Half the highest clean rate right after the ramp, on the same
     /// processes: what an overload leaves behind shows here.
     pub at_half_after_ramp: Option<Step>,
@@ -176,6 +180,7 @@ pub async fn ramp(
         max_clean_rate: good.map(|g| g.0),
         max_clean_completed_per_s: good.map(|g| g.1),
         at_half: None,
+        at_half_p99_ms: Vec::new(),
         at_half_after_ramp,
     })
 }

@@ -110,9 +110,11 @@ pub fn ramp(r: &RampResult) -> String {
         }
     }
     if let Some(h) = &r.at_half {
+        let runs: Vec<String> = r.at_half_p99_ms.iter().map(|p| format!("{p:.3}")).collect();
         let _ = writeln!(
             m,
-            "\n### At half that rate (services started afresh)\n\n{}",
+            "\n### At half that rate (services started afresh; REQUEST→START p99 of each run: {} ms; the median run)\n\n{}",
+            runs.join(", "),
             step(h)
         );
     }
