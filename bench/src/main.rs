@@ -398,7 +398,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?;
                     drop(pool);
                     services.stop().await;
-                    result.at_half_p99_ms.push(half.load.request_to_start.p99_ms);
+                    result
+                        .at_half_p99_ms
+                        .push(half.load.request_to_start.p99_ms);
                     runs.push(half);
                 }
                 runs.sort_by(|a, b| {
