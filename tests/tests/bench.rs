@@ -1,50 +1,58 @@
 //! The load generator in smoke mode, so it keeps working: a few hundred calls
 //! of every kind (answered, rejected, cancelled, unanswered) through the real
-//! binaries as separate processes, every one of them as planned. Figures are
-//! for the benchmark (`scripts/bench.sh`); nothing here is timed.
+//! binaries as separate processes, every one of them as planned, and a few
+//! hundred idle clients. Figures are for the benchmark (`scripts/bench.sh`);
+//! nothing here is timed.
 
 use videocall_tests::process::binaries;
 
-#[tokio::test]
-async fn the_load_generator_places_every_kind_of_call_without_failures() {
-    let bin = binaries();
+/// Runs `videocall-bench` with `args` (and `--json`), asserts it succeeded
+/// and returns the JSON document it wrote and its stdout.
+async fn bench(args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("calls.json");
-    let out = tokio::process::Command::new(bin.join("videocall-bench"))
-        .args([
-            "calls",
-            "--rate",
-            "150",
-            "--calls",
-            "300",
-            "--pairs",
-            "60",
-            "--reject",
-            "0.1",
-            "--cancel",
-            "0.1",
-            "--no-answer",
-            "0.05",
-            "--ring-timeout",
-            "300ms",
-            "--records",
-            "--quiet",
-            "--require-clean",
-            "--json",
-        ])
+    let json = dir.path().join("result.json");
+    let out = tokio::process::Command::new(binaries().join("videocall-bench"))
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .kill_on_drop(true)
         .output()
         .await
         .expect("run videocall-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "videocall-bench failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value =
+    let doc =
         serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    (doc, stdout)
+}
+
+#[tokio::test]
+async fn the_load_generator_places_every_kind_of_call_without_failures() {
+    let (doc, stdout) = bench(&[
+        "calls",
+        "--rate",
+        "150",
+        "--calls",
+        "300",
+        "--pairs",
+        "60",
+        "--reject",
+        "0.1",
+        "--cancel",
+        "0.1",
+        "--no-answer",
+        "0.05",
+        "--ring-timeout",
+        "300ms",
+        "--records",
+        "--quiet",
+        "--require-clean",
+    ])
+    .await;
     let r = &doc["result"];
     assert_eq!(doc["mode"], "calls");
     assert_eq!(r["offered"], 300);
@@ -77,27 +85,19 @@ async fn the_load_generator_places_every_kind_of_call_without_failures() {
 #[tokio::test]
 async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connections() {
     for shared in [0, 4] {
-        let bin = binaries();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let json = dir.path().join("connections.json");
-        let out = tokio::process::Command::new(bin.join("videocall-bench"))
-            .args(["connections", "--clients", "300", "--active-calls", "20"])
-            .args(["--sources", "2", "--quiet", "--shared-connections"])
-            .arg(shared.to_string())
-            .arg("--json")
-            .arg(&json)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("run videocall-bench");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "videocall-bench failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let doc: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).expect("JSON")).expect("valid JSON");
+        let (doc, stdout) = bench(&[
+            "connections",
+            "--clients",
+            "300",
+            "--active-calls",
+            "20",
+            "--sources",
+            "2",
+            "--quiet",
+            "--shared-connections",
+            &shared.to_string(),
+        ])
+        .await;
         let r = &doc["result"];
         assert_eq!(doc["mode"], "connections");
         assert_eq!(r["shared_connections"], shared);
