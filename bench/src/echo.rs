@@ -106,7 +106,7 @@ pub async fn unary(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<EchoResult> {
-    load("unary", url, connections, concurrency, seconds).await
+    load(Kind::Unary, url, connections, concurrency, seconds).await
 }
 
 /// Bidirectional-stream ping-pong: `concurrency` streams over `connections`
@@ -117,12 +117,28 @@ pub async fn stream(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<EchoResult> {
-    load("stream", url, connections, concurrency, seconds).await
+    load(Kind::Stream, url, connections, concurrency, seconds).await
 }
 
-/// `concurrency` loops of `kind` (`unary` or `stream`) until `seconds` pass.
+#[derive(Clone, Copy)]
+enum Kind {
+    Unary,
+    Stream,
+}
+
+impl Kind {
+    /// As in the results.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Unary => "unary",
+            Kind::Stream => "stream",
+        }
+    }
+}
+
+/// `concurrency` loops of `kind` until `seconds` pass.
 async fn load(
-    kind: &'static str,
+    kind: Kind,
     url: &str,
     connections: usize,
     concurrency: usize,
@@ -136,11 +152,20 @@ async fn load(
         let client = EchoClient::new(chans[i % chans.len()].clone());
         let (stop, errors) = (stop.clone(), errors.clone());
         match kind {
-            "unary" => set.spawn(unary_loop(client, stop, errors)),
-            _ => set.spawn(stream_loop(client, stop, errors)),
+            Kind::Unary => set.spawn(unary_loop(client, stop, errors)),
+            Kind::Stream => set.spawn(stream_loop(client, stop, errors)),
         };
     }
-    finish(kind, set, stop, errors, connections, concurrency, seconds).await
+    finish(
+        kind.name(),
+        set,
+        stop,
+        errors,
+        connections,
+        concurrency,
+        seconds,
+    )
+    .await
 }
 
 fn message(seq: u64) -> pb::Message {

@@ -98,7 +98,11 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // With a frame held back, the inner body's hint leaves it out.
+        match self.next {
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }
 
