@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Turns the JSON of one benchmark run (Kamailio/SIPp, tonic echo, the call
-service's ramp and idle connections) into one markdown report with a table
+service's ramps, the floor relay's ramp and idle connections) into one markdown report with a table
 of ratios and PNG plots."""
 
 import argparse
@@ -32,7 +32,7 @@ def plots(ramps, out_dir):
 
     files = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (label, ramp), style in zip(ramps, ("-", "--")):
+    for (label, ramp), style in zip(ramps, ("-", "--", ":")):
         steps = sorted(ramp["result"]["steps"], key=lambda s: s["offered_rate"])
         rates = [s["offered_rate"] for s in steps]
         for (key, name), color in zip((("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9")),
@@ -54,7 +54,7 @@ def plots(ramps, out_dir):
     files.append(path)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (label, ramp), style in zip(ramps, ("-", "--")):
+    for (label, ramp), style in zip(ramps, ("-", "--", ":")):
         t0 = 0
         for n, s in enumerate(ramp["result"]["steps"]):
             per = s.get("per_second", [])
@@ -77,13 +77,14 @@ def ramp_section(w, title, r):
     w(f"\n## {title}\n\n")
     w("Each step offers calls open loop for a few seconds; a step is clean when every call started on time, ")
     w("every event both sides received was the one the contract says, and no notice to the business service was dropped.\n\n")
-    w("| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 ms | p99 | p99.9 | call-service CPU s | business-service CPU s |\n")
+    service = "floor-relay" if any(p[0] == "floor-relay" for s in r["steps"] for p in s["processes"]) else "call-service"
+    w(f"| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 ms | p99 | p99.9 | {service} CPU s | business-service CPU s |\n")
     w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for s in r["steps"]:
         procs = dict((p[0], p[1]) for p in s["processes"])
         w(f"| {s['offered_rate']:.0f} | {s['completed_per_s']:.0f} | {'yes' if s['clean'] else 'no'} | {s['failed']} | {s['not_started']} | "
           f"{s['notices_dropped']:.0f} | {s['request_to_start']['p50_ms']:.3f} | {s['request_to_start']['p99_ms']:.3f} | "
-          f"{s['request_to_start']['p999_ms']:.3f} | {procs.get('call-service', {}).get('cpu_s', 0):.2f} | "
+          f"{s['request_to_start']['p999_ms']:.3f} | {procs.get(service, {}).get('cpu_s', 0):.2f} | "
           f"{procs.get('business-service', {}).get('cpu_s', 0):.2f} |\n")
         if s["failures"]:
             for what, n in s["failures"].items():
@@ -119,6 +120,7 @@ def main():
     ap.add_argument("--echo")
     ap.add_argument("--ramp", required=True)
     ap.add_argument("--ramp-shared", help="the ramp with devices sharing connections")
+    ap.add_argument("--ramp-floor", help="the ramp through the floor relay (no call state)")
     ap.add_argument("--connections")
     ap.add_argument("--connections-shared", help="idle clients whose streams share connections")
     ap.add_argument("--out-dir", required=True)
@@ -131,6 +133,9 @@ def main():
     conns = load(args.connections)
     conns_shared = load(args.connections_shared)
     shared = load(args.ramp_shared)
+    floor = load(args.ramp_floor)
+    floor_rate = floor["result"].get("max_clean_completed_per_s") if floor else None
+    floor_offered = floor["result"].get("max_clean_rate") if floor else None
     shared_offered = shared["result"].get("max_clean_rate") if shared else None
     shared_rate = shared["result"].get("max_clean_completed_per_s") if shared else None
     shared_half = shared["result"].get("at_half") if shared else None
@@ -161,6 +166,8 @@ def main():
     w(f"| **call service**, each device its own HTTP/2 connection: full call (REQUEST, approval by the business service, REPLY, START, FINISH; notices on) | **{fmt(ours)} calls/s** ({fmt(ours_offered)}) | | |\n")
     if shared:
         w(f"| **call service**, devices' streams over 8 shared HTTP/2 connections (as behind an HTTP/2 proxy; SIPp too sends every call over one socket) | **{fmt(shared_rate)} calls/s** ({fmt(shared_offered)}) | | |\n")
+    if floor:
+        w(f"| floor: the same clients and calls through a relay that keeps no call state (`--floor`: forwards each control to the device it names; approval by the business service; no notices), each device its own connection | {fmt(floor_rate)} calls/s ({fmt(floor_offered)}) | {ratio(ours, floor_rate)} | |\n")
     if kam:
         w(f"| Kamailio stateful proxy (tm, record-route), SIPp UAC ↔ UAS over UDP | {fmt(kam_plain)} calls/s ({fmt(kam_plain_offered)}) | {ratio(ours, kam_plain)} | {ratio(shared_rate, kam_plain)} |\n")
         w(f"| Kamailio stateful proxy + dialog tracking | {fmt(kam_dialog)} calls/s ({fmt(kam_dialog_offered)}) | {ratio(ours, kam_dialog)} | {ratio(shared_rate, kam_dialog)} |\n")
@@ -184,7 +191,10 @@ def main():
             "shared connections": shared["result"].get("at_half_p99_ms", []) if shared else []}
     for label, rate, h in (("own connections", ours, half), ("shared connections", shared_rate, shared_half)):
         if kam_plain and rate:
-            w(f"| ≥ 2.5× Kamailio's best clean rate ({label}) | {rate / kam_plain:.2f}× ({fmt(rate)} vs {fmt(kam_plain)}) | {'yes' if rate >= 2.5 * kam_plain else 'no'} |\n")
+            bound = ""
+            if label == "own connections" and floor_rate:
+                bound = f"; the floor relay with the same clients: {floor_rate / kam_plain:.2f}×"
+            w(f"| ≥ 2.5× Kamailio's best clean rate ({label}) | {rate / kam_plain:.2f}× ({fmt(rate)} vs {fmt(kam_plain)}){bound} | {'yes' if rate >= 2.5 * kam_plain else 'no'} |\n")
         if h:
             p99 = h["request_to_start"]["p99_ms"]
             a = after[label]
@@ -201,6 +211,8 @@ def main():
     ramp_section(w, "Call service ramp (each device its own connection)", r)
     if shared:
         ramp_section(w, "Call service ramp (devices over 8 shared connections)", shared["result"])
+    if floor:
+        ramp_section(w, "Floor relay ramp (same clients, each its own connection; no call state, no notices)", floor["result"])
 
     if kam:
         w("\n## Kamailio steps\n\n| mode | offered/s | completed/s | clean | ok | failed | Kamailio CPU s |\n|---|---:|---:|---|---:|---:|---:|\n")
@@ -233,7 +245,8 @@ def main():
                 w(f"\nError ({label}): `{e}`\n")
 
     try:
-        ramps = [("own connections", ramp)] + ([("8 shared connections", shared)] if shared else [])
+        ramps = [("own connections", ramp)] + ([("8 shared connections", shared)] if shared else []) \
+            + ([("floor relay", floor)] if floor else [])
         files = plots(ramps, args.out_dir)
         w("\n## Plots\n\n")
         for f in files:

@@ -8,6 +8,8 @@
 #       8 connections), latency at half of it, memory per idle client
 #       (each its own connection, as many as file descriptors allow; then
 #       100,000 whose streams share 64 connections).
+#   and, as a floor under (c), the same clients and calls through a relay
+#   that keeps no call state (`videocall-bench ramp --floor`).
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -66,6 +68,9 @@ echo "== (b) tonic echo"
 echo "== (c) call service: ramp"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp.json" --markdown "$out/ramp.md"
+echo "== (c) floor: the same clients and calls through a relay with no call state"
+"$bench" ramp --floor --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --half-runs 1 \
+  --json "$out/ramp-floor.json" --markdown "$out/ramp-floor.md"
 echo "== (c) call service: ramp, devices multiplexed over 8 HTTP/2 connections"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --shared-connections 8 \
   --json "$out/ramp-shared.json" --markdown "$out/ramp-shared.md"
@@ -77,7 +82,7 @@ echo "== (c) call service: $clients idle clients over 64 shared connections"
   --json "$out/connections-shared.json" --markdown "$out/connections-shared.md"
 
 "$venv/bin/python" bench/report.py --kamailio "$out/kamailio.json" --echo "$out/echo.json" \
-  --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --connections "$out/connections.json" \
+  --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --ramp-floor "$out/ramp-floor.json" --connections "$out/connections.json" \
   --connections-shared "$out/connections-shared.json" --out-dir "$out"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1

@@ -12,6 +12,8 @@
 //!   memory per device and per call.
 //! - [`echo`]: a minimal tonic echo service and its closed-loop load, the
 //!   transport baseline.
+//! - [`floor`]: a relay serving the call protocol with no call state, the
+//!   floor under the call rate with the same clients.
 //! - [`procs`]: the services as child processes, `/proc` sampling, metrics
 //!   scraping.
 //! - [`report`]: the markdown summary.
@@ -22,6 +24,7 @@
 pub mod calls;
 pub mod conns;
 pub mod echo;
+pub mod floor;
 pub mod procs;
 pub mod ramp;
 pub mod report;

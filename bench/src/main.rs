@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use videocall_bench::calls::{CallPlan, LoadSpec, Pool};
 use videocall_bench::procs::{ServiceOptions, Services, sibling};
-use videocall_bench::{conns, echo, ramp, report};
+use videocall_bench::{conns, echo, floor, ramp, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,6 +109,16 @@ enum Mode {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// Serve the floor relay (started by `--floor`).
+    #[command(hide = true)]
+    FloorServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Approve each call here (a business service); without it every
+        /// call is approved.
+        #[arg(long)]
+        business_url: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +155,11 @@ struct ServiceArgs {
     /// Extra argument for the call service (repeat).
     #[arg(long = "call-arg", allow_hyphen_values = true)]
     call_args: Vec<String>,
+    /// Instead of the call service, a relay that keeps no call state and
+    /// only forwards (approval included): the floor under the call rate
+    /// with the same clients. Answered calls only.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +210,7 @@ impl ServiceArgs {
             records: self.records,
             ring_timeout: self.ring_timeout,
             call_args: self.call_args.clone(),
+            floor: self.floor,
         }
     }
 }
@@ -223,6 +239,9 @@ impl Common {
             ring_timeout: self.services.ring_timeout,
         };
         let shares = [plan.reject, plan.cancel, plan.timeout];
+        if self.services.floor && shares.iter().any(|s| *s > 0.0) {
+            bail!("--floor relays answered calls only (no --reject, --cancel or --no-answer)");
+        }
         if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
             bail!(
                 "--reject, --cancel and --no-answer are shares between 0 and 1, summing to at most 1"
@@ -474,6 +493,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             server.stop(Duration::from_secs(5)).await;
             write_out(&out, "echo", &results, report::echo(&results))?;
+        }
+        Mode::FloorServer {
+            listen,
+            business_url,
+        } => {
+            let approver = match business_url {
+                Some(url) => Some(
+                    tonic::transport::Endpoint::from_shared(url)?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await?,
+                ),
+                None => None,
+            };
+            let listener = TcpListener::bind(listen).await?;
+            println!("floor relay listening: client={}", listener.local_addr()?);
+            floor::serve(listener, floor::Floor::new(approver), async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
         }
         Mode::EchoServer { listen } => {
             let listener = TcpListener::bind(listen).await?;

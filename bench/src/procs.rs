@@ -177,6 +177,9 @@ pub struct ServiceOptions {
     pub ring_timeout: Duration,
     /// Extra `call-service` arguments.
     pub call_args: Vec<String>,
+    /// Instead of the call service, the stateless relay of [`crate::floor`]
+    /// (this binary's `floor-server`), approving through the business service.
+    pub floor: bool,
 }
 
 impl Services {
@@ -206,6 +209,20 @@ impl Services {
         } else {
             None
         };
+        if o.floor {
+            let mut args = vec!["floor-server".to_owned()];
+            if let Some(b) = &business {
+                args.push("--business-url".into());
+                args.push(format!("http://{}", b.addr("hook")?));
+            }
+            let exe = std::env::current_exe()?;
+            let call = Server::start("floor-relay", &exe, &args).await?;
+            return Ok(Self {
+                call,
+                business,
+                _dir: dir,
+            });
+        }
         let mut args: Vec<String> = [
             "--client-addr",
             "127.0.0.1:0",
@@ -242,6 +259,11 @@ impl Services {
             business,
             _dir: dir,
         })
+    }
+
+    /// The call service's metrics endpoint; none for the floor relay.
+    pub fn metrics(&self) -> Option<String> {
+        self.call.addr("metrics").ok()
     }
 
     pub fn client_url(&self) -> anyhow::Result<String> {

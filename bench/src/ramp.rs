@@ -66,8 +66,8 @@ pub async fn step(
     spec: &LoadSpec,
     quiet: bool,
 ) -> anyhow::Result<Step> {
-    let metrics = services.call.addr("metrics")?;
-    let dropped_before = scrape(&metrics, "videocall_notices_dropped_total").await?;
+    let metrics = services.metrics();
+    let dropped_before = dropped(metrics.as_deref()).await?;
     let before = services.samples();
     let progress = Arc::new(Progress::default());
     let printer = (!quiet).then(|| {
@@ -101,16 +101,17 @@ pub async fn step(
     // Notices still queued are not lost; wait for them so the next step
     // starts from an idle service, and count drops once they are settled.
     // Their delivery is part of the step's cost.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (scrape(&metrics, "videocall_notice_backlog").await? > 0.0
-        || scrape(&metrics, "videocall_calls").await? > 0.0)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Some(metrics) = &metrics {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (scrape(metrics, "videocall_notice_backlog").await? > 0.0
+            || scrape(metrics, "videocall_calls").await? > 0.0)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let after = services.samples();
-    let notices_dropped =
-        scrape(&metrics, "videocall_notices_dropped_total").await? - dropped_before;
+    let notices_dropped = dropped(metrics.as_deref()).await? - dropped_before;
     let processes: Vec<(String, ProcCost)> = before
         .iter()
         .zip(after.iter())
@@ -125,6 +126,14 @@ pub async fn step(
         clean,
         processes,
     })
+}
+
+/// Notices the call service dropped so far (the floor relay sends none).
+async fn dropped(metrics: Option<&str>) -> anyhow::Result<f64> {
+    match metrics {
+        Some(m) => scrape(m, "videocall_notices_dropped_total").await,
+        None => Ok(0.0),
+    }
 }
 
 /// Raises the rate by `factor` until a step fails, then bisects.

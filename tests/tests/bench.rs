@@ -108,3 +108,44 @@ async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connect
         assert!(r["server_rss_connected_kib"].as_u64().unwrap() > 0);
     }
 }
+
+/// The floor relay (`--floor`) serves the same clients: answered calls go
+/// through it with approval by the business service, every one as planned;
+/// a plan it cannot relay (cancelling needs call state) is refused up front.
+#[tokio::test]
+async fn the_floor_relay_carries_answered_calls_and_refuses_other_plans() {
+    let (doc, stdout) = bench(&[
+        "calls",
+        "--floor",
+        "--rate",
+        "150",
+        "--calls",
+        "300",
+        "--pairs",
+        "60",
+        "--quiet",
+        "--require-clean",
+    ])
+    .await;
+    let r = &doc["result"];
+    assert_eq!(r["completed"], 300, "{stdout}");
+    assert_eq!(r["answered"], 300, "{stdout}");
+    assert_eq!(r["failed"], 0);
+    assert_eq!(r["request_to_start"]["count"], 300);
+    let names: Vec<&str> = r["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p[0].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["floor-relay", "business-service"]);
+
+    let out = tokio::process::Command::new(binaries().join("videocall-bench"))
+        .args(["calls", "--floor", "--cancel", "0.1", "--calls", "10"])
+        .output()
+        .await
+        .expect("run videocall-bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("answered calls only"), "{stderr}");
+}
