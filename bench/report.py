@@ -78,17 +78,17 @@ def ramp_section(w, title, r):
     w("Each step offers calls open loop for a few seconds; a step is clean when every call started on time, ")
     w("every event both sides received was the one the contract says, and no notice to the business service was dropped.\n\n")
     service = "floor-relay" if any(p[0] == "floor-relay" for s in r["steps"] for p in s["processes"]) else "call-service"
-    w(f"| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 ms | p99 | p99.9 | {service} CPU s | business-service CPU s |\n")
-    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    w(f"| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 ms | p99 | p99.9 | {service} CPU s | business-service CPU s | load generator CPU s |\n")
+    w("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for s in r["steps"]:
         procs = dict((p[0], p[1]) for p in s["processes"])
         w(f"| {s['offered_rate']:.0f} | {s['completed_per_s']:.0f} | {'yes' if s['clean'] else 'no'} | {s['failed']} | {s['not_started']} | "
           f"{s['notices_dropped']:.0f} | {s['request_to_start']['p50_ms']:.3f} | {s['request_to_start']['p99_ms']:.3f} | "
           f"{s['request_to_start']['p999_ms']:.3f} | {procs.get(service, {}).get('cpu_s', 0):.2f} | "
-          f"{procs.get('business-service', {}).get('cpu_s', 0):.2f} |\n")
+          f"{procs.get('business-service', {}).get('cpu_s', 0):.2f} | {s.get('generator_cpu_s', 0):.2f} |\n")
         if s["failures"]:
             for what, n in s["failures"].items():
-                w(f"| | | | {n} × {what} | | | | | | | |\n")
+                w(f"| | | | {n} × {what} | | | | | | | | |\n")
     for key, what in (("at_half", "services started afresh"),
                       ("at_half_after_ramp", "right after the ramp, same processes")):
         half = r.get(key)

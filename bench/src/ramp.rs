@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::calls::{self, LoadResult, LoadSpec, Pool, Progress};
-use crate::procs::{ProcCost, Services, scrape};
+use crate::procs::{ProcCost, Services, sample, scrape};
 
 /// One run at one rate, with what the processes spent on it.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +27,9 @@ pub struct Step {
     pub processes: Vec<(String, ProcCost)>,
     /// CPU seconds per 1000 completed calls, all server processes together.
     pub server_cpu_ms_per_call: f64,
+    /// CPU seconds of the load generator itself (every SDK client) over the
+    /// step: on one machine it competes with the servers for the cores.
+    pub generator_cpu_s: f64,
 }
 
 /// How a ramp goes.
@@ -69,6 +72,7 @@ pub async fn step(
     let metrics = services.metrics();
     let dropped_before = dropped(metrics.as_deref()).await?;
     let before = services.samples();
+    let generator_before = sample(std::process::id()).unwrap_or_default();
     let progress = Arc::new(Progress::default());
     let printer = (!quiet).then(|| {
         let p = progress.clone();
@@ -111,6 +115,7 @@ pub async fn step(
         }
     }
     let after = services.samples();
+    let generator_after = sample(std::process::id()).unwrap_or_default();
     let notices_dropped = dropped(metrics.as_deref()).await? - dropped_before;
     let processes: Vec<(String, ProcCost)> = before
         .iter()
@@ -125,6 +130,7 @@ pub async fn step(
         notices_dropped,
         clean,
         processes,
+        generator_cpu_s: generator_after.cpu_s - generator_before.cpu_s,
     })
 }
 

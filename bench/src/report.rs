@@ -67,6 +67,7 @@ pub fn step(s: &Step) -> String {
             c.peak_rss_kib as f64 / 1024.0
         );
     }
+    let _ = writeln!(m, "| (load generator) | {:.2} | | |", s.generator_cpu_s);
     let _ = writeln!(
         m,
         "\nServer CPU per call (all server processes): {:.3} ms.",
@@ -79,13 +80,13 @@ pub fn ramp(r: &RampResult) -> String {
     let mut m = String::new();
     let _ = writeln!(
         m,
-        "| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 | p99 | p99.9 | server CPU ms/call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered/s | completed/s | clean | failed | not started | notices dropped | REQUEST→START p50 | p99 | p99.9 | server CPU ms/call | generator CPU s |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in &r.steps {
         let l = &s.load;
         let _ = writeln!(
             m,
-            "| {:.0} | {:.0} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {:.0} | {:.0} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
             l.offered_rate,
             l.completed_per_s,
             if s.clean { "yes" } else { "no" },
@@ -96,6 +97,7 @@ pub fn ramp(r: &RampResult) -> String {
             l.request_to_start.p99_ms,
             l.request_to_start.p999_ms,
             s.server_cpu_ms_per_call,
+            s.generator_cpu_s,
         );
     }
     match (r.max_clean_rate, r.max_clean_completed_per_s) {

@@ -76,6 +76,7 @@ async fn the_load_generator_places_every_kind_of_call_without_failures() {
             .iter()
             .all(|p| p[1]["peak_rss_kib"].as_u64().unwrap() > 0)
     );
+    assert!(r["generator_cpu_s"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("REQUEST→START"), "{stdout}");
 }
 
