@@ -69,7 +69,7 @@ echo "== (c) call service: ramp"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp.json" --markdown "$out/ramp.md"
 echo "== (c) floor: the same clients and calls through a relay with no call state"
-"$bench" ramp --floor --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --half-runs 1 \
+"$bench" ramp --floor --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp-floor.json" --markdown "$out/ramp-floor.md"
 echo "== (c) call service: ramp, devices multiplexed over 8 HTTP/2 connections"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 --shared-connections 8 \
