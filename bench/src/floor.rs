@@ -9,8 +9,8 @@
 //! device, the same message pattern per call), what the relay sustains is
 //! what tonic and the machine leave for any call service built this way: the
 //! call service's rate is measured against it (`ramp --floor`). It handles
-//! answered calls only; a rejection is relayed, cancelling and ring timeouts
-//! need call state and are not there.
+//! answered and rejected calls; cancelling and ring timeouts need call state
+//! and are not there.
 
 use std::collections::HashMap;
 use std::pin::Pin;

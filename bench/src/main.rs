@@ -157,7 +157,7 @@ struct ServiceArgs {
     call_args: Vec<String>,
     /// Instead of the call service, a relay that keeps no call state and
     /// only forwards (approval included): the floor under the call rate
-    /// with the same clients. Answered calls only.
+    /// with the same clients. Answered and rejected calls only.
     #[arg(long)]
     floor: bool,
 }
@@ -239,8 +239,10 @@ impl Common {
             ring_timeout: self.services.ring_timeout,
         };
         let shares = [plan.reject, plan.cancel, plan.timeout];
-        if self.services.floor && shares.iter().any(|s| *s > 0.0) {
-            bail!("--floor relays answered calls only (no --reject, --cancel or --no-answer)");
+        if self.services.floor && (plan.cancel > 0.0 || plan.timeout > 0.0) {
+            bail!(
+                "--floor relays answered and rejected calls only: cancelling and ring timeouts need call state (no --cancel or --no-answer)"
+            );
         }
         if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
             bail!(

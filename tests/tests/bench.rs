@@ -110,11 +110,12 @@ async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connect
     }
 }
 
-/// The floor relay (`--floor`) serves the same clients: answered calls go
-/// through it with approval by the business service, every one as planned;
-/// a plan it cannot relay (cancelling needs call state) is refused up front.
+/// The floor relay (`--floor`) serves the same clients: answered and
+/// rejected calls go through it with approval by the business service, every
+/// one as planned; a plan it cannot relay (cancelling needs call state) is
+/// refused up front.
 #[tokio::test]
-async fn the_floor_relay_carries_answered_calls_and_refuses_other_plans() {
+async fn the_floor_relay_carries_answered_and_rejected_calls_and_refuses_other_plans() {
     let (doc, stdout) = bench(&[
         "calls",
         "--floor",
@@ -124,15 +125,20 @@ async fn the_floor_relay_carries_answered_calls_and_refuses_other_plans() {
         "300",
         "--pairs",
         "60",
+        "--reject",
+        "0.2",
         "--quiet",
         "--require-clean",
     ])
     .await;
     let r = &doc["result"];
     assert_eq!(r["completed"], 300, "{stdout}");
-    assert_eq!(r["answered"], 300, "{stdout}");
     assert_eq!(r["failed"], 0);
-    assert_eq!(r["request_to_start"]["count"], 300);
+    let answered = r["answered"].as_u64().unwrap();
+    let rejected = r["rejected"].as_u64().unwrap();
+    assert!(answered > 0 && rejected > 0, "{stdout}");
+    assert_eq!(answered + rejected, 300);
+    assert_eq!(r["request_to_start"]["count"].as_u64(), Some(answered));
     let names: Vec<&str> = r["processes"]
         .as_array()
         .expect("processes")
@@ -148,5 +154,5 @@ async fn the_floor_relay_carries_answered_calls_and_refuses_other_plans() {
         .expect("run videocall-bench");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("answered calls only"), "{stderr}");
+    assert!(stderr.contains("need call state"), "{stderr}");
 }
