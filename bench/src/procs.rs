@@ -161,6 +161,8 @@ impl Server {
 pub struct Services {
     pub call: Server,
     pub business: Option<Server>,
+    /// `call` is the floor relay, which has no metrics endpoint.
+    floor: bool,
     /// Holds the business service's records database.
     _dir: Option<tempfile::TempDir>,
 }
@@ -220,6 +222,7 @@ impl Services {
             return Ok(Self {
                 call,
                 business,
+                floor: true,
                 _dir: dir,
             });
         }
@@ -257,13 +260,17 @@ impl Services {
         Ok(Self {
             call,
             business,
+            floor: false,
             _dir: dir,
         })
     }
 
     /// The call service's metrics endpoint; none for the floor relay.
-    pub fn metrics(&self) -> Option<String> {
-        self.call.addr("metrics").ok()
+    pub fn metrics(&self) -> anyhow::Result<Option<String>> {
+        match self.floor {
+            true => Ok(None),
+            false => self.call.addr("metrics").map(Some),
+        }
     }
 
     pub fn client_url(&self) -> anyhow::Result<String> {

@@ -69,7 +69,7 @@ pub async fn step(
     spec: &LoadSpec,
     quiet: bool,
 ) -> anyhow::Result<Step> {
-    let metrics = services.metrics();
+    let metrics = services.metrics()?;
     let dropped_before = dropped(metrics.as_deref()).await?;
     let before = services.samples();
     let generator_before = sample(std::process::id()).unwrap_or_default();
