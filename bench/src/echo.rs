@@ -57,15 +57,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    // Nagle off on accepted connections (the builder's `tcp_nodelay` covers
-    // only listeners tonic binds itself).
     Server::builder()
         .add_service(EchoServer::new(EchoService))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
+}
+
+/// Connections accepted on `listener` with Nagle off, as the call service
+/// does (the builder's `tcp_nodelay` covers only listeners tonic binds
+/// itself). Shared with the floor relay.
+pub(crate) fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// One closed-loop measurement.

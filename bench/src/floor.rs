@@ -41,14 +41,6 @@ type Outbox = mpsc::Sender<Result<pb::ServerMessage, Status>>;
 struct Devices(Mutex<HashMap<Arc<str>, Outbox>>);
 
 impl Devices {
-    fn get(&self, user: &str) -> Option<Outbox> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(user)
-            .cloned()
-    }
-
     fn insert(&self, user: Arc<str>, tx: Outbox) {
         self.0
             .lock()
@@ -64,8 +56,11 @@ impl Devices {
         }
     }
 
+    /// Queues `msg` for `user`, if connected; `try_send` never waits, so
+    /// it runs under the lock.
     fn send(&self, user: &str, msg: pb::ServerMessage) {
-        if let Some(tx) = self.get(user) {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(user) {
             let _ = tx.try_send(Ok(msg));
         }
     }
@@ -244,9 +239,6 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
         .add_service(CallServiceServer::new(floor))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(crate::echo::incoming(listener), shutdown)
         .await
 }
