@@ -35,8 +35,9 @@ const QUEUE: usize = 256;
 
 type Outbox = mpsc::Sender<Result<pb::ServerMessage, Status>>;
 
-/// The connected devices by user id. A lock held only for a lookup or an
-/// insert, never across an `.await`: the relay has no other shared state.
+/// The connected devices by user id. A lock held only to look up, insert or
+/// queue a message without waiting, never across an `.await`: the relay has
+/// no other shared state.
 #[derive(Debug, Default)]
 struct Devices(Mutex<HashMap<Arc<str>, Outbox>>);
 
