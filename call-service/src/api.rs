@@ -92,13 +92,19 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let inbound = request.into_inner();
-        let Attached { conn, epoch, rx } = self.switchboard.connect(identity.user, resume).await?;
+        let Attached {
+            conn,
+            epoch,
+            rx,
+            superseded,
+        } = self.switchboard.connect(identity.user, resume).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
         let reader = Reader {
             switchboard: self.switchboard.clone(),
             conn,
             epoch,
+            superseded,
             gone: gone_rx,
             end: end_tx,
             expires: identity.expires,
@@ -188,6 +194,8 @@ struct Reader<S> {
     switchboard: S,
     conn: ConnId,
     epoch: u64,
+    /// Another stream resumed this device.
+    superseded: CancellationToken,
     gone: oneshot::Receiver<()>,
     end: oneshot::Sender<Status>,
     expires: Option<SystemTime>,
@@ -205,9 +213,10 @@ impl<S: Switchboard> Reader<S> {
     async fn run(mut self, mut inbound: Streaming<pb::ClientMessage>) {
         let conn = self.conn;
         // The stream ends when the token does.
-        let expiry = self.expires.map(|at| {
+        let expiry = self.expires.and_then(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::Instant::now() + left
+            // Beyond what an Instant can hold (exp near 2^63): never.
+            tokio::time::Instant::now().checked_add(left)
         });
         let expired = async {
             match expiry {
@@ -222,6 +231,15 @@ impl<S: Switchboard> Reader<S> {
             let msg = tokio::select! {
                 m = inbound.message() => m,
                 _ = &mut self.gone => break,
+                () = self.superseded.cancelled() => {
+                    // Not a code the SDK reconnects on: the device lives on
+                    // in the stream that resumed it.
+                    let _ = self.end.send(Status::failed_precondition(
+                        "this device was resumed by another stream",
+                    ));
+                    lost = false;
+                    break;
+                }
                 () = self.shutdown.cancelled() => {
                     // Clients reconnect (to this node restarted, or another).
                     let _ = self.end.send(Status::unavailable("the call service is shutting down"));
@@ -266,7 +284,12 @@ impl<S: Switchboard> Reader<S> {
                 ),
                 None => (0, Err((codes::INVALID_ARGUMENT, "empty client message"))),
             };
-            if self.switchboard.control(conn, seq, control).await.is_err() {
+            if self
+                .switchboard
+                .control(conn, self.epoch, seq, control)
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -38,7 +38,8 @@ pub const DEV_USER_HEADER: &str = "x-videocall-user";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     pub user: UserId,
-    /// When the credential stops being valid (the stream ends then).
+    /// When the credential stops being valid (the stream ends then);
+    /// `None`: never, or later than any clock can say.
     pub expires: Option<SystemTime>,
 }
 
@@ -122,10 +123,12 @@ impl JwtVerifier {
             .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
         let user = convert::user_id(&data.claims.sub)
             .map_err(|e| Status::unauthenticated(format!("invalid token subject: {e}")))?;
-        Ok(Identity {
-            user,
-            expires: Some(UNIX_EPOCH + Duration::from_secs(data.claims.exp) + self.leeway),
-        })
+        // No claim value may panic: an `exp` too far out to be a time is
+        // taken as "does not expire before the stream ends anyway".
+        let expires = UNIX_EPOCH
+            .checked_add(Duration::from_secs(data.claims.exp))
+            .and_then(|t| t.checked_add(self.leeway));
+        Ok(Identity { user, expires })
     }
 }
 
@@ -338,6 +341,24 @@ mod tests {
             JwtVerifier::hs256(b"short", Duration::ZERO),
             Err(KeyError::ShortSecret)
         ));
+    }
+
+    #[test]
+    fn an_exp_too_far_out_for_a_clock_saturates_instead_of_panicking() {
+        let verifier = JwtVerifier::hs256(SECRET, Duration::from_secs(5)).unwrap();
+        let key = EncodingKey::from_secret(SECRET);
+        for exp in [i64::MAX as u64, u64::MAX, u64::MAX - 4] {
+            let t = token(
+                serde_json::json!({"sub": "alice", "exp": exp}),
+                Algorithm::HS256,
+                &key,
+            );
+            let id = verifier.verify(&t).unwrap();
+            assert_eq!(&*id.user, "alice");
+            if let Some(at) = id.expires {
+                assert!(at > SystemTime::now());
+            }
+        }
     }
 
     #[test]

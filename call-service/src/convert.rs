@@ -23,18 +23,19 @@ pub enum UserIdError {
     Empty,
     #[error("user id is longer than {MAX_USER_ID} bytes")]
     TooLong,
-    #[error("user id contains control characters")]
-    ControlChars,
+    #[error("user id contains whitespace, control or format characters")]
+    Invisible,
 }
 
-/// Checks a user id: 1..=128 bytes of UTF-8 without control characters.
+/// Checks a user id: 1..=128 bytes of UTF-8 without whitespace, control or
+/// format characters (the set is in [`videocall_proto::text`]).
 pub fn user_id(raw: &str) -> Result<Arc<str>, UserIdError> {
     if raw.is_empty() {
         Err(UserIdError::Empty)
     } else if raw.len() > MAX_USER_ID {
         Err(UserIdError::TooLong)
-    } else if raw.chars().any(char::is_control) {
-        Err(UserIdError::ControlChars)
+    } else if raw.chars().any(videocall_proto::text::is_refused_in_id) {
+        Err(UserIdError::Invisible)
     } else {
         Ok(Arc::from(raw))
     }
@@ -55,8 +56,8 @@ pub fn control(msg: pb::CallControl) -> Result<Control, (u32, &'static str)> {
         Ok(p) => p,
         Err(UserIdError::Empty) => return invalid("empty peer user id"),
         Err(UserIdError::TooLong) => return invalid("peer user id longer than 128 bytes"),
-        Err(UserIdError::ControlChars) => {
-            return invalid("peer user id contains control characters");
+        Err(UserIdError::Invisible) => {
+            return invalid("peer user id contains whitespace, control or format characters");
         }
     };
     if msg.user_str.len() > MAX_USER_STR {
@@ -183,6 +184,11 @@ mod tests {
             ctl(1, "", String::new()),
             ctl(1, &"x".repeat(129), String::new()),
             ctl(1, "bo\nb", String::new()),
+            ctl(1, "bob alice", String::new()),
+            ctl(1, "bob\u{2028}", String::new()),
+            ctl(1, "\u{202E}bob", String::new()),
+            ctl(1, "b\u{200B}ob", String::new()),
+            ctl(1, "\u{FEFF}bob", String::new()),
             ctl(1, "bob", "x".repeat(MAX_USER_STR + 1)),
         ];
         for c in bad {

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `videocall_connected_devices` | gauge | |
 //! | `videocall_calls` | gauge | `phase` (approving, ringing, talking) |
-//! | `videocall_call_outcomes_total` | counter | `event` (REPLY, FINISH), `code` |
+//! | `videocall_call_outcomes_total` | counter | `event` (REPLY, FINISH), `code` (a `ResultCode`, or `other`) |
 //! | `videocall_call_setup_seconds` | histogram | REQUEST to START |
 //! | `videocall_approval_seconds` | histogram | approval round trip |
 //! | `videocall_approval_failures_total` | counter | `kind` (timeout, error) |
@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,7 +37,33 @@ pub struct PhaseLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub event: &'static str,
-    pub code: u32,
+    pub code: CodeLabel,
+}
+
+/// A result code as a label value: a code of `ResultCode` (the proto's),
+/// or `other`. Clients choose the codes of their rejections and the
+/// business service those of its refusals; were each its own label value,
+/// anyone could grow the metrics without bound.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct CodeLabel(Option<u32>);
+
+impl From<u32> for CodeLabel {
+    fn from(code: u32) -> Self {
+        let known = i32::try_from(code)
+            .ok()
+            .is_some_and(|c| videocall_proto::v1::ResultCode::try_from(c).is_ok());
+        Self(known.then_some(code))
+    }
+}
+
+impl EncodeLabelValue for CodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        match self.0 {
+            Some(code) => write!(encoder, "{code}"),
+            None => encoder.write_str("other"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,7 +73,7 @@ pub struct KindLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    pub result: u32,
+    pub result: CodeLabel,
 }
 
 /// Every metric of the call service. Cheap to clone (handles).
@@ -160,5 +186,28 @@ impl Default for Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_outside_the_contract_share_one_label_value() {
+        let m = Metrics::default();
+        for code in [100104, 1_000_000, 1_000_001, 4_000_000_000] {
+            m.outcomes
+                .get_or_create(&OutcomeLabels {
+                    event: "REPLY",
+                    code: code.into(),
+                })
+                .inc();
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        assert!(text.contains(r#"code="100104"} 1"#), "{text}");
+        assert!(text.contains(r#"code="other"} 3"#), "{text}");
+        assert_eq!(text.matches("videocall_call_outcomes_total{").count(), 2);
     }
 }

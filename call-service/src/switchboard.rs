@@ -20,9 +20,12 @@
 //! stream ends, its calls end as "connection lost" for the peer): dropping
 //! call events instead would break the contract's event lines.
 //!
-//! **Grace window (later).** A dropped stream is applied as a disconnect at
-//! once. A resume window fits in here: park the device instead of calling
-//! `Machine::disconnect`, and let a stream that resumes take its place.
+//! **Grace window.** A stream that broke parks its device for
+//! [`SwitchboardLimits::resume_grace`]: what is sent meanwhile is kept, and
+//! a stream that presents the device's resume token (single use) takes its
+//! place. One device has one stream at a time: a resume ends a stream still
+//! attached ([`Attached::superseded`]) and the epoch in every control
+//! refuses a late one from it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
@@ -90,6 +93,8 @@ pub struct Attached {
     /// Which attachment of the device this stream is.
     pub epoch: u64,
     pub rx: DeviceRx,
+    /// Cancelled when another stream resumes the device: this one must end.
+    pub superseded: CancellationToken,
 }
 
 /// Why a device was not registered.
@@ -148,15 +153,21 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
     /// With `resume`, the token of a device whose stream was lost within the
     /// grace window, the stream takes that device's place: its calls and
     /// ringing go on, and what was sent meanwhile follows `Connected`.
+    /// A token works once (the new `Connected` carries the next one); a
+    /// stream still attached to the device is told to end
+    /// ([`Attached::superseded`]), so a device has one stream at a time.
     fn connect(
         &self,
         user: UserId,
         resume: Option<String>,
     ) -> impl Future<Output = Result<Attached, ConnectError>> + Send;
-    /// A control from a device; its result goes to the device's queue.
+    /// A control from a device's stream `epoch`; its result goes to the
+    /// device's queue. A control from a stream that no longer holds the
+    /// device (it was resumed elsewhere) is ignored.
     fn control(
         &self,
         conn: ConnId,
+        epoch: u64,
         seq: u64,
         control: CheckedControl,
     ) -> impl Future<Output = Result<(), ShuttingDown>> + Send;
@@ -185,10 +196,12 @@ enum Command {
         user: UserId,
         resume: Option<String>,
         tx: DeviceTx,
+        superseded: CancellationToken,
         reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
     },
     Control {
         conn: ConnId,
+        epoch: u64,
         seq: u64,
         control: CheckedControl,
     },
@@ -275,26 +288,39 @@ impl Switchboard for LocalSwitchboard {
     ) -> Result<Attached, ConnectError> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+        let superseded = CancellationToken::new();
         let (conn, epoch) = self
             .ask(|reply| Command::Connect {
                 conn,
                 user,
                 resume,
                 tx,
+                superseded: superseded.clone(),
                 reply,
             })
             .await??;
-        Ok(Attached { conn, epoch, rx })
+        Ok(Attached {
+            conn,
+            epoch,
+            rx,
+            superseded,
+        })
     }
 
     async fn control(
         &self,
         conn: ConnId,
+        epoch: u64,
         seq: u64,
         control: CheckedControl,
     ) -> Result<(), ShuttingDown> {
         self.tx
-            .send(Command::Control { conn, seq, control })
+            .send(Command::Control {
+                conn,
+                epoch,
+                seq,
+                control,
+            })
             .await
             .map_err(|_| ShuttingDown)
     }
@@ -332,6 +358,9 @@ struct Device {
     tx: Option<DeviceTx>,
     /// Bumped each time a stream takes the device (first or resumed).
     epoch: u64,
+    /// Ends the current stream when another one resumes the device.
+    superseded: CancellationToken,
+    /// Single use: replaced on every resume.
     resume_token: Arc<str>,
     /// What was sent while the stream was lost, delivered on resume.
     parked: VecDeque<pb::ServerMessage>,
@@ -419,6 +448,7 @@ impl Actor {
                 user,
                 resume,
                 tx,
+                superseded,
                 reply,
             } => {
                 let resumable = resume
@@ -426,7 +456,7 @@ impl Actor {
                     .and_then(|t| self.resume_tokens.get(t).copied())
                     .filter(|c| self.devices.get(c).is_some_and(|d| d.user == user));
                 if let Some(old) = resumable {
-                    self.resume(old, tx, reply);
+                    self.resume(old, tx, superseded, reply);
                     return;
                 }
                 let (_, devices, _) = self.machine.user_state(&user);
@@ -446,6 +476,7 @@ impl Actor {
                     user: user.clone(),
                     tx: Some(tx),
                     epoch: 1,
+                    superseded,
                     resume_token: token,
                     parked: VecDeque::new(),
                     until: None,
@@ -453,7 +484,17 @@ impl Actor {
                 self.devices.insert(conn, device);
                 self.machine.connect(conn, user, &mut self.effects);
             }
-            Command::Control { conn, seq, control } => {
+            Command::Control {
+                conn,
+                epoch,
+                seq,
+                control,
+            } => {
+                if self.devices.get(&conn).is_none_or(|d| d.epoch != epoch) {
+                    // From a stream that lost the device to a resume (or a
+                    // device already gone): it acts on nothing.
+                    return;
+                }
                 let outcome = match control {
                     Ok(ctl)
                         if ctl.kind == ControlKind::Request
@@ -486,7 +527,7 @@ impl Actor {
                 self.metrics
                     .controls
                     .get_or_create(&ResultLabel {
-                        result: outcome.code,
+                        result: outcome.code.into(),
                     })
                     .inc();
                 if outcome.code != codes::OK {
@@ -531,7 +572,9 @@ impl Actor {
                 info!(user = %f.user, code = f.code, result = o.code, "forced FINISH");
                 self.metrics
                     .forced_finishes
-                    .get_or_create(&ResultLabel { result: o.code })
+                    .get_or_create(&ResultLabel {
+                        result: o.code.into(),
+                    })
                     .inc();
                 let _ = reply.send(o);
             }
@@ -668,7 +711,7 @@ impl Actor {
                     .outcomes
                     .get_or_create(&OutcomeLabels {
                         event,
-                        code: n.code,
+                        code: n.code.into(),
                     })
                     .inc();
             }
@@ -677,7 +720,7 @@ impl Actor {
                     .outcomes
                     .get_or_create(&OutcomeLabels {
                         event,
-                        code: n.code,
+                        code: n.code.into(),
                     })
                     .inc();
             }
@@ -707,24 +750,34 @@ impl Actor {
     }
 
     /// A stream takes the place of a device whose stream was lost (or is
-    /// about to be found lost): `Connected` again, then what was parked.
+    /// about to be found lost): `Connected` again with the next resume
+    /// token, then what was parked. A stream still attached is told to end,
+    /// and its controls from now on are ignored (see the epoch check).
     fn resume(
         &mut self,
         conn: ConnId,
         tx: DeviceTx,
+        superseded: CancellationToken,
         reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
     ) {
         let Some(device) = self.devices.get_mut(&conn) else {
             return;
         };
-        let hello = connected(&device.user, conn, &device.resume_token, true);
+        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+        let hello = connected(&device.user, conn, &token, true);
         if tx.try_send(Box::new(hello)).is_err() {
             return;
         }
+        self.resume_tokens.remove(&device.resume_token);
+        self.resume_tokens.insert(token.clone(), conn);
+        device.resume_token = token;
         if let Some(until) = device.until.take() {
             self.grace.remove(&(until, conn));
         }
         device.epoch += 1;
+        std::mem::replace(&mut device.superseded, superseded).cancel();
+        // Dropping the old queue's sender ends the old response stream once
+        // it has sent what it holds.
         device.tx = Some(tx);
         let _ = reply.send(Ok((conn, device.epoch)));
         info!(user = %device.user, conn = conn.0, parked = device.parked.len(), "device resumed");
@@ -836,7 +889,7 @@ mod tests {
             rx: mut bob_rx,
             ..
         } = sb.connect(Arc::from("bob"), None).await.unwrap();
-        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+        sb.control(alice, 1, 1, control(ControlKind::Request, "bob", 0))
             .await
             .unwrap();
         let began = Instant::now();
@@ -867,6 +920,7 @@ mod tests {
             conn: alice,
             epoch,
             rx: mut alice_rx,
+            ..
         } = sb.connect(Arc::from("alice"), None).await.unwrap();
         let hello = match alice_rx.recv().await.unwrap().kind {
             Some(pb::server_message::Kind::Connected(c)) => c,
@@ -877,7 +931,7 @@ mod tests {
             rx: mut bob_rx,
             ..
         } = sb.connect(Arc::from("bob"), None).await.unwrap();
-        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+        sb.control(alice, 1, 1, control(ControlKind::Request, "bob", 0))
             .await
             .unwrap();
         assert_eq!(
@@ -887,7 +941,7 @@ mod tests {
         // alice's stream breaks: bob's REPLY is parked for her.
         drop(alice_rx);
         sb.disconnect(alice, epoch, true).await;
-        sb.control(bob, 1, control(ControlKind::Reply, "alice", 0))
+        sb.control(bob, 1, 1, control(ControlKind::Reply, "alice", 0))
             .await
             .unwrap();
         // A stranger with alice's token but another identity gets a new device.
@@ -930,6 +984,77 @@ mod tests {
         tasks.wait().await;
     }
 
+    async fn hello(rx: &mut DeviceRx) -> pb::Connected {
+        match rx.recv().await.expect("queue open").kind {
+            Some(pb::server_message::Kind::Connected(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_token_works_once_and_takes_the_device_from_a_live_stream() {
+        let (sb, token, tasks) = start();
+        let mut first = sb.connect(Arc::from("alice"), None).await.unwrap();
+        let t1 = hello(&mut first.rx).await.resume_token;
+        // Resumed while the first stream is still attached: it is told to
+        // end, its queue closes, and a new token comes with the new stream.
+        let mut second = sb
+            .connect(Arc::from("alice"), Some(t1.clone()))
+            .await
+            .unwrap();
+        assert_eq!((second.conn, second.epoch), (first.conn, first.epoch + 1));
+        let c2 = hello(&mut second.rx).await;
+        assert!(c2.resumed);
+        assert_ne!(c2.resume_token, t1);
+        assert!(first.superseded.is_cancelled());
+        assert!(!second.superseded.is_cancelled());
+        assert!(first.rx.recv().await.is_none());
+        // The used token gives a new device, not this one.
+        let mut third = sb.connect(Arc::from("alice"), Some(t1)).await.unwrap();
+        assert_ne!(third.conn, first.conn);
+        assert!(!hello(&mut third.rx).await.resumed);
+        assert_eq!(
+            sb.user_state(Arc::from("alice")).await.unwrap().connections,
+            2
+        );
+        // The old stream's controls act on nothing; the new one's do.
+        let _bob = sb.connect(Arc::from("bob"), None).await.unwrap();
+        sb.control(
+            first.conn,
+            first.epoch,
+            1,
+            control(ControlKind::Request, "bob", 0),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            sb.user_state(Arc::from("alice")).await.unwrap().state,
+            UserState::Idle
+        );
+        sb.control(
+            second.conn,
+            second.epoch,
+            2,
+            control(ControlKind::Request, "bob", 0),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            sb.user_state(Arc::from("alice")).await.unwrap().state,
+            UserState::Calling
+        );
+        // The next token works, once.
+        let fourth = sb
+            .connect(Arc::from("alice"), Some(c2.resume_token.clone()))
+            .await
+            .unwrap();
+        assert_eq!(fourth.conn, second.conn);
+        assert!(second.superseded.is_cancelled());
+        token.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
     #[tokio::test]
     async fn a_device_that_stops_reading_is_disconnected_and_its_peer_told() {
         let (sb, token, tasks) = start();
@@ -943,11 +1068,11 @@ mod tests {
             rx: mut bob_rx,
             ..
         } = sb.connect(Arc::from("bob"), None).await.unwrap();
-        sb.control(alice, 1, control(ControlKind::Request, "bob", 0))
+        sb.control(alice, 1, 1, control(ControlKind::Request, "bob", 0))
             .await
             .unwrap();
         event(&mut bob_rx).await;
-        sb.control(bob, 1, control(ControlKind::Reply, "alice", 0))
+        sb.control(bob, 1, 1, control(ControlKind::Reply, "alice", 0))
             .await
             .unwrap();
         assert_eq!(
@@ -956,7 +1081,7 @@ mod tests {
         );
         // Every control is answered on alice's queue, which nobody reads.
         for seq in 0..=DEVICE_QUEUE as u64 {
-            sb.control(alice, seq, control(ControlKind::Reply, "carol", 0))
+            sb.control(alice, 1, seq, control(ControlKind::Reply, "carol", 0))
                 .await
                 .unwrap();
         }

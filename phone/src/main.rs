@@ -16,6 +16,7 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use client_sdk::{CallEvent, Client, Code, Credentials, EventKind, Events, flags};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use videocall_proto::text::escape;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,17 +64,21 @@ impl Ui {
         self.paint("1", &self.prompt)
     }
 
+    // Every line shown goes through `escape`: its text carries what other
+    // users chose (a caller's message, error messages), and a control
+    // character in it could clear the screen, set the window title or
+    // forge a status line. Only our own colours are written raw.
     fn info(&self, text: &str) {
-        self.say(&format!("  {text}"));
+        self.say(&format!("  {}", escape(text)));
     }
     fn good(&self, text: &str) {
-        self.say(&format!("  {}", self.paint("32", text)));
+        self.say(&format!("  {}", self.paint("32", &escape(text))));
     }
     fn ring(&self, text: &str) {
-        self.say(&format!("  {}", self.paint("1;33", text)));
+        self.say(&format!("  {}", self.paint("1;33", &escape(text))));
     }
     fn bad(&self, text: &str) {
-        self.say(&format!("  {}", self.paint("31", text)));
+        self.say(&format!("  {}", self.paint("31", &escape(text))));
     }
 }
 

@@ -6,11 +6,14 @@
 //!   services (`CallService` for clients, `BusinessHook` implemented by the
 //!   business service, `CallAdmin` for the business service and operators).
 //! - [`codec`]: the codec the generated code uses (prost, small buffers).
+//! - [`text`]: the characters a user id may hold, and escaping of text from
+//!   the network for logs and terminals.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 //!
 //! Business teams working in another language need only the `.proto` files.
 
 pub mod codec;
+pub mod text;
 
 /// Generated code for package `videocall.v1`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]

@@ -36,13 +36,74 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => {
             let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-            builder.with_ansi(color).init()
+            builder.with_ansi(color).fmt_fields(EscapedFields).init()
         }
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .init(),
+    }
+}
+
+/// Text log fields as `key=value`, with every value that is not one plain
+/// word quoted and escaped ([`videocall_proto::text::log_value`]), and
+/// control and format characters in messages escaped: a user id such as
+/// `x caller=victim code=0` cannot pose as fields of its own, nor a value
+/// with a newline as a line of its own. (The default formatter writes
+/// `%`-values as they are.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EscapedFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'writer> {
+    writer: tracing_subscriber::fmt::format::Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    fn write(&mut self, name: &str, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if name == "message" {
+            write!(self.writer, "{sep}{}", videocall_proto::text::escape(value))
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            write!(
+                self.writer,
+                "{sep}{name}={}",
+                videocall_proto::text::log_value(value)
+            )
+        };
+    }
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.write(field.name(), value);
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.write(field.name(), &format!("{value:?}"));
     }
 }
 
@@ -149,3 +210,54 @@ impl std::fmt::Display for HealthcheckError {
 }
 
 impl std::error::Error for HealthcheckError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_logs_quote_values_that_could_pose_as_fields_or_lines() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(EscapedFields)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let peer: Arc<str> = Arc::from(r#"x caller=victim code=0 event="START""#);
+            tracing::info!(peer = %peer, code = 7, "call\nevent");
+            tracing::info!(user = %"alice", line = %"a\nINFO forged", "plain");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0]
+                .ends_with(r#"call\nevent peer="x caller=victim code=0 event=\"START\"" code=7"#),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(r#"plain user=alice line="a\nINFO forged""#),
+            "{text}"
+        );
+    }
+}

@@ -150,3 +150,40 @@ async fn two_phones_call_each_other_in_tmux() {
     svc.stop().await;
     business.stop().await;
 }
+
+#[tokio::test]
+async fn a_callers_message_cannot_drive_the_callees_terminal() {
+    let phone = binaries().join("phone");
+    let svc = CallService::start(None, |_| {}).await;
+    let tmux = Tmux::new();
+    tmux.open("bob", &phone, &svc.client_url);
+    tmux.wait_for("bob", "connected").await;
+    let eve = svc.phone("eve").await;
+    // Clear the screen, set the window title, then a forged status line.
+    let hostile = "\u{1b}[2J\u{1b}]2;pwned\u{7}\r\n  ■ call with mallory ended: hung up";
+    let code = eve
+        .client
+        .request("bob", 0, 0, hostile)
+        .await
+        .expect("request");
+    assert!(code.is_ok(), "{code:?}");
+    let screen = tmux
+        .wait_for(
+            "bob",
+            "eve is calling: \"\\u{1b}[2J\\u{1b}]2;pwned\\u{7}\\r\\n",
+        )
+        .await;
+    assert!(
+        screen.contains("connected"),
+        "the screen was cleared:\n{screen}"
+    );
+    assert!(
+        !screen
+            .lines()
+            .any(|l| l.trim_start().starts_with("■ call with mallory")),
+        "a forged line:\n{screen}"
+    );
+    let title = tmux.run(&["display-message", "-p", "-t", "bob", "#{pane_title}"]);
+    assert!(!title.contains("pwned"), "title set to {title:?}");
+    svc.stop().await;
+}
