@@ -117,14 +117,26 @@ impl Admin {
             .into_inner())
     }
 
+    /// Every live call, read page by page.
     pub async fn calls(&self) -> Result<Vec<pb::CallInfo>, AdminError> {
-        Ok(self
-            .client
-            .clone()
-            .list_calls(self.request(pb::ListCallsRequest {}))
-            .await?
-            .into_inner()
-            .calls)
+        let mut calls = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .client
+                .clone()
+                .list_calls(self.request(pb::ListCallsRequest {
+                    page_size: 0,
+                    page_token,
+                }))
+                .await?
+                .into_inner();
+            calls.extend(page.calls);
+            if page.next_page_token.is_empty() {
+                return Ok(calls);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn user_state(&self, user: &str) -> Result<pb::GetUserStateResponse, AdminError> {

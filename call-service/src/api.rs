@@ -189,6 +189,11 @@ impl TokenBucket {
     }
 }
 
+/// After a device's request stream ends cleanly, how long its response
+/// stream may take to be dropped for the end to count as a lost connection
+/// rather than the client leaving (see [`Reader::run`]).
+const LEAVE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Reads one device's controls.
 struct Reader<S> {
     switchboard: S,
@@ -254,22 +259,22 @@ impl<S: Switchboard> Reader<S> {
             };
             let msg = match msg {
                 Ok(Some(msg)) => msg,
-                // The client closed its side: it is leaving, not lost.
+                // The client closed its side: it is leaving, not lost...
+                // unless the connection is gone. A connection that keepalive
+                // found dead is shut down with GOAWAY NO_ERROR, which ends
+                // every request body as cleanly as a client that leaves; but
+                // then the response stream goes with it, at once.
                 Ok(None) => {
-                    lost = false;
+                    lost = tokio::time::timeout(LEAVE_CHECK, &mut self.gone)
+                        .await
+                        .is_ok();
                     break;
                 }
                 Err(status) => {
                     // Malformed or oversized input ends this stream with the
                     // reason; a client that is simply gone reads nothing.
                     debug!(conn = conn.0, error = %status.message(), "device stream failed");
-                    // Malformed input is not a network fault: no resume.
-                    lost = !matches!(
-                        status.code(),
-                        tonic::Code::Internal
-                            | tonic::Code::OutOfRange
-                            | tonic::Code::InvalidArgument
-                    );
+                    lost = broken_path(&status);
                     let _ = self.end.send(status);
                     break;
                 }
@@ -295,6 +300,26 @@ impl<S: Switchboard> Reader<S> {
         }
         self.switchboard.disconnect(conn, self.epoch, lost).await;
     }
+}
+
+/// Calls in a `ListCalls` answer when the request does not say.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// The most calls in one `ListCalls` answer: 500 of the largest (4 KiB
+/// user string, 128-byte ids) stay under 2.5 MB.
+pub const MAX_PAGE_SIZE: usize = 500;
+
+/// Whether a stream that failed with `status` broke on the way (kept for a
+/// resume) rather than carrying malformed input (not a network fault: no
+/// resume). A transport failure (a reset, a dead path found by keepalive,
+/// a connection torn down) carries its h2 / hyper / io error as the source,
+/// whatever code it maps to (keepalive's is INTERNAL); malformed input is a
+/// status of tonic's decoder, with no source.
+fn broken_path(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || !matches!(
+            status.code(),
+            tonic::Code::Internal | tonic::Code::OutOfRange | tonic::Code::InvalidArgument
+        )
 }
 
 /// `videocall.v1.CallAdmin`: forced FINISH and queries.
@@ -355,11 +380,31 @@ impl<S: Switchboard> pb::call_admin_server::CallAdmin for AdminApi<S> {
 
     async fn list_calls(
         &self,
-        _request: Request<pb::ListCallsRequest>,
+        request: Request<pb::ListCallsRequest>,
     ) -> Result<Response<pb::ListCallsResponse>, Status> {
-        let calls = self.switchboard.list_calls().await?;
+        let r = request.into_inner();
+        let limit = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => usize::try_from(n)
+                .unwrap_or(MAX_PAGE_SIZE)
+                .min(MAX_PAGE_SIZE),
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(
+                uuid::Uuid::parse_str(token)
+                    .map(CallId)
+                    .map_err(|_| Status::invalid_argument("not a page token of ListCalls"))?,
+            ),
+        };
+        let (calls, more) = self.switchboard.list_calls(after, limit).await?;
+        let next_page_token = match (more, calls.last()) {
+            (true, Some(last)) => last.call_id.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListCallsResponse {
             calls: calls.iter().map(convert::call_info).collect(),
+            next_page_token,
         }))
     }
 

@@ -31,6 +31,10 @@ use tonic::metadata::MetadataMap;
 use crate::convert;
 use crate::machine::UserId;
 
+/// The shortest shared secret accepted, for client tokens (HS256) and the
+/// admin token alike.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// The metadata key carrying the user id in development mode.
 pub const DEV_USER_HEADER: &str = "x-videocall-user";
 
@@ -80,9 +84,9 @@ struct Claims {
 }
 
 impl JwtVerifier {
-    /// HS256 with a shared secret (at least 32 bytes).
+    /// HS256 with a shared secret (at least [`MIN_SECRET_BYTES`]).
     pub fn hs256(secret: &[u8], leeway: Duration) -> Result<Self, KeyError> {
-        if secret.len() < 32 {
+        if secret.len() < MIN_SECRET_BYTES {
             return Err(KeyError::ShortSecret);
         }
         Ok(Self::new(

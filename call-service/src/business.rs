@@ -29,10 +29,22 @@
 //! - **A REQUEST whose approval failed** is queued as a notice too
 //!   (`decision_required` false), so the call's record is complete once the
 //!   business service is back.
+//! - **Fairness between callers**: each notice counts against its call's
+//!   caller until it is delivered ([`Business::caller_backlog`]). A caller
+//!   with [`BusinessConfig::max_notices_per_caller`] waiting gets OVERLOADED
+//!   (100207) for its next REQUEST until they drain (the switchboard
+//!   checks): a flood is pushed back on the flooder's own controls, and
+//!   since a user has at most one call at a time, no caller holds more than
+//!   that bound plus one call's notices in the lanes. Others' notices wait
+//!   behind at most those, and are not dropped for them.
 //! - **Full lanes**: each lane holds at most [`LANE_QUEUE`] notices. When
 //!   one is full the *newest* notice is dropped, counted in
 //!   `videocall_notices_dropped_total` and logged; the call flow never waits for the
-//!   business service.
+//!   business service. With the per-caller bound, filling the lanes takes
+//!   hundreds of callers flooding at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,16 +62,20 @@ use videocall_proto::v1::business_hook_client::BusinessHookClient;
 
 use crate::codes;
 use crate::convert::notice_to_proto;
-use crate::machine::{CallId, Initiator, Notice, Verdict};
+use crate::machine::{CallId, Initiator, Notice, UserId, Verdict};
 use crate::metrics::{KindLabel, Metrics};
 use crate::unary::EndWithMessage;
+
+/// The default of [`BusinessConfig::max_notices_per_caller`].
+pub const MAX_NOTICES_PER_CALLER: usize = 64;
 
 /// The business hook's client.
 type Client = BusinessHookClient<EndWithMessage<Channel>>;
 
 /// Ordered delivery lanes for notices.
 pub const LANES: usize = 8;
-/// Notices a lane holds before it drops new ones.
+/// Notices a lane holds by default before it drops new ones
+/// ([`BusinessConfig::lane_queue`]).
 pub const LANE_QUEUE: usize = 4096;
 /// The most notices one `OnCallEvents` request carries.
 pub const BATCH_MAX: usize = 256;
@@ -91,6 +107,11 @@ pub struct BusinessConfig {
     pub failure_policy: FailurePolicy,
     /// How long a notice may wait for others to share its request.
     pub notice_linger: Duration,
+    /// Notices of one caller's calls that may wait for delivery before its
+    /// next REQUEST is refused OVERLOADED.
+    pub max_notices_per_caller: usize,
+    /// Notices each lane holds before it drops new ones.
+    pub lane_queue: usize,
 }
 
 /// Invalid business service settings.
@@ -108,8 +129,42 @@ pub struct Business {
     deadline: Duration,
     policy: FailurePolicy,
     lanes: Arc<[mpsc::Sender<Notice>]>,
+    backlog: CallerBacklog,
+    max_notices_per_caller: usize,
     metrics: Metrics,
     clock: Clock,
+}
+
+/// Notices waiting for delivery, per caller. Behind a `std` mutex held
+/// only to change or read one count, never across an `.await`.
+#[derive(Clone, Debug, Default)]
+struct CallerBacklog(Arc<Mutex<HashMap<UserId, usize>>>);
+
+impl CallerBacklog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, usize>> {
+        // Each change is one insert or remove: nothing half-done to see.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn of(&self, caller: &UserId) -> usize {
+        self.lock().get(caller).copied().unwrap_or(0)
+    }
+
+    fn add(&self, caller: &UserId) {
+        *self.lock().entry(caller.clone()).or_insert(0) += 1;
+    }
+
+    fn release<'a>(&self, notices: impl IntoIterator<Item = &'a Notice>) {
+        let mut counts = self.lock();
+        for n in notices {
+            if let Some(c) = counts.get_mut(&n.caller) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    counts.remove(&n.caller);
+                }
+            }
+        }
+    }
 }
 
 /// Turns the machine's monotonic times into wall-clock times for notices.
@@ -156,8 +211,9 @@ impl Business {
         let mut lanes = Vec::with_capacity(LANES);
         // Until the business service shows it has no OnCallEvents.
         let batches = Arc::new(AtomicBool::new(true));
+        let backlog = CallerBacklog::default();
         for _ in 0..LANES {
-            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            let (tx, rx) = mpsc::channel(config.lane_queue.max(1));
             lanes.push(tx);
             tasks.spawn(lane(
                 client.clone(),
@@ -170,6 +226,7 @@ impl Business {
                 metrics.clone(),
                 shutdown.clone(),
                 batches.clone(),
+                backlog.clone(),
             ));
         }
         Ok(Self {
@@ -177,6 +234,8 @@ impl Business {
             deadline: config.deadline,
             policy: config.failure_policy,
             lanes: lanes.into(),
+            backlog,
+            max_notices_per_caller: config.max_notices_per_caller,
             metrics,
             clock,
         })
@@ -240,12 +299,27 @@ impl Business {
     /// Queues a notice on its call's lane without waiting.
     pub fn notify(&self, notice: Notice) {
         let lane = (notice.call_id.0.as_u128() % self.lanes.len() as u128) as usize;
+        // Counted before it is queued, so a quick delivery cannot release
+        // it first.
+        self.backlog.add(&notice.caller);
         if let Err(e) = self.lanes[lane].try_send(notice) {
+            let notice = e.into_inner();
+            self.backlog.release([&notice]);
             self.metrics.notices_dropped.inc();
             let n = self.metrics.notices_dropped.get();
-            let notice = e.into_inner();
             warn!(call_id = %notice.call_id, seq = notice.seq, dropped_total = n, "notice lane full: notice dropped");
         }
+    }
+
+    /// Notices of `caller`'s calls waiting for delivery.
+    pub fn caller_backlog(&self, caller: &UserId) -> usize {
+        self.backlog.of(caller)
+    }
+
+    /// Whether `caller` has as many notices waiting as it may: its next
+    /// REQUEST is refused OVERLOADED until they drain.
+    pub fn caller_over_quota(&self, caller: &UserId) -> bool {
+        self.caller_backlog(caller) >= self.max_notices_per_caller
     }
 
     /// Notices waiting in the lanes.
@@ -273,6 +347,7 @@ async fn lane(
     metrics: Metrics,
     shutdown: CancellationToken,
     batches: Arc<AtomicBool>,
+    backlog: CallerBacklog,
 ) {
     let LaneTiming {
         deadline,
@@ -329,6 +404,7 @@ async fn lane(
             };
             match deliver(send, what, deadline, &metrics, &shutdown).await {
                 Delivery::Done => {
+                    backlog.release(&queued);
                     queued.clear();
                     continue;
                 }
@@ -344,6 +420,7 @@ async fn lane(
                 Delivery::Refused(code) => {
                     metrics.notices_rejected.inc_by(queued.len() as u64);
                     warn!(call_id = %first.call_id, notices = queued.len(), ?code, "notice batch refused by the business service; not retried");
+                    backlog.release(&queued);
                     queued.clear();
                     continue;
                 }
@@ -362,7 +439,9 @@ async fn lane(
                 seq: notice.seq,
                 notices: 1,
             };
-            match deliver(send, what, deadline, &metrics, &shutdown).await {
+            let delivery = deliver(send, what, deadline, &metrics, &shutdown).await;
+            backlog.release([&notice]);
+            match delivery {
                 Delivery::Done => {}
                 Delivery::Shutdown => return,
                 Delivery::Refused(code) => {

@@ -61,6 +61,59 @@ pub struct Limits {
     /// How long to wait for a keepalive answer.
     #[arg(long, env = "CALL_SERVICE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
+
+    /// Notices of one caller's calls that may wait for the business service;
+    /// with that many waiting, the caller's next REQUEST is answered
+    /// OVERLOADED (100207) until they drain. Keeps one caller's flood from
+    /// getting other callers' notices dropped.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_MAX_NOTICES_PER_CALLER",
+        default_value_t = crate::business::MAX_NOTICES_PER_CALLER
+    )]
+    pub max_notices_per_caller: usize,
+
+    /// Notices that may wait for the business service, in all (spread over
+    /// its 8 delivery lanes); beyond, the newest is dropped and counted.
+    #[arg(long, env = "CALL_SERVICE_NOTICE_QUEUE", default_value_t = crate::business::LANES * crate::business::LANE_QUEUE)]
+    pub notice_queue: usize,
+
+    /// Connections one IP address may hold open (on each listener); one
+    /// more is closed at once. Behind a proxy every client shares its
+    /// address: raise it there.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 1_000
+    )]
+    pub max_connections_per_peer: usize,
+
+    /// How long a new connection has to send its first bytes (the HTTP/2
+    /// preface; with TLS, to finish the TLS handshake) before it is closed.
+    #[arg(long, env = "CALL_SERVICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Concurrent HTTP/2 streams on one connection (devices sharing it
+    /// through a proxy count one each); beyond, the stream is refused.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 2_048
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// Health and reflection streams open at once, in all (they need no
+    /// credential); beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CALL_SERVICE_MAX_AUX_STREAMS", default_value_t = 4_096)]
+    pub max_aux_streams: usize,
+
+    /// Health and reflection streams one IP address may have open at once.
+    #[arg(
+        long,
+        env = "CALL_SERVICE_MAX_AUX_STREAMS_PER_PEER",
+        default_value_t = 32
+    )]
+    pub max_aux_streams_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +128,13 @@ impl Default for Limits {
             resume_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            max_notices_per_caller: crate::business::MAX_NOTICES_PER_CALLER,
+            notice_queue: crate::business::LANES * crate::business::LANE_QUEUE,
+            max_connections_per_peer: 1_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 2_048,
+            max_aux_streams: 4_096,
+            max_aux_streams_per_peer: 32,
         }
     }
 }

@@ -14,9 +14,12 @@
 //! - [`api`]: the gRPC edge, client API and admin API; [`convert`]
 //!   validates protobuf into domain types; [`auth`] says who a client is.
 //! - [`config`]: flags and environment variables; [`server`]: wiring,
-//!   health, reflection and [`serve`]; [`metrics`]: Prometheus metrics;
+//!   health, reflection and [`serve`]; [`accept`]: connections per peer,
+//!   handshake timeout, accept back-off, bounded health and reflection
+//!   streams; [`metrics`]: Prometheus metrics;
 //!   [`codes`]: result codes from the proto.
 
+pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod business;

@@ -35,6 +35,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     videocall_telemetry::init_logging(config.log_format);
+    // Refuse a configuration that cannot run before saying "listening".
+    call_service::server::check(&config, config.admin_addr)?;
 
     let bind = |addr, what: &'static str| async move {
         TcpListener::bind(addr)

@@ -16,6 +16,7 @@
 //! | `videocall_notice_retries_total` | counter | failed attempts, retried |
 //! | `videocall_forced_finishes_total` | counter | `result` |
 //! | `videocall_slow_consumers_total` | counter | devices disconnected for not reading |
+//! | `videocall_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
 //!
 //! The gauges of calls and devices are read from the switchboard at scrape
 //! time, so keeping them costs nothing on the call path.
@@ -67,6 +68,11 @@ impl EncodeLabelValue for CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -93,6 +99,7 @@ pub struct Metrics {
     pub notice_retries: Counter,
     pub forced_finishes: Family<ResultLabel, Counter>,
     pub slow_consumers: Counter,
+    pub connections_refused: Family<ReasonLabel, Counter>,
 }
 
 /// Latency buckets from 100 µs to about 6.5 s.
@@ -120,6 +127,7 @@ impl Default for Metrics {
             notice_retries: Counter::default(),
             forced_finishes: Family::default(),
             slow_consumers: Counter::default(),
+            connections_refused: Family::default(),
         };
         r.register(
             "connected_devices",
@@ -181,6 +189,11 @@ impl Default for Metrics {
             "slow_consumers",
             "Devices disconnected for not reading their stream",
             m.slow_consumers.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections and auxiliary streams refused or closed by a limit",
+            m.connections_refused.clone(),
         );
         Self {
             registry: Arc::new(r),

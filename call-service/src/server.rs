@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use videocall_proto::v1::call_admin_server::{self, CallAdminServer};
 use videocall_proto::v1::call_service_server::{self, CallServiceServer};
 
+use crate::accept::{AcceptLimits, AuxLimit, incoming};
 use crate::api::{AdminApi, ClientApi};
 use crate::auth::{AdminGuard, Authenticator, JwtVerifier};
 use crate::business::{Business, BusinessConfig, BusinessUrlError, Clock};
@@ -81,6 +82,8 @@ pub async fn serve(
                 deadline: config.approval_deadline,
                 failure_policy: config.approval_failure_policy,
                 notice_linger: config.notice_linger,
+                max_notices_per_caller: config.limits.max_notices_per_caller,
+                lane_queue: config.limits.notice_queue.div_ceil(crate::business::LANES),
             },
             clock,
             metrics.clone(),
@@ -94,8 +97,14 @@ pub async fn serve(
             None
         }
     };
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_err(|e| ServeError::Config(format!("the admin listener: {e}")))?;
+    check(&config, admin_addr)?;
     let auth = authenticator(&config)?;
-    let admin_credential = admin_guard(&config, &listeners.admin)?;
+    log_access(&auth, &config);
+    let admin_credential = AdminGuard::new(config.admin_token.as_deref());
     let tls = tls(&config)?;
     let limits = &config.limits;
     let switchboard = LocalSwitchboard::start(
@@ -115,6 +124,15 @@ pub async fn serve(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let aux = AuxLimit::new(
+        limits.max_aux_streams,
+        limits.max_aux_streams_per_peer,
+        metrics.clone(),
+    );
+    let accept = AcceptLimits {
+        max_connections_per_peer: limits.max_connections_per_peer,
+        handshake_timeout: limits.handshake_timeout,
+    };
     set_health(&health, ServingStatus::Serving).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -151,20 +169,23 @@ pub async fn serve(
     // and every task.
     let closing = CancellationToken::new();
     let client_srv = builder(limits, tls.client)?
-        .add_service(health_service.clone())
-        .add_service(reflection_v1.clone())
-        .add_service(reflection_v1alpha.clone())
+        .add_service(aux.wrap(health_service.clone()))
+        .add_service(aux.wrap(reflection_v1.clone()))
+        .add_service(aux.wrap(reflection_v1alpha.clone()))
         .add_service(client_api)
         .serve_with_incoming_shutdown(
-            incoming(listeners.client),
+            incoming(listeners.client, accept, metrics.clone()),
             closing.clone().cancelled_owned(),
         );
     let admin_srv = builder(limits, tls.admin)?
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(aux.wrap(health_service))
+        .add_service(aux.wrap(reflection_v1))
+        .add_service(aux.wrap(reflection_v1alpha))
         .add_service(admin_api)
-        .serve_with_incoming_shutdown(incoming(listeners.admin), closing.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            incoming(listeners.admin, accept, metrics.clone()),
+            closing.clone().cancelled_owned(),
+        );
     let stop_metrics = closing.clone().cancelled_owned();
     let metrics_srv = async {
         match listeners.metrics {
@@ -251,22 +272,15 @@ fn addr(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
-/// Accepted connections with Nagle's algorithm off. (The builder's
-/// `tcp_nodelay` applies only to listeners tonic binds itself.) Events are
-/// small writes: with Nagle on, one waits for the peer's delayed ACK, about
-/// 40 ms on Linux.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 fn builder(limits: &Limits, tls: Option<ServerTlsConfig>) -> Result<Server, ServeError> {
     let server = Server::builder()
         // Finds dead peers: a ping on idle connections, dropped if unanswered.
         .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection));
     match tls {
         Some(tls) => server
-            .tls_config(tls)
+            .tls_config(tls.timeout(limits.handshake_timeout))
             .map_err(|e| ServeError::Config(format!("TLS: {e}"))),
         None => Ok(server),
     }
@@ -289,40 +303,57 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
         )),
         (Some(verifier), false) => {
             let verifier = verifier.map_err(|e| ServeError::Config(e.to_string()))?;
-            info!(?verifier, "clients authenticate with signed tokens");
             Ok(Authenticator::Jwt(Box::new(verifier)))
         }
-        (None, true) => {
-            warn!(
-                "DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production"
-            );
-            Ok(Authenticator::DevIdentity)
-        }
-        (None, false) => {
-            warn!(
-                "no client authentication configured (--jwt-secret, --jwt-public-key): every client will be refused"
-            );
-            Ok(Authenticator::RefuseAll)
-        }
+        (None, true) => Ok(Authenticator::DevIdentity),
+        (None, false) => Ok(Authenticator::RefuseAll),
     }
 }
 
-/// The admin credential; without one, the admin API stays on loopback.
-fn admin_guard(config: &Config, admin: &TcpListener) -> Result<AdminGuard, ServeError> {
-    let loopback = admin
-        .local_addr()
-        .map(|a| a.ip().is_loopback())
-        .unwrap_or(false);
-    if config.admin_token.is_none() && config.admin_client_ca.is_none() && !loopback {
-        return Err(ServeError::Config(
-            "the admin API listens beyond loopback: give it a credential (--admin-token or --admin-client-ca)".into(),
-        ));
+/// Says once, at start, how clients and admins are identified.
+fn log_access(auth: &Authenticator, config: &Config) {
+    match auth {
+        Authenticator::Jwt(verifier) => {
+            info!(?verifier, "clients authenticate with signed tokens")
+        }
+        Authenticator::DevIdentity => warn!(
+            "DEVELOPMENT IDENTITIES ARE ON: clients are trusted to say who they are (x-videocall-user); never use this in production"
+        ),
+        Authenticator::RefuseAll => warn!(
+            "no client authentication configured (--jwt-secret, --jwt-public-key): every client will be refused"
+        ),
     }
     if config.admin_token.is_none() && config.admin_client_ca.is_none() {
         warn!("the admin API has no credential: anyone on this machine can use it (loopback only)");
     }
-    Ok(AdminGuard::new(config.admin_token.as_deref()))
 }
+
+/// Checks what can be checked before anything listens, so that a service
+/// that will not start says why before it says "listening": the client
+/// authentication (keys readable, secrets long enough), the admin
+/// credential (as long as a JWT secret; required beyond loopback), and
+/// options that exclude each other. `admin` is where the admin API listens.
+pub fn check(config: &Config, admin: std::net::SocketAddr) -> Result<(), ServeError> {
+    if let Some(token) = &config.admin_token
+        && token.len() < MIN_SECRET_BYTES
+    {
+        return Err(ServeError::Config(format!(
+            "the admin token (--admin-token) must be at least {MIN_SECRET_BYTES} bytes, like the JWT secret"
+        )));
+    }
+    let credential = config.admin_token.is_some() || config.admin_client_ca.is_some();
+    if !credential && !admin.ip().is_loopback() {
+        return Err(ServeError::Config(
+            "the admin API listens beyond loopback: give it a credential (--admin-token or --admin-client-ca)".into(),
+        ));
+    }
+    authenticator(config)?;
+    tls(config)?;
+    Ok(())
+}
+
+/// The shortest secret accepted: the JWT secret and the admin token alike.
+pub const MIN_SECRET_BYTES: usize = crate::auth::MIN_SECRET_BYTES;
 
 struct Tls {
     client: Option<ServerTlsConfig>,

@@ -181,7 +181,13 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
         &self,
         f: ForceFinish,
     ) -> impl Future<Output = Result<Outcome, ShuttingDown>> + Send;
-    fn list_calls(&self) -> impl Future<Output = Result<Vec<CallSummary>, ShuttingDown>> + Send;
+    /// Up to `limit` live calls with ids above `after`, in id order, and
+    /// whether more follow.
+    fn list_calls(
+        &self,
+        after: Option<CallId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<CallSummary>, bool), ShuttingDown>> + Send;
     /// Counts for metrics.
     fn stats(&self) -> impl Future<Output = Result<Stats, ShuttingDown>> + Send;
     fn user_state(
@@ -215,7 +221,9 @@ enum Command {
         reply: oneshot::Sender<Outcome>,
     },
     ListCalls {
-        reply: oneshot::Sender<Vec<CallSummary>>,
+        after: Option<CallId>,
+        limit: usize,
+        reply: oneshot::Sender<(Vec<CallSummary>, bool)>,
     },
     Stats {
         reply: oneshot::Sender<Stats>,
@@ -337,8 +345,17 @@ impl Switchboard for LocalSwitchboard {
         self.ask(|reply| Command::ForceFinish { f, reply }).await
     }
 
-    async fn list_calls(&self) -> Result<Vec<CallSummary>, ShuttingDown> {
-        self.ask(|reply| Command::ListCalls { reply }).await
+    async fn list_calls(
+        &self,
+        after: Option<CallId>,
+        limit: usize,
+    ) -> Result<(Vec<CallSummary>, bool), ShuttingDown> {
+        self.ask(|reply| Command::ListCalls {
+            after,
+            limit,
+            reply,
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<Stats, ShuttingDown> {
@@ -507,6 +524,22 @@ impl Actor {
                             reason: "too many calls are waiting for approval; try again",
                         }
                     }
+                    // Backpressure on a caller whose calls' events pile up
+                    // (see `business`): its flood must not cost others theirs.
+                    Ok(ctl)
+                        if ctl.kind == ControlKind::Request
+                            && self.business.as_ref().is_some_and(|b| {
+                                self.devices
+                                    .get(&conn)
+                                    .is_some_and(|d| b.caller_over_quota(&d.user))
+                            }) =>
+                    {
+                        Outcome {
+                            code: codes::OVERLOADED,
+                            call_id: None,
+                            reason: "too many events of your calls wait for the business service; try again",
+                        }
+                    }
                     Ok(ctl) => {
                         // Only a REQUEST names a call; a random id costs a
                         // system call, so the others get none.
@@ -588,9 +621,27 @@ impl Actor {
                     talking,
                 });
             }
-            Command::ListCalls { reply } => {
-                let calls = self.machine.calls().map(|c| summary(c, now)).collect();
-                let _ = reply.send(calls);
+            Command::ListCalls {
+                after,
+                limit,
+                reply,
+            } => {
+                // A page in O(calls): select the lowest ids past the token,
+                // sort only those.
+                let mut page: Vec<&Call> = self
+                    .machine
+                    .calls()
+                    .filter(|c| after.is_none_or(|a| c.id > a))
+                    .collect();
+                let limit = limit.max(1);
+                let more = page.len() > limit;
+                if more {
+                    page.select_nth_unstable_by_key(limit, |c| c.id);
+                    page.truncate(limit);
+                }
+                page.sort_unstable_by_key(|c| c.id);
+                let calls = page.into_iter().map(|c| summary(c, now)).collect();
+                let _ = reply.send((calls, more));
             }
             Command::UserState { user, reply } => {
                 let (state, connections, call) = self.machine.user_state(&user);

@@ -346,6 +346,9 @@ pub async fn start_silent_hook() -> String {
 pub struct Proxy {
     pub url: String,
     cut: tokio::sync::watch::Sender<u64>,
+    freeze: tokio::sync::watch::Sender<u64>,
+    /// Bumped each time the server closes a frozen connection.
+    server_closed: tokio::sync::watch::Receiver<u64>,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
@@ -356,6 +359,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (freeze, freezes) = tokio::sync::watch::channel(0u64);
+        let (closed_tx, server_closed) = tokio::sync::watch::channel(0u64);
+        let closed_tx = std::sync::Arc::new(closed_tx);
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let target = target.to_owned();
         let accepting = open.clone();
@@ -367,12 +373,31 @@ impl Proxy {
                 let target = target.clone();
                 let mut cuts = cuts.clone();
                 cuts.mark_unchanged();
+                let mut freezes = freezes.clone();
+                freezes.mark_unchanged();
+                let closed_tx = closed_tx.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => return,
+                        _ = freezes.changed() => {}
+                    }
+                    // Frozen: nothing goes through either way, and both
+                    // sockets stay open, as on a dead path. Only the
+                    // server's end closing is watched for (and told).
+                    let mut sink = [0u8; 4096];
+                    tokio::select! {
+                        _ = async {
+                            use tokio::io::AsyncReadExt;
+                            while matches!(outbound.read(&mut sink).await, Ok(n) if n > 0) {}
+                        } => {
+                            closed_tx.send_modify(|n| *n += 1);
+                            // The client's end stays open until cut.
+                            let _ = cuts.changed().await;
+                        }
                         _ = cuts.changed() => {}
                     }
                 });
@@ -381,9 +406,25 @@ impl Proxy {
         Self {
             url,
             cut,
+            freeze,
+            server_closed,
             open,
             task,
         }
+    }
+
+    /// Stops every connection going through now from carrying anything,
+    /// while keeping its sockets open: a dead path, found only by keepalive.
+    pub fn freeze(&self) {
+        self.freeze.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until the server has closed a frozen connection.
+    pub async fn server_closed(&mut self) {
+        tokio::time::timeout(PATIENCE, self.server_closed.changed())
+            .await
+            .expect("the server never closed the frozen connection")
+            .expect("proxy running");
     }
 
     /// Cuts every connection going through now.

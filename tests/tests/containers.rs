@@ -16,7 +16,7 @@ use videocall_tests::process::{binaries, free_port, workspace};
 const BASE: &str = "videocall-base:bookworm";
 const CALL_IMAGE: &str = "videocall/call-service:test";
 const BUSINESS_IMAGE: &str = "videocall/business-service:test";
-const ADMIN_TOKEN: &str = "container-test-admin-secret";
+const ADMIN_TOKEN: &str = "container-test-admin-secret-0123456789";
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd

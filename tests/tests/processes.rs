@@ -5,7 +5,7 @@
 use client_sdk::{Code, EventKind};
 use tokio::process::Command;
 use videocall_tests::phone_at;
-use videocall_tests::process::{binaries, field, free_port, spawn};
+use videocall_tests::process::{Proc, binaries, field, free_port, spawn};
 use videocall_tests::{PATIENCE, Phone};
 
 #[tokio::test]
@@ -341,4 +341,63 @@ async fn every_call_gets_one_complete_record_across_business_restarts() {
         .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
         .expect("count");
     assert_eq!(events, 4 + 4 + 2 + 2);
+}
+
+/// A call service that will not run says why and exits, without first
+/// printing a "listening" line that scripts would take as started.
+#[tokio::test]
+async fn a_configuration_that_cannot_run_is_refused_before_listening() {
+    let bin = binaries().join("call-service");
+    let cases: [(&[&str], &str); 3] = [
+        // An open admin API beyond loopback.
+        (&["--admin-addr", "0.0.0.0:0"], "--admin-token"),
+        // An admin token shorter than a JWT secret may be.
+        (
+            &["--admin-addr", "0.0.0.0:0", "--admin-token", "a"],
+            "at least 32 bytes",
+        ),
+        (&["--admin-token", "short-admin-token"], "at least 32 bytes"),
+    ];
+    for (args, why) in cases {
+        let mut all = vec![
+            "--client-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--dev-identity",
+        ];
+        all.extend_from_slice(args);
+        let mut p = Proc::start_logged(&bin, &all);
+        let status = tokio::time::timeout(PATIENCE, p.child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert!(!status.success(), "{args:?} started");
+        let stdout = p.rest().await;
+        assert!(stdout.is_empty(), "{args:?} printed {stdout:?}");
+        let mut stderr = Vec::new();
+        let lines = p.stderr.as_mut().expect("captured");
+        while let Ok(Some(l)) = lines.next_line().await {
+            stderr.push(l);
+        }
+        assert!(
+            stderr.iter().any(|l| l.contains(why)),
+            "{args:?}: no {why:?} in {stderr:?}"
+        );
+    }
+    // At 32 bytes it starts.
+    let token = "x".repeat(32);
+    let mut p = Proc::start(
+        &bin,
+        &[
+            "--client-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "0.0.0.0:0",
+            "--admin-token",
+            &token,
+            "--no-metrics",
+            "--dev-identity",
+        ],
+    );
+    p.line("call-service listening").await;
 }

@@ -13,7 +13,7 @@ use videocall_tests::phone_with;
 use videocall_tests::{CallService, PATIENCE, talking, user_state};
 
 const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
-const ADMIN: &str = "the-admin-secret";
+const ADMIN: &str = "the-admin-secret-of-at-least-32-bytes";
 
 fn now() -> u64 {
     SystemTime::now()
