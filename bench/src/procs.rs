@@ -197,16 +197,23 @@ impl Services {
             ]
             .map(String::from)
             .to_vec();
+            let d = tempfile::Builder::new()
+                .prefix("videocall-bench-")
+                .tempdir()?;
+            // The generator's pairs call each other back to back, rejected
+            // calls included: no person re-dials like that, so the re-dial
+            // rule (on by default) is off here.
+            let policy = d.path().join("policy.toml");
+            std::fs::write(&policy, "[redial]\nafter_rejection = \"0s\"\ncalls = 0\n")?;
+            args.push("--policy".into());
+            args.push(policy.display().to_string());
             if o.records {
-                let d = tempfile::Builder::new()
-                    .prefix("videocall-bench-")
-                    .tempdir()?;
                 args.push("--database".into());
                 args.push(d.path().join("records.db").display().to_string());
-                dir = Some(d);
             } else {
                 args.push("--no-records".into());
             }
+            dir = Some(d);
             Some(Server::start("business-service", &o.business_service, &args).await?)
         } else {
             None
@@ -243,6 +250,11 @@ impl Services {
             "--max-connections",
             "1000000",
             "--max-pending-approvals",
+            "1000000",
+            // Every generated device comes from 127.0.0.1.
+            "--max-connections-per-peer",
+            "1000000",
+            "--max-notices-per-caller",
             "1000000",
             "--resume-grace",
             "0s",

@@ -42,7 +42,7 @@ use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::business_hook_server::{BusinessHook, BusinessHookServer};
 
-pub use policy::{Policy, PolicyError};
+pub use policy::{PairHistory, Policy, PolicyError};
 pub use records::Records;
 
 /// Notices kept for a slow observer before it starts losing the oldest.
@@ -193,11 +193,67 @@ impl Approvals {
     }
 }
 
+/// What each caller did to each callee lately, for the re-dial rule
+/// ([`Policy::redial`]). Behind a `std` mutex held only for one look-up or
+/// update. Bounded: past [`MAX_PAIRS`] pairs, those older than the rule's
+/// memory are forgotten.
+#[derive(Debug, Default)]
+struct Redials {
+    pairs: Mutex<HashMap<(String, String), PairHistory>>,
+}
+
+/// Caller→callee pairs kept before old ones are swept.
+const MAX_PAIRS: usize = 100_000;
+
+impl Redials {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), PairHistory>> {
+        self.pairs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn history(&self, caller: &str, callee: &str) -> PairHistory {
+        self.lock()
+            .get(&(caller.to_owned(), callee.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn update(
+        &self,
+        caller: &str,
+        callee: &str,
+        policy: &Policy,
+        f: impl FnOnce(&mut PairHistory),
+    ) {
+        let now = Timestamp::now();
+        let memory = jiff::SignedDuration::try_from(policy.redial_memory())
+            .unwrap_or(jiff::SignedDuration::MAX);
+        let since = now.checked_sub(memory).unwrap_or(Timestamp::MIN);
+        let mut pairs = self.lock();
+        if pairs.len() >= MAX_PAIRS {
+            pairs.retain(|_, h| {
+                h.declined.is_some_and(|t| t > since) || h.approved.iter().any(|t| *t > since)
+            });
+        }
+        let h = pairs
+            .entry((caller.to_owned(), callee.to_owned()))
+            .or_default();
+        f(h);
+        // The count never needs more than the limit's worth.
+        h.approved.retain(|t| *t > since);
+        let keep = policy.redial.calls as usize;
+        if h.approved.len() > keep {
+            let extra = h.approved.len() - keep;
+            h.approved.drain(..extra);
+        }
+    }
+}
+
 /// The `BusinessHook` implementation.
 #[derive(Clone, Debug)]
 pub struct Hook {
     policy: Arc<PolicyStore>,
     approvals: Arc<Approvals>,
+    redials: Arc<Redials>,
     records: Option<Records>,
     enforcer: Option<enforcer::Enforcer>,
     observers: broadcast::Sender<pb::CallEventNotice>,
@@ -238,8 +294,16 @@ impl Hook {
         let policy = self.policy.get();
         let now = Timestamp::now();
         let recent = self.approvals.recent(&n.caller_user_id);
-        match policy.decide(&n.caller_user_id, &n.callee_user_id, now, &recent) {
+        let pair = self.redials.history(&n.caller_user_id, &n.callee_user_id);
+        let decision = policy
+            .decide(&n.caller_user_id, &n.callee_user_id, now, &recent)
+            .and_then(|()| policy.redial(&pair, now));
+        match decision {
             Ok(()) => {
+                self.redials
+                    .update(&n.caller_user_id, &n.callee_user_id, &policy, |h| {
+                        h.approved.push(now)
+                    });
                 self.metrics
                     .decisions
                     .get_or_create(&metrics::CodeLabel { code: 0 })
@@ -296,6 +360,17 @@ impl Hook {
         );
         if let Some(enforcer) = &self.enforcer {
             enforcer.observe(n, self.policy.get().as_ref());
+        }
+        // A callee who declined: the caller waits before calling again.
+        if n.event_type == pb::EventType::Reply as i32
+            && n.initiator == pb::Initiator::Callee as i32
+            && n.error_code != 0
+        {
+            let policy = self.policy.get();
+            self.redials
+                .update(&n.caller_user_id, &n.callee_user_id, &policy, |h| {
+                    h.declined = Some(Timestamp::now())
+                });
         }
         decision
     }
@@ -440,6 +515,7 @@ impl Business {
         let hook = Hook {
             policy,
             approvals: Arc::default(),
+            redials: Arc::default(),
             records,
             enforcer,
             observers,

@@ -22,6 +22,11 @@
 //! calls = 20
 //! per = "1h"
 //!
+//! [redial]                            # per caller→callee pair; on by default
+//! after_rejection = "10s"             # no new call to a callee who declined, for this long
+//! calls = 6                           # approved calls to one callee ...
+//! per = "1m"                          # ... in any window this long
+//!
 //! [hours]                             # calls only in this window
 //! from = "08:00"
 //! to = "20:00"
@@ -32,7 +37,16 @@
 //! ```
 //!
 //! Deciding is pure: [`Policy::decide`] takes the time and the caller's
-//! recent approvals as arguments and does no I/O.
+//! recent approvals as arguments, [`Policy::redial`] the pair's history,
+//! and neither does I/O.
+//!
+//! **Re-dialling.** A user being called is busy for everyone else, so a
+//! caller re-dialling a user who declines every call could keep them busy
+//! (and unable to call out) for as long as it liked. By default a caller
+//! may not call a callee again for 10 s after that callee declined (any
+//! non-zero REPLY from the callee), nor more than 6 times a minute (approved
+//! calls); both refuse with `codes.redial_too_soon` (200008). `after_rejection
+//! = "0s"` or `calls = 0` turns that part off.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -68,6 +82,8 @@ pub struct Codes {
     pub outside_hours: u32,
     /// The code of the forced FINISH at the maximum call duration.
     pub max_duration: u32,
+    /// A caller re-dialling the same callee too soon or too often.
+    pub redial_too_soon: u32,
 }
 
 impl Default for Codes {
@@ -80,6 +96,7 @@ impl Default for Codes {
             rate_limited: 200_005,
             outside_hours: 200_006,
             max_duration: 200_007,
+            redial_too_soon: 200_008,
         }
     }
 }
@@ -96,6 +113,14 @@ struct OnlyRule {
 struct RateLimitFile {
     calls: u32,
     per: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedialFile {
+    after_rejection: Option<String>,
+    calls: Option<u32>,
+    per: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +148,7 @@ struct PolicyFile {
     #[serde(default)]
     only: Vec<OnlyRule>,
     rate_limit: Option<RateLimitFile>,
+    redial: Option<RedialFile>,
     hours: Option<HoursFile>,
     #[serde(default)]
     codes: Codes,
@@ -135,6 +161,35 @@ pub struct RateLimit {
     pub per: Duration,
 }
 
+/// Limits on one caller calling one callee again (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redial {
+    /// No call to a callee who declined within this long; zero: no wait.
+    pub after_rejection: Duration,
+    /// At most this many approved calls to one callee per `per`; 0: no limit.
+    pub calls: u32,
+    pub per: Duration,
+}
+
+impl Default for Redial {
+    fn default() -> Self {
+        Self {
+            after_rejection: Duration::from_secs(10),
+            calls: 6,
+            per: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a caller did to one callee lately, for [`Policy::redial`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PairHistory {
+    /// When the callee last declined the caller's call.
+    pub declined: Option<Timestamp>,
+    /// When the caller's recent calls to the callee were approved.
+    pub approved: Vec<Timestamp>,
+}
+
 /// Calls allowed only between `from` and `to` (local time), on `days`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hours {
@@ -143,7 +198,8 @@ pub struct Hours {
     pub days: Vec<Weekday>,
 }
 
-/// A checked policy. `Policy::default()` allows everything.
+/// A checked policy. `Policy::default()` allows everything but re-dialling
+/// too soon or too often ([`Redial::default`]).
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     pub time_zone: Option<TimeZone>,
@@ -154,6 +210,7 @@ pub struct Policy {
     /// (callee group members, allowed caller group members).
     only: Vec<(HashSet<String>, HashSet<String>)>,
     pub rate_limit: Option<RateLimit>,
+    pub redial: Redial,
     pub hours: Option<Hours>,
     pub codes: Codes,
     /// Callers refused with their own code, from the command line.
@@ -171,6 +228,7 @@ pub enum Refusal {
     NotOnAllowList,
     RateLimited,
     OutsideHours,
+    RedialTooSoon,
 }
 
 impl Policy {
@@ -230,6 +288,26 @@ impl Policy {
                 })
             })
             .transpose()?;
+        let redial = match file.redial {
+            None => Redial::default(),
+            Some(r) => {
+                let defaults = Redial::default();
+                let any = |what: &str, s: &str| {
+                    humantime::parse_duration(s).map_err(|e| invalid(format!("{what} {s:?}: {e}")))
+                };
+                Redial {
+                    after_rejection: match &r.after_rejection {
+                        Some(s) => any("redial.after_rejection", s)?,
+                        None => defaults.after_rejection,
+                    },
+                    calls: r.calls.unwrap_or(defaults.calls),
+                    per: match &r.per {
+                        Some(s) => duration("redial.per", s)?,
+                        None => defaults.per,
+                    },
+                }
+            }
+        };
         let hours = file
             .hours
             .map(|h| {
@@ -257,6 +335,7 @@ impl Policy {
             blocked_pairs: file.blocked_pairs.into_iter().collect(),
             only,
             rate_limit,
+            redial,
             hours,
             codes: file.codes,
             extra_blocked: HashMap::new(),
@@ -319,6 +398,34 @@ impl Policy {
         Ok(())
     }
 
+    /// Whether a caller may call this callee again now, given what it did
+    /// to them lately. Pure.
+    pub fn redial(&self, history: &PairHistory, now: Timestamp) -> Result<(), Refusal> {
+        let within = |d: Duration, t: &Timestamp| {
+            let window = jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
+            *t > now.checked_sub(window).unwrap_or(Timestamp::MIN)
+        };
+        let r = &self.redial;
+        if !r.after_rejection.is_zero()
+            && history
+                .declined
+                .is_some_and(|t| within(r.after_rejection, &t))
+        {
+            return Err(Refusal::RedialTooSoon);
+        }
+        if r.calls > 0
+            && history.approved.iter().filter(|t| within(r.per, t)).count() >= r.calls as usize
+        {
+            return Err(Refusal::RedialTooSoon);
+        }
+        Ok(())
+    }
+
+    /// How long a pair's history matters: past it, it can be forgotten.
+    pub fn redial_memory(&self) -> Duration {
+        self.redial.after_rejection.max(self.redial.per)
+    }
+
     /// The result code for a refusal.
     pub fn code(&self, r: Refusal) -> u32 {
         match r {
@@ -328,6 +435,7 @@ impl Policy {
             Refusal::BlockedPair => self.codes.blocked_pair,
             Refusal::NotOnAllowList => self.codes.not_on_allow_list,
             Refusal::RateLimited => self.codes.rate_limited,
+            Refusal::RedialTooSoon => self.codes.redial_too_soon,
             Refusal::OutsideHours => self.codes.outside_hours,
         }
     }
@@ -425,6 +533,39 @@ mod tests {
         assert_eq!(p.decide("alice", "bob", noon, &older), Ok(()));
         assert_eq!(p.max_call_duration, Some(Duration::from_secs(1800)));
         assert_eq!(p.code(Refusal::RateLimited), 200_005);
+    }
+
+    #[test]
+    fn re_dialling_a_callee_who_declined_waits_and_is_counted() {
+        let p = Policy::parse("").unwrap();
+        let noon = at("2026-11-24T12:00:00Z");
+        let secs = |s: i64| {
+            noon.checked_sub(jiff::SignedDuration::from_secs(s))
+                .unwrap()
+        };
+        let declined = |ago| PairHistory {
+            declined: Some(secs(ago)),
+            approved: vec![secs(ago)],
+        };
+        assert_eq!(p.redial(&PairHistory::default(), noon), Ok(()));
+        assert_eq!(p.redial(&declined(3), noon), Err(Refusal::RedialTooSoon));
+        assert_eq!(p.redial(&declined(11), noon), Ok(()));
+        // Six approved calls in the last minute use it up; older ones do not count.
+        let six = PairHistory {
+            declined: None,
+            approved: (1..=6).map(|i| secs(i * 9)).collect(),
+        };
+        assert_eq!(p.redial(&six, noon), Err(Refusal::RedialTooSoon));
+        let old = PairHistory {
+            declined: None,
+            approved: (1..=6).map(|i| secs(i * 11)).collect(),
+        };
+        assert_eq!(p.redial(&old, noon), Ok(()));
+        assert_eq!(p.code(Refusal::RedialTooSoon), 200_008);
+        // Both parts can be turned off.
+        let off = Policy::parse("[redial]\nafter_rejection = \"0s\"\ncalls = 0").unwrap();
+        assert_eq!(off.redial(&declined(0), noon), Ok(()));
+        assert_eq!(off.redial(&six, noon), Ok(()));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use business_service::{Business, Config};
 use client_sdk::{Code, EventKind};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use videocall_proto::v1 as pb;
 use videocall_tests::CallService;
 
 /// Starts the business service on a listener bound beforehand, so the call
@@ -127,4 +128,51 @@ async fn calls_reaching_the_maximum_duration_are_ended_and_recorded() {
     assert!(r.duration_ms.unwrap() >= 300, "{r:?}");
     assert!(r.rang_ms.is_some() && r.room_id.is_some());
     svc.stop().await;
+}
+
+/// Finding 7 of the attack run: re-dialling a callee who declines kept them
+/// busy. By default the reference business service refuses a caller's call
+/// to a callee who declined it in the last 10 s, with its own code; the
+/// callee and everyone else are free meanwhile.
+#[tokio::test]
+async fn re_dialling_a_callee_who_declined_is_refused_for_a_while() {
+    let business = videocall_tests::Business::start(&[]).await;
+    let svc = CallService::start(Some(&business.url), |_| {}).await;
+    let mut mallory = svc.phone("mallory").await;
+    let mut bob = svc.phone("bob").await;
+    let mut friend = svc.phone("friend").await;
+    let mut log = business.log();
+    let call_id = mallory.call("bob").await;
+    bob.expect(EventKind::Request, "mallory", Code::OK).await;
+    assert_eq!(
+        bob.client
+            .reply("mallory", Code::REJECTED)
+            .await
+            .expect("reply"),
+        Code::OK
+    );
+    mallory
+        .expect(EventKind::Reply, "bob", Code::REJECTED)
+        .await;
+    bob.expect(EventKind::Finish, "mallory", Code::REJECTED)
+        .await;
+    // Notices are not awaited by the call: once the business service has
+    // the REPLY, it knows bob declined.
+    while log.call(&call_id, 1).await[0].event_type != pb::EventType::Reply as i32 {}
+    // Again at once: refused by the business service, bob never rings.
+    for _ in 0..5 {
+        mallory.call("bob").await;
+        mallory.expect(EventKind::Reply, "bob", Code(200_008)).await;
+    }
+    bob.assert_quiet().await;
+    // bob is free for a friend, and free to call out.
+    videocall_tests::talking(&mut friend, &mut bob).await;
+    assert_eq!(friend.client.finish("bob").await.expect("finish"), Code::OK);
+    friend.expect(EventKind::Finish, "bob", Code::OK).await;
+    bob.expect(EventKind::Finish, "friend", Code::OK).await;
+    // mallory may still call others.
+    mallory.call("friend").await;
+    friend.expect(EventKind::Request, "mallory", Code::OK).await;
+    svc.stop().await;
+    business.stop().await;
 }
