@@ -401,3 +401,70 @@ async fn a_configuration_that_cannot_run_is_refused_before_listening() {
     );
     p.line("call-service listening").await;
 }
+
+/// CPU seconds (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Hardening finding 3: out of file descriptors, the accept loop backs off
+/// instead of spinning a core, and the service answers again once
+/// descriptors are free.
+#[tokio::test]
+async fn out_of_descriptors_the_service_backs_off_and_recovers() {
+    let bin = binaries().join("call-service");
+    let cmd = format!(
+        "ulimit -n 64 && exec {} --client-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --no-metrics --dev-identity --handshake-timeout 60s",
+        bin.display()
+    );
+    let mut p = Proc::start(std::path::Path::new("bash"), &["-c", &cmd]);
+    let line = p.line("call-service listening").await;
+    let addr = field(&line, "client");
+    let pid = p.child.id().expect("pid");
+    // More connections than descriptors: the kernel completes them, the
+    // service cannot accept them all.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // A measurement over one second, not a wait for an event: spinning on
+    // EMFILE would use all of it.
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 30,
+        "{used} ticks (of 100) in one second out of descriptors"
+    );
+    drop(held);
+    let url = format!("http://{addr}");
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    for _ in 0..200 {
+        tick.tick().await;
+        let Ok(channel) = tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("url")
+            .connect()
+            .await
+        else {
+            continue;
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if check.is_ok() {
+            return;
+        }
+    }
+    panic!("the service did not answer again once descriptors were free");
+}

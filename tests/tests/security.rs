@@ -511,3 +511,37 @@ async fn malformed_frames_end_only_that_stream() {
     alice.expect(EventKind::Reply, "bob", Code::CANCELLED).await;
     svc.stop().await;
 }
+
+/// Hardening findings 5 and 9: a validly signed `exp` of 2^63−1 neither
+/// panics nor ends the stream; subjects and peer ids with invisible or
+/// reordering characters are refused.
+#[tokio::test]
+async fn claims_at_the_edge_of_time_and_look_alike_ids() {
+    let svc = secured(|_| {}).await;
+    let url = svc.client_url.clone();
+    let forever =
+        tokens::hs256(&claims("alice", i64::MAX as u64), SECRET.as_bytes()).expect("sign");
+    let mut alice = phone_with(&url, "alice", Credentials::Bearer(forever)).await;
+    let mut bob = phone_with(&url, "bob", Credentials::Bearer(token("bob"))).await;
+    // The stream lives on and works.
+    talking(&mut alice, &mut bob).await;
+    assert_eq!(alice.client.finish("bob").await.expect("finish"), Code::OK);
+    bob.expect(EventKind::Finish, "alice", Code::OK).await;
+
+    for sub in [
+        "bob\u{2028}",
+        "\u{202E}bob",
+        "b\u{200B}ob",
+        "\u{FEFF}bob",
+        "bob smith",
+    ] {
+        let t = tokens::hs256(&claims(sub, now() + 600), SECRET.as_bytes()).expect("sign");
+        refused_with(
+            Client::connect(url.clone(), Credentials::Bearer(t)).await,
+            tonic::Code::Unauthenticated,
+        );
+        let code = alice.client.request(sub, 0, 0, "").await.expect("request");
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{sub:?}");
+    }
+    svc.stop().await;
+}
