@@ -496,22 +496,23 @@ async fn one_callers_flood_costs_no_one_else_their_call_records() {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     for _ in 0..(PATIENCE.as_millis() / 20) {
         tick.tick().await;
-        let seen = hook.seen.lock().expect("lock");
-        let complete = ids.iter().all(|id| {
-            let kinds: Vec<i32> = seen
-                .iter()
-                .filter(|n| &n.call_id == id)
-                .map(|n| n.event_type)
-                .collect();
-            kinds
-                == [
-                    pb::EventType::Reply as i32,
-                    pb::EventType::Start as i32,
-                    pb::EventType::Finish as i32,
-                ]
-        });
+        let complete = {
+            let seen = hook.seen.lock().expect("lock");
+            ids.iter().all(|id| {
+                let kinds: Vec<i32> = seen
+                    .iter()
+                    .filter(|n| &n.call_id == id)
+                    .map(|n| n.event_type)
+                    .collect();
+                kinds
+                    == [
+                        pb::EventType::Reply as i32,
+                        pb::EventType::Start as i32,
+                        pb::EventType::Finish as i32,
+                    ]
+            })
+        };
         if complete {
-            drop(seen);
             svc.stop().await;
             server.abort();
             return;
