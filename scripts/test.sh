@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
 # Runs every test. Sets up what the tests need beyond the Rust toolchain:
-# a Python virtual environment with examples/python/requirements.txt and
+# tmux and debootstrap (Debian packages, with apt-get), and a Python virtual
+# environment with examples/python/requirements.txt and
 # tests/python/requirements.txt (from PyPI), for the any-language tests and
 # the third-party clients. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Programs the tests drive, from Debian's packages: tmux (the terminal phone
+# test) and debootstrap (the local base image of the container test).
+missing=()
+command -v tmux >/dev/null || missing+=(tmux)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages the tests drive)..."
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 venv=target/pyenv
 if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, prometheus_client' 2>/dev/null; then
