@@ -245,7 +245,9 @@ pub enum Error {
     Disconnected,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ControlResult>>>>;
+/// Controls waiting for their result, by `seq`, with the generation of the
+/// stream each was sent on (see [`Outbound`]).
+type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<ControlResult>)>>>;
 
 /// Aborts the reader task when the last of `Client` and `Events` is gone.
 #[derive(Debug)]
@@ -264,7 +266,7 @@ pub struct Client {
     /// The current stream's outbound queue; replaced on reconnect.
     tx: Outbound,
     pending: Pending,
-    next_seq: AtomicU64,
+    next_seq: Arc<AtomicU64>,
     user_id: String,
     connection_id: String,
     _reader: Arc<ReaderGuard>,
@@ -354,21 +356,23 @@ impl Client {
     ) -> Result<(Client, Events), Error> {
         let (tx, session) = open(&channel, &credentials, None).await?;
         let connected = session.connected.clone();
-        let outbound: Outbound = Arc::new(Mutex::new(tx));
+        let outbound: Outbound = Arc::new(Mutex::new((0, tx)));
         let pending: Pending = Arc::default();
+        let next_seq = Arc::new(AtomicU64::new(1));
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let end = EndReason::default();
         let link = Link {
             channel,
             credentials,
             outbound: Arc::downgrade(&outbound),
+            next_seq: next_seq.clone(),
         };
         let reader = tokio::spawn(run(link, session, pending.clone(), events_tx, end.clone()));
         let guard = Arc::new(ReaderGuard(reader));
         let client = Client {
             tx: outbound,
             pending,
-            next_seq: AtomicU64::new(1),
+            next_seq,
             user_id: connected.user_id,
             connection_id: connected.connection_id,
             _reader: guard.clone(),
@@ -439,8 +443,9 @@ impl Client {
     /// Sends any control and waits for its result.
     pub async fn control(&self, c: Control) -> Result<ControlResult, Error> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(seq, tx);
+        let (generation, tx) = lock(&self.tx).clone();
+        let (done, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, (generation, done));
         let msg = pb::ClientMessage {
             kind: Some(pb::client_message::Kind::Control(pb::CallControl {
                 seq,
@@ -452,7 +457,6 @@ impl Client {
                 user_str: c.user_str,
             })),
         };
-        let tx = lock(&self.tx).clone();
         if tx.send(msg).await.is_err() {
             lock(&self.pending).remove(&seq);
             return Err(Error::Disconnected);
@@ -487,14 +491,19 @@ pub const RECONNECT_ATTEMPTS: u32 = 8;
 /// The metadata key a stream resumes a device with.
 pub const RESUME_HEADER: &str = "x-videocall-resume";
 
-type Outbound = Arc<Mutex<mpsc::Sender<pb::ClientMessage>>>;
+/// The current stream's sender, with its generation (bumped on every
+/// reconnect), so that a control sent on a stream that broke can be told
+/// from one sent on the stream that resumed the device.
+type Outbound = Arc<Mutex<(u64, mpsc::Sender<pb::ClientMessage>)>>;
 
 /// What it takes to open another stream.
 struct Link {
     channel: Channel,
     credentials: Credentials,
     /// The client's outbound slot; gone once the client is dropped.
-    outbound: std::sync::Weak<Mutex<mpsc::Sender<pb::ClientMessage>>>,
+    outbound: std::sync::Weak<Mutex<(u64, mpsc::Sender<pb::ClientMessage>)>>,
+    /// The client's control sequence numbers, for the resume barrier.
+    next_seq: Arc<AtomicU64>,
 }
 
 /// An open stream, past its `Connected`.
@@ -568,6 +577,14 @@ fn jitter(base: Duration) -> Duration {
 /// window). If the device could not be resumed (the window passed, or the
 /// service restarted), the new stream is a fresh device: controls waiting
 /// for a result fail with [`Error::Disconnected`].
+///
+/// After a resume, a control sent on the broken stream may never have
+/// reached the service, and will never be answered; one that did is
+/// answered in the messages the service kept, which follow `Connected`. So
+/// the SDK sends a *barrier* on the resumed stream (a FINISH with no peer,
+/// answered INVALID_ARGUMENT and changing nothing): once its result is in,
+/// every control of an older stream still waiting fails with
+/// [`Error::Disconnected`].
 async fn run(
     link: Link,
     mut session: Session,
@@ -575,8 +592,10 @@ async fn run(
     events: mpsc::Sender<CallEvent>,
     end: EndReason,
 ) {
+    let mut generation = 0u64;
+    let mut barrier = None;
     loop {
-        let status = read(&mut session.inbound, &pending, &events).await;
+        let status = read(&mut session.inbound, &pending, &events, &mut barrier).await;
         let cause = match status {
             Some(s) if reconnectable(s.code()) => s,
             other => {
@@ -620,9 +639,23 @@ async fn run(
             warn!("reconnected as a new device: the old device's calls have ended");
             lock(&pending).clear();
         }
+        generation += 1;
         match link.outbound.upgrade() {
-            Some(slot) => *lock(&slot) = tx,
+            Some(slot) => *lock(&slot) = (generation, tx.clone()),
             None => return,
+        }
+        if next.connected.resumed {
+            let seq = link.next_seq.fetch_add(1, Ordering::Relaxed);
+            let msg = pb::ClientMessage {
+                kind: Some(pb::client_message::Kind::Control(pb::CallControl {
+                    seq,
+                    event_type: pb::EventType::Finish as i32,
+                    ..Default::default()
+                })),
+            };
+            if tx.send(msg).await.is_ok() {
+                barrier = Some((seq, generation));
+            }
         }
         session = next;
     }
@@ -636,6 +669,7 @@ async fn read(
     inbound: &mut tonic::Streaming<pb::ServerMessage>,
     pending: &Pending,
     events: &mpsc::Sender<CallEvent>,
+    barrier: &mut Option<(u64, u64)>,
 ) -> Option<tonic::Status> {
     loop {
         let msg = match inbound.message().await {
@@ -648,7 +682,16 @@ async fn read(
         };
         match msg.kind {
             Some(pb::server_message::Kind::Result(r)) => {
-                if let Some(tx) = lock(pending).remove(&r.seq) {
+                if let Some((seq, generation)) = *barrier
+                    && r.seq == seq
+                {
+                    // Everything the service kept has arrived: what an older
+                    // stream still waits for will never come.
+                    *barrier = None;
+                    lock(pending).retain(|_, (g, _)| *g >= generation);
+                    continue;
+                }
+                if let Some((_, tx)) = lock(pending).remove(&r.seq) {
                     let _ = tx.send(ControlResult {
                         code: Code(r.code),
                         call_id: r.call_id,

@@ -291,13 +291,14 @@ async fn health_and_reflection_streams_are_bounded() {
         assert_eq!(check.code(), tonic::Code::ResourceExhausted);
         drop(open.pop());
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let _again = loop {
+        let again = loop {
             tick.tick().await;
             if let Ok(s) = watch(health.clone()).await {
                 break s;
             }
         };
-        drop(open);
+        // Closing the connection lets the service stop without waiting.
+        drop((again, open, health, channel));
         svc.stop().await;
     }
 }
