@@ -8,20 +8,21 @@ use std::time::Duration;
 use videocall_tests::process::binaries;
 use videocall_tests::{Business, CallService};
 
-/// A private tmux server, killed when dropped.
+/// A private tmux server (one per test: tests run side by side), killed
+/// when dropped.
 struct Tmux {
     socket: String,
 }
 
 impl Tmux {
-    fn new() -> Self {
+    fn new(test: &str) -> Self {
         let ok = Command::new("tmux")
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
         assert!(ok, "tmux is needed for this test (apt-get install tmux)");
         Self {
-            socket: format!("videocall-phone-test-{}", std::process::id()),
+            socket: format!("videocall-phone-test-{}-{test}", std::process::id()),
         }
     }
 
@@ -97,7 +98,7 @@ async fn two_phones_call_each_other_in_tmux() {
     let phone = binaries().join("phone");
     let business = Business::start(&[("mallory", 200_001)]).await;
     let svc = CallService::start(Some(&business.url), |_| {}).await;
-    let tmux = Tmux::new();
+    let tmux = Tmux::new("two-phones");
     tmux.open("alice", &phone, &svc.client_url);
     tmux.open("bob", &phone, &svc.client_url);
     tmux.wait_for("alice", "connected").await;
@@ -155,7 +156,7 @@ async fn two_phones_call_each_other_in_tmux() {
 async fn a_callers_message_cannot_drive_the_callees_terminal() {
     let phone = binaries().join("phone");
     let svc = CallService::start(None, |_| {}).await;
-    let tmux = Tmux::new();
+    let tmux = Tmux::new("hostile-message");
     tmux.open("bob", &phone, &svc.client_url);
     tmux.wait_for("bob", "connected").await;
     let eve = svc.phone("eve").await;
