@@ -16,6 +16,8 @@
 //!   floor under the call rate with the same clients.
 //! - [`procs`]: the services as child processes, `/proc` sampling, metrics
 //!   scraping.
+//! - [`soak`]: a long run with memory over time and the call records
+//!   counted at the end.
 //! - [`report`]: the markdown summary.
 //! - [`stats`]: latency histograms.
 //!
@@ -28,4 +30,5 @@ pub mod floor;
 pub mod procs;
 pub mod ramp;
 pub mod report;
+pub mod soak;
 pub mod stats;

@@ -41,6 +41,22 @@ enum Mode {
         #[arg(long)]
         require_clean: bool,
     },
+    /// A long run at one rate (records on unless --no-records): memory and
+    /// CPU of both services sampled over time, and every call record
+    /// counted and checked complete at the end.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        /// Calls started per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// How long to place calls.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// How often to sample the services' memory and CPU.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        sample_every: Duration,
+    },
     /// Raise the rate until calls fail, then bisect: the highest rate with
     /// zero failed calls, and latency at half of it.
     Ramp {
@@ -145,10 +161,10 @@ struct ServiceArgs {
     /// No business service: the call service approves calls itself.
     #[arg(long)]
     no_business: bool,
-    /// Let the business service keep call records (SQLite), as it does by
-    /// default in production.
+    /// The business service keeps no call records. By default it keeps
+    /// them (SQLite, in a temporary database), as it does in production.
     #[arg(long)]
-    records: bool,
+    no_records: bool,
     /// The call service's ring timeout (the timed-out share waits for it).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     ring_timeout: Duration,
@@ -207,7 +223,7 @@ impl ServiceArgs {
                 .clone()
                 .unwrap_or_else(|| sibling("business-service")),
             business: !self.no_business,
-            records: self.records,
+            records: !self.no_records,
             ring_timeout: self.ring_timeout,
             call_args: self.call_args.clone(),
             floor: self.floor,
@@ -374,6 +390,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_out(&common.out, "calls", &step, report::step(&step))?;
             if require_clean && !step.clean {
                 bail!("not every call went as planned");
+            }
+        }
+        Mode::Soak {
+            common,
+            rate,
+            duration,
+            sample_every,
+        } => {
+            let calls = (rate * duration.as_secs_f64()).round() as u64;
+            let spec = common.spec(rate, calls)?;
+            let (services, mut pool) = common.start().await?;
+            let soak = videocall_bench::soak::soak(
+                &services,
+                &mut pool,
+                &spec,
+                sample_every,
+                common.out.quiet,
+            )
+            .await?;
+            drop(pool);
+            services.stop().await;
+            let ok = soak.every_record_complete || soak.records.is_none();
+            write_out(
+                &common.out,
+                "soak",
+                &soak,
+                videocall_bench::soak::markdown(&soak),
+            )?;
+            if !ok {
+                bail!("not every call has a complete record");
             }
         }
         Mode::Ramp {

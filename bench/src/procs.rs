@@ -165,6 +165,8 @@ pub struct Services {
     floor: bool,
     /// Holds the business service's records database.
     _dir: Option<tempfile::TempDir>,
+    /// The records database, when the business service keeps records.
+    records_db: Option<PathBuf>,
 }
 
 /// Settings of the services a run starts.
@@ -187,6 +189,7 @@ pub struct ServiceOptions {
 impl Services {
     pub async fn start(o: &ServiceOptions) -> anyhow::Result<Self> {
         let mut dir = None;
+        let mut records_db = None;
         let business = if o.business {
             let mut args: Vec<String> = [
                 "serve",
@@ -208,8 +211,10 @@ impl Services {
             args.push("--policy".into());
             args.push(policy.display().to_string());
             if o.records {
+                let db = d.path().join("records.db");
                 args.push("--database".into());
-                args.push(d.path().join("records.db").display().to_string());
+                args.push(db.display().to_string());
+                records_db = Some(db);
             } else {
                 args.push("--no-records".into());
             }
@@ -231,6 +236,7 @@ impl Services {
                 business,
                 floor: true,
                 _dir: dir,
+                records_db,
             });
         }
         let mut args: Vec<String> = [
@@ -274,6 +280,7 @@ impl Services {
             business,
             floor: false,
             _dir: dir,
+            records_db,
         })
     }
 
@@ -287,6 +294,20 @@ impl Services {
 
     pub fn client_url(&self) -> anyhow::Result<String> {
         Ok(format!("http://{}", self.call.addr("client")?))
+    }
+
+    /// The business service's records database, if it keeps one.
+    pub fn records_db(&self) -> Option<&std::path::Path> {
+        self.records_db.as_deref()
+    }
+
+    /// Each server process's name and pid.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        let mut v = vec![(self.call.name, self.call.pid())];
+        if let Some(b) = &self.business {
+            v.push((b.name, b.pid()));
+        }
+        v
     }
 
     pub fn samples(&self) -> Vec<(&'static str, ProcSample)> {

@@ -421,15 +421,16 @@ impl BusinessHook for Hook {
                 // Stored before the answer: once approved, the call service
                 // does not send this REQUEST again, so a crash right after
                 // answering must not lose it. A commit is cheap here (WAL,
-                // synchronous=NORMAL: no fsync) and the writer commits
+                // synchronous=NORMAL: no fsync), approvals have their own
+                // queue ahead of every notice, and the writer commits
                 // concurrent approvals together. A failed write does not
                 // hold up the call: it is logged and the service reports
                 // NOT_SERVING, as for any notice.
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
-                let result = records.store(n.clone(), rang_ms).await;
+                let result = records.approval(n.clone(), rang_ms).await;
                 let _ = self.stored(result, &n.call_id).await;
             } else {
-                let result = records.store(n.clone(), None).await;
+                let result = records.store(n.clone()).await;
                 self.stored(result, &n.call_id).await?;
             }
         }

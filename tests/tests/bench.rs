@@ -48,7 +48,6 @@ async fn the_load_generator_places_every_kind_of_call_without_failures() {
         "0.05",
         "--ring-timeout",
         "300ms",
-        "--records",
         "--quiet",
         "--require-clean",
     ])
