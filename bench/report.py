@@ -121,6 +121,10 @@ def main():
     ap.add_argument("--ramp", required=True)
     ap.add_argument("--ramp-shared", help="the ramp with devices sharing connections")
     ap.add_argument("--ramp-floor", help="the ramp through the floor relay (no call state)")
+    ap.add_argument("--ramp-no-records", help="the ramp with the business service keeping no records")
+    ap.add_argument("--calls-records", help="calls at one rate, records on (production)")
+    ap.add_argument("--calls-no-records", help="the same calls, records off")
+    ap.add_argument("--soak", help="videocall-bench soak, records on")
     ap.add_argument("--connections")
     ap.add_argument("--connections-shared", help="idle clients whose streams share connections")
     ap.add_argument("--out-dir", required=True)
@@ -208,6 +212,38 @@ def main():
     for label, c in idle:
         w(f"| 100,000 idle clients on one node ({label}) | {c['connected']:,} connected of {c['clients']:,} asked | {'yes' if c['connected'] >= 100000 and c['failed'] == 0 else 'no'} |\n")
 
+    norec = load(args.ramp_no_records)
+    crec, cnorec = load(args.calls_records), load(args.calls_no_records)
+    if norec or (crec and cnorec):
+        w("\n## Call records: the production configuration against records off\n\n")
+        w("The business service keeps call records (SQLite) by default; every figure above is with records on. Side by side, same run:\n\n")
+        w("| figure | records on (default) | records off (`--no-records`) | target | met |\n|---|---:|---:|---|---|\n")
+        if norec:
+            on, off = r.get("max_clean_completed_per_s"), norec["result"].get("max_clean_completed_per_s")
+            met = "yes" if on and off and on >= 0.9 * off else "no"
+            w(f"| highest clean rate, own connections | {fmt(on)} calls/s | {fmt(off)} calls/s | ≥ 90 % of records off | {met} ({ratio(on, off)}) |\n")
+        if crec and cnorec:
+            a, b = crec["result"], cnorec["result"]
+            pa, pb = a["request_to_start"]["p99_ms"], b["request_to_start"]["p99_ms"]
+            w(f"| REQUEST→START p50 at {fmt(a['offered_rate'])} calls/s | {a['request_to_start']['p50_ms']:.2f} ms | {b['request_to_start']['p50_ms']:.2f} ms | | |\n")
+            w(f"| REQUEST→START p99 at {fmt(a['offered_rate'])} calls/s | {pa:.2f} ms | {pb:.2f} ms | within 1 ms of records off | {'yes' if pa <= pb + 1.0 else 'no'} |\n")
+            ca = dict(a["processes"]).get("business-service", {}).get("cpu_s")
+            cb = dict(b["processes"]).get("business-service", {}).get("cpu_s")
+            if ca and cb:
+                per_a, per_b = 1000 * ca / a["completed"], 1000 * cb / b["completed"]
+                w(f"| business-service CPU per call | {per_a:.3f} ms | {per_b:.3f} ms | ≤ 2× records off | {'yes' if per_a <= 2 * per_b else 'no'} ({per_a / per_b:.2f}×) |\n")
+    soak = load(args.soak)
+    if soak:
+        s = soak["result"]
+        rec = s.get("records") or {}
+        w(f"\n## Soak (records on)\n\n{s['step']['offered_rate']:.0f} calls/s for {s['step']['elapsed_s']:.0f} s, mixed outcomes: ")
+        w(f"{s['step']['completed']:,} calls completed, {rec.get('calls', 0):,} call records, {rec.get('complete', 0):,} complete: ")
+        w(f"**{'every call has a complete record' if s['every_record_complete'] else 'NOT every call has a complete record'}**. ")
+        for name in sorted({x["process"] for x in s["samples"]}):
+            pts = [x["rss_kib"] / 1024 for x in s["samples"] if x["process"] == name]
+            if pts:
+                w(f"{name} RSS {pts[0]:.1f} → {pts[-1]:.1f} MiB (max {max(pts):.1f}). ")
+        w("Memory over time: `soak.png`.\n")
     ramp_section(w, "Call service ramp (each device its own connection)", r)
     if shared:
         ramp_section(w, "Call service ramp (devices over 8 shared connections)", shared["result"])

@@ -9,7 +9,11 @@
 #       (each its own connection, as many as file descriptors allow; then
 #       100,000 whose streams share 64 connections).
 #   and, as a floor under (c), the same clients and calls through a relay
-#   that keeps no call state (`videocall-bench ramp --floor`).
+#   that keeps no call state (`videocall-bench ramp --floor`);
+#   (d) the business service keeps call records (SQLite) throughout, as in
+#       production; side by side, the ramp and 2,000 calls/s without them
+#       (--no-records), and a soak at half the highest clean rate (10 min,
+#       records on, mixed outcomes: memory over time, every record complete).
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -23,9 +27,13 @@ out=${1:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 step_seconds=${STEP_SECONDS:-5}
 clients=${CLIENTS:-100000}
+calls_seconds=${CALLS_SECONDS:-30}
+soak_duration=${SOAK_DURATION:-10m}
 if [ "${QUICK:-0}" = 1 ]; then
   step_seconds=3
   clients=10000
+  calls_seconds=10
+  soak_duration=1m
 fi
 
 missing=()
@@ -68,6 +76,15 @@ echo "== (b) tonic echo"
 echo "== (c) call service: ramp"
 "$bench" ramp --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp.json" --markdown "$out/ramp.md"
+echo "== (c) call service: ramp, the business service keeping no call records (--no-records)"
+"$bench" ramp --no-records --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
+  --json "$out/ramp-no-records.json" --markdown "$out/ramp-no-records.md"
+echo "== (c) call records on and off at 2,000 calls/s, mixed outcomes"
+mixed=(--pairs 3000 --reject 0.1 --cancel 0.05 --no-answer 0.02 --hold-ms 300 --quiet)
+"$bench" calls --rate 2000 --calls $((2000 * calls_seconds)) "${mixed[@]}" \
+  --json "$out/calls-records.json" --markdown "$out/calls-records.md"
+"$bench" calls --rate 2000 --calls $((2000 * calls_seconds)) "${mixed[@]}" --no-records \
+  --json "$out/calls-no-records.json" --markdown "$out/calls-no-records.md"
 echo "== (c) floor: the same clients and calls through a relay with no call state"
 "$bench" ramp --floor --start-rate 1000 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
   --json "$out/ramp-floor.json" --markdown "$out/ramp-floor.md"
@@ -81,9 +98,17 @@ echo "== (c) call service: $clients idle clients over 64 shared connections"
 "$bench" connections --clients "$clients" --shared-connections 64 --active-calls 1000 \
   --json "$out/connections-shared.json" --markdown "$out/connections-shared.md"
 
+echo "== (c) soak: half the highest clean rate for $soak_duration, records on, mixed outcomes"
+soak_rate=$(python3 -c "import json; r = json.load(open('$out/ramp.json'))['result']; print(int((r.get('max_clean_rate') or 2000) / 2))")
+"$bench" soak --rate "$soak_rate" --duration "$soak_duration" "${mixed[@]}" \
+  --json "$out/soak.json" --markdown "$out/soak.md" || echo "note: the soak found calls without a complete record (see soak.md)"
+"$venv/bin/python" bench/soak_plot.py "$out/soak.json" "$out/soak.png"
+
 "$venv/bin/python" bench/report.py --kamailio "$out/kamailio.json" --echo "$out/echo.json" \
   --ramp "$out/ramp.json" --ramp-shared "$out/ramp-shared.json" --ramp-floor "$out/ramp-floor.json" --connections "$out/connections.json" \
-  --connections-shared "$out/connections-shared.json" --out-dir "$out"
+  --connections-shared "$out/connections-shared.json" --ramp-no-records "$out/ramp-no-records.json" \
+  --calls-records "$out/calls-records.json" --calls-no-records "$out/calls-no-records.json" --soak "$out/soak.json" \
+  --out-dir "$out"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
 echo "full report: $out/REPORT.md"

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     match convert::control(c) {
         Ok(ctl) => {
             assert!(!ctl.peer.is_empty() && ctl.peer.len() <= convert::MAX_USER_ID);
-            assert!(!ctl.peer.chars().any(char::is_control));
+            assert!(!ctl.peer.chars().any(videocall_proto::text::is_refused_in_id));
             assert!(ctl.user_str.len() <= convert::MAX_USER_STR);
         }
         Err((code, reason)) => {
