@@ -34,7 +34,10 @@ pub struct Soak {
     pub samples: Vec<Sample>,
     /// `None` without records.
     pub records: Option<RecordCount>,
-    /// Every call ran as planned, has a record, and every record is complete.
+    /// Every call started finished as planned (none failed), has a record,
+    /// and every record is complete. (Calls the generator could not start
+    /// for its concurrency limit never existed; the step's `clean` says
+    /// whether the rate was kept.)
     pub every_record_complete: bool,
 }
 
@@ -78,7 +81,7 @@ pub async fn soak(
     let samples = sampler.await?;
     let step = step?;
     let records = services.records_db().map(count).transpose()?;
-    let every_record_complete = step.clean
+    let every_record_complete = step.load.failed == 0
         && records.is_some_and(|r| r.calls == step.load.completed && r.complete == r.calls);
     Ok(Soak {
         step,

@@ -27,8 +27,11 @@
 //! **Cheap writes.** Statements are prepared once and cached; a notice costs
 //! three: its event row (skipped as a duplicate by `event_id`), one upsert
 //! of its call's columns that also counts the call's events, and the
-//! record's `complete` and `duration_ms` from the row itself. Checkpoints of
-//! the WAL run on a thread of their own, so the writer never stops for one.
+//! record's `complete` and `duration_ms` from the row itself. WAL
+//! checkpoints stay SQLite's own, in the writer after a commit: moved to a
+//! thread of their own (tried), they never caught up with a writer that
+//! never pauses, the WAL could not restart, and the service's memory grew
+//! with it (to 108 MiB in a 10-minute soak).
 //!
 //! Readers (the operator CLI) open their own connection; WAL mode lets them
 //! read while the service writes.
@@ -47,8 +50,6 @@ const BATCH: usize = 256;
 /// The most notices committed in one transaction: an approval arriving
 /// meanwhile waits for at most this many.
 pub const CHUNK: usize = 32;
-/// How often the checkpointer moves the WAL into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
 /// have been applied. Only ever append.
@@ -198,30 +199,14 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 impl Records {
-    /// Opens the database and starts its writer thread (and the writer's
-    /// checkpointer, which ends with it).
+    /// Opens the database and starts its writer thread.
     pub fn start(path: &Path) -> Result<Self, RecordsError> {
         let conn = open(path)?;
-        // Checkpoints are the checkpointer's, not the writer's.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|source| RecordsError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let checkpoints = open(path)?;
         let (approvals, approvals_rx) = mpsc::channel(QUEUE);
         let (notices, notices_rx) = mpsc::channel(QUEUE);
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("call-records".into())
-            .spawn(move || {
-                writer(conn, approvals_rx, notices_rx);
-                drop(stop);
-            })
-            .map_err(RecordsError::Thread)?;
-        std::thread::Builder::new()
-            .name("call-records-checkpoint".into())
-            .spawn(move || checkpointer(checkpoints, stopped))
+            .spawn(move || writer(conn, approvals_rx, notices_rx))
             .map_err(RecordsError::Thread)?;
         Ok(Self { approvals, notices })
     }
@@ -372,24 +357,6 @@ fn writer(
             }
         }
     });
-}
-
-/// Moves the WAL into the database every [`CHECKPOINT_EVERY`] (PASSIVE: it
-/// never waits for the writer, nor makes it wait), until the writer ends.
-fn checkpointer(conn: Connection, stopped: std::sync::mpsc::Receiver<()>) {
-    use std::sync::mpsc::RecvTimeoutError;
-    loop {
-        let last = matches!(
-            stopped.recv_timeout(CHECKPOINT_EVERY),
-            Ok(()) | Err(RecvTimeoutError::Disconnected)
-        );
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "call records checkpoint failed");
-        }
-        if last {
-            return;
-        }
-    }
 }
 
 fn millis(t: &Option<prost_types::Timestamp>) -> i64 {
