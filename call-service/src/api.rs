@@ -310,10 +310,11 @@ pub const MAX_PAGE_SIZE: usize = 500;
 
 /// Whether a stream that failed with `status` broke on the way (kept for a
 /// resume) rather than carrying malformed input (not a network fault: no
-/// resume). A transport failure (a reset, a dead path found by keepalive,
-/// a connection torn down) carries its h2 / hyper / io error as the source,
-/// whatever code it maps to (keepalive's is INTERNAL); malformed input is a
-/// status of tonic's decoder, with no source.
+/// resume). A transport failure (a reset, a connection torn down) carries
+/// its h2 / hyper / io error as the source, whatever code it maps to;
+/// malformed input is a status of tonic's decoder, with no source. (A dead
+/// path found by keepalive ends the body cleanly instead: see the `Ok(None)`
+/// arm of [`Reader::run`].)
 fn broken_path(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
         || !matches!(
