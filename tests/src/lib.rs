@@ -328,11 +328,17 @@ impl pb::business_hook_server::BusinessHook for Silent {
 /// Starts a hook that never answers; returns its URL. It runs until the
 /// test's runtime ends.
 pub async fn start_silent_hook() -> String {
+    serve_hook(Silent).await
+}
+
+/// Serves `hook` as a business service on a new port; returns its URL. It
+/// runs until the test's runtime ends.
+pub async fn serve_hook(hook: impl pb::business_hook_server::BusinessHook) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(pb::business_hook_server::BusinessHookServer::new(Silent))
+            .add_service(pb::business_hook_server::BusinessHookServer::new(hook))
             .serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             ),

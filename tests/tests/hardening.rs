@@ -424,17 +424,7 @@ async fn one_callers_flood_costs_no_one_else_their_call_records() {
         open,
         seen: Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let hook_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::business_hook_server::BusinessHookServer::new(
-                hook.clone(),
-            ))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let hook_url = videocall_tests::serve_hook(hook.clone()).await;
     let svc = CallService::start(Some(&hook_url), |c| {
         // Scaled down: 64 notices may wait in all, 4 per caller.
         c.limits.notice_queue = 64;
@@ -515,7 +505,6 @@ async fn one_callers_flood_costs_no_one_else_their_call_records() {
         };
         if complete {
             svc.stop().await;
-            server.abort();
             return;
         }
     }
