@@ -418,13 +418,12 @@ impl BusinessHook for Hook {
         let decision = self.observe(&n, n.decision_required);
         if let Some(records) = &self.records {
             if decision.is_some() {
-                // Stored before the answer: once approved, the call service
-                // does not send this REQUEST again, so a crash right after
-                // answering must not lose it. A commit is cheap here (WAL,
-                // synchronous=NORMAL: no fsync), approvals have their own
-                // queue ahead of every notice, and the writer commits
-                // concurrent approvals together. A failed write does not
-                // hold up the call: it is logged and the service reports
+                // In the approval journal before the answer: once approved,
+                // the call service does not send this REQUEST again, so a
+                // crash right after answering must not lose it. The journal
+                // append is one small write; the commit comes later, with
+                // the notices (see `records`). A failed write does not hold
+                // up the call: it is logged and the service reports
                 // NOT_SERVING, as for any notice.
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
                 let result = records.approval(n.clone(), rang_ms).await;

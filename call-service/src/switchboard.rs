@@ -541,10 +541,13 @@ impl Actor {
                         }
                     }
                     Ok(ctl) => {
-                        // Only a REQUEST names a call; a random id costs a
-                        // system call, so the others get none.
+                        // Only a REQUEST names a call; an id costs a system
+                        // call, so the others get none. Time-ordered (v7):
+                        // stores keyed by call (the business service's call
+                        // records) append instead of writing a random page
+                        // of their index for every event.
                         let call_id = CallId(if ctl.kind == ControlKind::Request {
-                            uuid::Uuid::new_v4()
+                            uuid::Uuid::now_v7()
                         } else {
                             uuid::Uuid::nil()
                         });
