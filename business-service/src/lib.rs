@@ -167,76 +167,94 @@ fn fingerprint(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// The times of each caller's recently approved calls, for the rate limit.
+/// What callers did lately: each caller's approved calls (the rate limit)
+/// and each caller→callee pair's history (the re-dial rule,
+/// [`Policy::redial`]). One `std` mutex over both, held for a whole
+/// decision, check and record together (two approvals for one caller at
+/// once cannot both pass on the same count), and never across an
+/// `.await`. Bounded: a caller keeps at most the rate limit's worth of
+/// times, and past [`MAX_PAIRS`] pairs those older than the rule's memory
+/// are forgotten.
 #[derive(Debug, Default)]
-struct Approvals {
-    by_caller: Mutex<HashMap<String, VecDeque<Timestamp>>>,
+struct History {
+    inner: Mutex<HistoryInner>,
 }
 
-impl Approvals {
-    fn recent(&self, caller: &str) -> Vec<Timestamp> {
-        let map = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(caller)
-            .map(|q| q.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Records an approval, keeping at most `keep` entries per caller
-    /// (the rate limit never needs more).
-    fn record(&self, caller: &str, at: Timestamp, keep: usize) {
-        let mut map = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
-        let q = map.entry(caller.to_owned()).or_default();
-        q.push_back(at);
-        while q.len() > keep {
-            q.pop_front();
-        }
-    }
-}
-
-/// What each caller did to each callee lately, for the re-dial rule
-/// ([`Policy::redial`]). Behind a `std` mutex held only for one look-up or
-/// update. Bounded: past [`MAX_PAIRS`] pairs, those older than the rule's
-/// memory are forgotten.
 #[derive(Debug, Default)]
-struct Redials {
-    pairs: Mutex<HashMap<(String, String), PairHistory>>,
+struct HistoryInner {
+    by_caller: HashMap<String, VecDeque<Timestamp>>,
+    pairs: HashMap<(String, String), PairHistory>,
 }
 
 /// Caller→callee pairs kept before old ones are swept.
 const MAX_PAIRS: usize = 100_000;
 
-impl Redials {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), PairHistory>> {
-        self.pairs.lock().unwrap_or_else(|e| e.into_inner())
+impl History {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HistoryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn history(&self, caller: &str, callee: &str) -> PairHistory {
-        self.lock()
-            .get(&(caller.to_owned(), callee.to_owned()))
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn update(
+    /// The policy's decision for one REQUEST, recorded if it is an
+    /// approval, under one lock.
+    fn decide(
         &self,
+        policy: &Policy,
         caller: &str,
         callee: &str,
+        now: Timestamp,
+    ) -> Result<(), policy::Refusal> {
+        let mut guard = self.lock();
+        let HistoryInner { by_caller, pairs } = &mut *guard;
+        let recent: &[Timestamp] = match by_caller.get_mut(caller) {
+            Some(q) => q.make_contiguous(),
+            None => &[],
+        };
+        let key = (caller.to_owned(), callee.to_owned());
+        let empty = PairHistory::default();
+        let pair = pairs.get(&key).unwrap_or(&empty);
+        policy
+            .decide(caller, callee, now, recent)
+            .and_then(|()| policy.redial(pair, now))?;
+        guard.update_pair(key, policy, now, |h| h.approved.push(now));
+        if let Some(limit) = &policy.rate_limit {
+            let q = guard.by_caller.entry(caller.to_owned()).or_default();
+            q.push_back(now);
+            // The rate limit never needs more.
+            while q.len() > limit.calls as usize {
+                q.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// The callee declined the caller's call: the caller waits before
+    /// calling again.
+    fn declined(&self, caller: &str, callee: &str, policy: &Policy) {
+        let now = Timestamp::now();
+        self.lock()
+            .update_pair((caller.to_owned(), callee.to_owned()), policy, now, |h| {
+                h.declined = Some(now)
+            });
+    }
+}
+
+impl HistoryInner {
+    fn update_pair(
+        &mut self,
+        key: (String, String),
         policy: &Policy,
+        now: Timestamp,
         f: impl FnOnce(&mut PairHistory),
     ) {
-        let now = Timestamp::now();
         let memory = jiff::SignedDuration::try_from(policy.redial_memory())
             .unwrap_or(jiff::SignedDuration::MAX);
         let since = now.checked_sub(memory).unwrap_or(Timestamp::MIN);
-        let mut pairs = self.lock();
-        if pairs.len() >= MAX_PAIRS {
-            pairs.retain(|_, h| {
+        if self.pairs.len() >= MAX_PAIRS {
+            self.pairs.retain(|_, h| {
                 h.declined.is_some_and(|t| t > since) || h.approved.iter().any(|t| *t > since)
             });
         }
-        let h = pairs
-            .entry((caller.to_owned(), callee.to_owned()))
-            .or_default();
+        let h = self.pairs.entry(key).or_default();
         f(h);
         // The count never needs more than the limit's worth.
         h.approved.retain(|t| *t > since);
@@ -252,8 +270,7 @@ impl Redials {
 #[derive(Clone, Debug)]
 pub struct Hook {
     policy: Arc<PolicyStore>,
-    approvals: Arc<Approvals>,
-    redials: Arc<Redials>,
+    history: Arc<History>,
     records: Option<Records>,
     enforcer: Option<enforcer::Enforcer>,
     observers: broadcast::Sender<pb::CallEventNotice>,
@@ -289,41 +306,28 @@ impl Hook {
         set_health(&self.health, status).await;
     }
 
-    /// The approval decision, pure but for the rate history it updates.
+    /// The approval decision, pure but for the history it updates.
     fn decide(&self, n: &pb::CallEventNotice) -> u32 {
         let policy = self.policy.get();
-        let now = Timestamp::now();
-        let recent = self.approvals.recent(&n.caller_user_id);
-        let pair = self.redials.history(&n.caller_user_id, &n.callee_user_id);
-        let decision = policy
-            .decide(&n.caller_user_id, &n.callee_user_id, now, &recent)
-            .and_then(|()| policy.redial(&pair, now));
-        match decision {
-            Ok(()) => {
-                self.redials
-                    .update(&n.caller_user_id, &n.callee_user_id, &policy, |h| {
-                        h.approved.push(now)
-                    });
-                self.metrics
-                    .decisions
-                    .get_or_create(&metrics::CodeLabel { code: 0 })
-                    .inc();
-                if let Some(limit) = &policy.rate_limit {
-                    self.approvals
-                        .record(&n.caller_user_id, now, limit.calls as usize);
-                }
-                0
-            }
+        let decision = self.history.decide(
+            &policy,
+            &n.caller_user_id,
+            &n.callee_user_id,
+            Timestamp::now(),
+        );
+        let code = match decision {
+            Ok(()) => 0,
             Err(refusal) => {
                 let code = policy.code(refusal);
-                self.metrics
-                    .decisions
-                    .get_or_create(&metrics::CodeLabel { code })
-                    .inc();
                 info!(call_id = %n.call_id, caller = %n.caller_user_id, callee = %n.callee_user_id, ?refusal, code, "call refused");
                 code
             }
-        }
+        };
+        self.metrics
+            .decisions
+            .get_or_create(&metrics::CodeLabel { code })
+            .inc();
+        code
     }
 }
 
@@ -367,10 +371,8 @@ impl Hook {
             && n.error_code != 0
         {
             let policy = self.policy.get();
-            self.redials
-                .update(&n.caller_user_id, &n.callee_user_id, &policy, |h| {
-                    h.declined = Some(Timestamp::now())
-                });
+            self.history
+                .declined(&n.caller_user_id, &n.callee_user_id, &policy);
         }
         decision
     }
@@ -514,8 +516,7 @@ impl Business {
         let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
         let hook = Hook {
             policy,
-            approvals: Arc::default(),
-            redials: Arc::default(),
+            history: Arc::default(),
             records,
             enforcer,
             observers,
@@ -626,4 +627,73 @@ struct NoRefresh;
 
 impl videocall_telemetry::Refresh for NoRefresh {
     async fn refresh(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(caller: &str, callee: &str) -> pb::CallEventNotice {
+        pb::CallEventNotice {
+            event_type: pb::EventType::Request as i32,
+            source_user_id: caller.into(),
+            target_user_id: callee.into(),
+            call_id: format!("{caller}-{callee}"),
+            event_id: format!("{caller}-{callee}-1"),
+            sequence: 1,
+            decision_required: true,
+            initiator: pb::Initiator::Caller as i32,
+            caller_user_id: caller.into(),
+            callee_user_id: callee.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A rate limit of one call: of two approvals for one caller at once,
+    /// exactly one passes, however the threads interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_approvals_for_one_caller_pass_the_rate_limit_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, "[rate_limit]\ncalls = 1\nper = \"1h\"\n").unwrap();
+        let business = Business::start(Config {
+            policy_file: Some(file),
+            extra_blocked: HashMap::new(),
+            reload_interval: None,
+            database: None,
+            admin_url: None,
+            admin_access: admin::AdminAccess::default(),
+        })
+        .unwrap();
+        let callers = 300;
+        let start = Arc::new(tokio::sync::Barrier::new(callers * 2));
+        let mut answers = tokio::task::JoinSet::new();
+        for i in 0..callers {
+            for callee in ["bob", "carol"] {
+                let hook = business.hook().clone();
+                let start = start.clone();
+                let n = request(&format!("caller-{i}"), &format!("{callee}-{i}"));
+                answers.spawn(async move {
+                    start.wait().await;
+                    let code = hook
+                        .on_call_event(Request::new(n))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .result_code;
+                    (i, code)
+                });
+            }
+        }
+        let mut approved = vec![0; callers];
+        while let Some(answer) = answers.join_next().await {
+            let (i, code) = answer.unwrap();
+            if code == 0 {
+                approved[i] += 1;
+            } else {
+                assert_eq!(code, 200_005, "refused for the rate limit");
+            }
+        }
+        assert!(approved.iter().all(|&n| n == 1), "{approved:?}");
+    }
 }

@@ -3,7 +3,7 @@
 //! mints client tokens.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -227,103 +227,121 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     videocall_telemetry::init_logging(cli.log_format);
     match cli.command {
-        Command::Serve(args) => serve(*args).await?,
+        Command::Serve(args) => serve(*args).await,
         Command::Healthcheck { url } => {
             videocall_telemetry::healthcheck(&url, Duration::from_secs(3)).await?;
+            Ok(())
         }
         Command::Hangup {
             admin,
             user,
             code,
             message,
-        } => {
-            let r = admin
-                .connect()
-                .await?
-                .hang_up(&user, code, &message)
-                .await?;
-            if r.code == 0 {
-                println!("ended call {} of {user}", r.call_id);
-            } else {
-                anyhow::bail!("not ended: result code {}", r.code);
-            }
-        }
-        Command::Calls { admin } => {
-            let calls = admin.connect().await?.calls().await?;
-            println!("{} live call(s)", calls.len());
-            for c in calls {
-                let phase = pb::CallPhase::try_from(c.phase)
-                    .map(|p| p.as_str_name())
-                    .unwrap_or("?");
-                println!(
-                    "{}  {} -> {}  {phase}  room={}  age={}ms",
-                    c.call_id, c.caller_user_id, c.callee_user_id, c.room_id, c.age_ms
-                );
-            }
-        }
-        Command::State { admin, user } => {
-            let s = admin.connect().await?.user_state(&user).await?;
-            let state = pb::UserState::try_from(s.state)
-                .map(|p| p.as_str_name())
-                .unwrap_or("?");
-            print!("{user}: {state}, {} device(s)", s.connections);
-            match s.call {
-                Some(c) => println!(
-                    ", call {} ({} -> {})",
-                    c.call_id, c.caller_user_id, c.callee_user_id
-                ),
-                None => println!(),
-            }
-        }
+        } => hang_up(admin, &user, code, &message).await,
+        Command::Calls { admin } => calls(admin).await,
+        Command::State { admin, user } => state(admin, &user).await,
         Command::Records {
             database,
             limit,
             csv,
             which,
-        } => {
-            if !database.exists() {
-                anyhow::bail!("no call records database at {}", database.display());
-            }
-            let conn = records::open(&database)?;
-            let q = match &which {
-                Which::Recent => Query::Recent,
-                Which::User { user } => Query::User(user),
-                Which::Missed { user } => Query::Missed(user),
-            };
-            let rows = records::query(&conn, q, limit)?;
-            if csv {
-                records::write_csv(std::io::stdout().lock(), &rows)?;
-            } else {
-                print_table(&rows);
-            }
-        }
+        } => show_records(&database, limit, csv, &which),
         Command::Token {
             user,
             ttl,
             secret,
             private_key,
-        } => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let claims = business_service::tokens::Claims {
-                sub: user,
-                iat: now,
-                exp: now + ttl.as_secs(),
-                nbf: None,
-            };
-            let token = match (secret, private_key) {
-                (Some(secret), _) => business_service::tokens::hs256(&claims, secret.as_bytes())?,
-                (None, Some(path)) => {
-                    let pem = std::fs::read(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    business_service::tokens::signed(&claims, &pem)?
-                }
-                (None, None) => {
-                    anyhow::bail!("give --secret (HS256) or --private-key (RS256/ES256)")
-                }
-            };
-            println!("{token}");
-        }
+        } => token(user, ttl, secret, private_key),
     }
+}
+
+/// `hangup`: a forced FINISH through the call service's admin API.
+async fn hang_up(admin: AdminArgs, user: &str, code: u32, message: &str) -> anyhow::Result<()> {
+    let r = admin.connect().await?.hang_up(user, code, message).await?;
+    if r.code != 0 {
+        anyhow::bail!("not ended: result code {}", r.code);
+    }
+    println!("ended call {} of {user}", r.call_id);
+    Ok(())
+}
+
+/// `calls`: the live calls.
+async fn calls(admin: AdminArgs) -> anyhow::Result<()> {
+    let calls = admin.connect().await?.calls().await?;
+    println!("{} live call(s)", calls.len());
+    for c in calls {
+        let phase = pb::CallPhase::try_from(c.phase)
+            .map(|p| p.as_str_name())
+            .unwrap_or("?");
+        println!(
+            "{}  {} -> {}  {phase}  room={}  age={}ms",
+            c.call_id, c.caller_user_id, c.callee_user_id, c.room_id, c.age_ms
+        );
+    }
+    Ok(())
+}
+
+/// `state`: one user's state.
+async fn state(admin: AdminArgs, user: &str) -> anyhow::Result<()> {
+    let s = admin.connect().await?.user_state(user).await?;
+    let state = pb::UserState::try_from(s.state)
+        .map(|p| p.as_str_name())
+        .unwrap_or("?");
+    print!("{user}: {state}, {} device(s)", s.connections);
+    match s.call {
+        Some(c) => println!(
+            ", call {} ({} -> {})",
+            c.call_id, c.caller_user_id, c.callee_user_id
+        ),
+        None => println!(),
+    }
+    Ok(())
+}
+
+/// `records`: call detail records, as a table or CSV.
+fn show_records(database: &Path, limit: usize, csv: bool, which: &Which) -> anyhow::Result<()> {
+    if !database.exists() {
+        anyhow::bail!("no call records database at {}", database.display());
+    }
+    let conn = records::open(database)?;
+    let q = match which {
+        Which::Recent => Query::Recent,
+        Which::User { user } => Query::User(user),
+        Which::Missed { user } => Query::Missed(user),
+    };
+    let rows = records::query(&conn, q, limit)?;
+    if csv {
+        records::write_csv(std::io::stdout().lock(), &rows)?;
+    } else {
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+/// `token`: a client token for development and tests.
+fn token(
+    user: String,
+    ttl: Duration,
+    secret: Option<String>,
+    private_key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = business_service::tokens::Claims {
+        sub: user,
+        iat: now,
+        exp: now + ttl.as_secs(),
+        nbf: None,
+    };
+    let token = match (secret, private_key) {
+        (Some(secret), _) => business_service::tokens::hs256(&claims, secret.as_bytes())?,
+        (None, Some(path)) => {
+            let pem =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            business_service::tokens::signed(&claims, &pem)?
+        }
+        (None, None) => anyhow::bail!("give --secret (HS256) or --private-key (RS256/ES256)"),
+    };
+    println!("{token}");
     Ok(())
 }
 

@@ -8,20 +8,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, warn};
 use videocall_proto::v1 as pb;
 
 use crate::auth::Authenticator;
 use crate::codes;
 use crate::config::Limits;
 use crate::convert;
+use crate::device::Outgoing;
 use crate::machine::{CallId, ConnId, ForceFinish};
-use crate::switchboard::{Attached, ConnectError, DeviceRx, ShuttingDown, Switchboard};
+use crate::metrics::{Metrics, ResultLabel};
+use crate::switchboard::{
+    Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard,
+};
 
 impl From<ShuttingDown> for Status {
     fn from(e: ShuttingDown) -> Self {
@@ -52,6 +56,7 @@ pub struct ClientApi<S> {
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Metrics,
 }
 
 impl<S: Switchboard> ClientApi<S> {
@@ -61,6 +66,7 @@ impl<S: Switchboard> ClientApi<S> {
         limits: Limits,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        metrics: Metrics,
     ) -> Self {
         let connections = Arc::new(Semaphore::new(limits.max_connections));
         Self {
@@ -70,6 +76,7 @@ impl<S: Switchboard> ClientApi<S> {
             connections,
             tasks,
             shutdown,
+            metrics,
         }
     }
 }
@@ -100,6 +107,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         } = self.switchboard.connect(identity.user, resume).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
+        let (answers_tx, answers) = mpsc::channel(DEVICE_QUEUE);
         let reader = Reader {
             switchboard: self.switchboard.clone(),
             conn,
@@ -110,23 +118,39 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             expires: identity.expires,
             bucket: TokenBucket::new(self.limits.controls_per_second, self.limits.control_burst),
             shutdown: self.shutdown.clone(),
+            answers: answers_tx,
+            forwarded: 0,
+            metrics: self.metrics.clone(),
             _permit: permit,
         };
         self.tasks.spawn(reader.run(inbound));
         Ok(Response::new(DeviceStream {
             rx,
+            answers,
+            next_answer: None,
+            answered: 0,
             end: Some(end_rx),
             _gone: gone_tx,
         }))
     }
 }
 
-/// A device's response stream. Dropping it (the client went away, or the
-/// server is stopping) tells the device's reader task to end. When the
+/// A device's response stream: the switchboard's messages, and the
+/// reader's own answers to controls it refused (rate-limited, malformed),
+/// each put in its place: after the answers to the controls forwarded before
+/// it, so every control is answered in the order it was sent. Messages are
+/// encoded here, on the stream's task. Dropping it (the client went away, or
+/// the server is stopping) tells the device's reader task to end. When the
 /// queue ends, a status the reader left (an expired token) ends the stream.
 #[derive(Debug)]
 pub struct DeviceStream {
     rx: DeviceRx,
+    /// The reader's answers, each with how many of the switchboard's
+    /// answers go before it.
+    answers: mpsc::Receiver<(u64, Outgoing)>,
+    next_answer: Option<(u64, Outgoing)>,
+    /// The switchboard's answers passed on so far.
+    answered: u64,
     end: Option<oneshot::Receiver<Status>>,
     _gone: oneshot::Sender<()>,
 }
@@ -135,19 +159,36 @@ impl Stream for DeviceStream {
     type Item = Result<pb::ServerMessage, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.rx.poll_recv(cx) {
+        let this = &mut *self;
+        if this.next_answer.is_none()
+            && let Poll::Ready(Some(answer)) = this.answers.poll_recv(cx)
+        {
+            this.next_answer = Some(answer);
+        }
+        if let Some((after, _)) = &this.next_answer
+            && *after <= this.answered
+            && let Some((_, answer)) = this.next_answer.take()
+        {
+            return Poll::Ready(Some(Ok(convert::server_message(&answer))));
+        }
+        match this.rx.poll_recv(cx) {
             Poll::Ready(None) => {}
-            Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(*msg))),
+            Poll::Ready(Some(msg)) => {
+                if msg.is_result() {
+                    this.answered += 1;
+                }
+                return Poll::Ready(Some(Ok(convert::server_message(&msg))));
+            }
             Poll::Pending => return Poll::Pending,
         }
-        let Some(end) = self.end.as_mut() else {
+        let Some(end) = this.end.as_mut() else {
             return Poll::Ready(None);
         };
         let status = match Pin::new(end).poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(r) => r.ok(),
         };
-        self.end = None;
+        this.end = None;
         Poll::Ready(status.map(Err))
     }
 }
@@ -206,11 +247,50 @@ struct Reader<S> {
     expires: Option<SystemTime>,
     bucket: TokenBucket,
     shutdown: CancellationToken,
+    /// Answers to the controls refused here, for the response stream.
+    answers: mpsc::Sender<(u64, Outgoing)>,
+    /// Controls forwarded to the switchboard so far.
+    forwarded: u64,
+    metrics: Metrics,
     /// Held while the device is connected.
     _permit: OwnedSemaphorePermit,
 }
 
 impl<S: Switchboard> Reader<S> {
+    /// Answers a control refused at the edge, counted as the switchboard
+    /// counts the others. The status to end the stream with when the device
+    /// does not read its answers (the same slow-consumer policy as for its
+    /// events).
+    fn refuse(&mut self, seq: u64, code: u32, reason: &'static str) -> Option<Status> {
+        self.metrics
+            .controls
+            .get_or_create(&ResultLabel {
+                result: code.into(),
+            })
+            .inc();
+        debug!(conn = self.conn.0, seq, code, reason, "control refused");
+        let answer = Outgoing::Result {
+            seq,
+            code,
+            call_id: None,
+            reason,
+        };
+        match self.answers.try_send((self.forwarded, answer)) {
+            // Closed: the stream is gone, and the reader sees it next.
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    conn = self.conn.0,
+                    "device not reading its stream: ending it"
+                );
+                self.metrics.slow_consumers.inc();
+                Some(Status::resource_exhausted(
+                    "this device does not read its stream",
+                ))
+            }
+        }
+    }
+
     /// Forwards the device's controls to the switchboard until its stream
     /// ends, then reports the device gone. Being the only sender of both, it
     /// keeps them in order: a FINISH sent just before hanging up is applied
@@ -289,13 +369,26 @@ impl<S: Switchboard> Reader<S> {
                 ),
                 None => (0, Err((codes::INVALID_ARGUMENT, "empty client message"))),
             };
-            if self
-                .switchboard
-                .control(conn, self.epoch, seq, control)
-                .await
-                .is_err()
-            {
-                return;
+            match control {
+                Ok(control) => {
+                    if self
+                        .switchboard
+                        .control(conn, self.epoch, seq, control)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    self.forwarded += 1;
+                }
+                // Refused here: the switchboard never sees it.
+                Err((code, reason)) => {
+                    if let Some(status) = self.refuse(seq, code, reason) {
+                        let _ = self.end.send(status);
+                        lost = false;
+                        break;
+                    }
+                }
             }
         }
         self.switchboard.disconnect(conn, self.epoch, lost).await;

@@ -37,6 +37,12 @@
 //!   since a user has at most one call at a time, no caller holds more than
 //!   that bound plus one call's notices in the lanes. Others' notices wait
 //!   behind at most those, and are not dropped for them.
+//! - **Shutdown**: the switchboard's last transition ends every call
+//!   (TERMINATED) and then closes the lanes ([`Business::close`]); they
+//!   deliver what they hold, the calls' last events included, and end. The
+//!   server waits for that at most `--notice-drain` (5 s): what a business
+//!   service that is down by then has not taken is lost, logged with its
+//!   count.
 //! - **Full lanes**: each lane holds at most [`LANE_QUEUE`] notices. When
 //!   one is full the *newest* notice is dropped, counted in
 //!   `videocall_notices_dropped_total` and logged; the call flow never waits for the
@@ -66,21 +72,17 @@ use crate::machine::{CallId, Initiator, Notice, UserId, Verdict};
 use crate::metrics::{KindLabel, Metrics};
 use crate::unary::EndWithMessage;
 
-/// The default of [`BusinessConfig::max_notices_per_caller`].
-pub const MAX_NOTICES_PER_CALLER: usize = 64;
+/// Ordered delivery lanes for notices ([`LANES`]); a lane holds
+/// [`LANE_QUEUE`] notices by default before it drops new ones
+/// ([`BusinessConfig::lane_queue`]); the default of
+/// [`BusinessConfig::max_notices_per_caller`].
+pub use crate::defaults::{LANE_QUEUE, LANES, MAX_NOTICES_PER_CALLER};
 
 /// The business hook's client.
 type Client = BusinessHookClient<EndWithMessage<Channel>>;
 
-/// Ordered delivery lanes for notices.
-pub const LANES: usize = 8;
-/// Notices a lane holds by default before it drops new ones
-/// ([`BusinessConfig::lane_queue`]).
-pub const LANE_QUEUE: usize = 4096;
 /// The most notices one `OnCallEvents` request carries.
 pub const BATCH_MAX: usize = 256;
-/// The default of [`BusinessConfig::notice_linger`].
-pub const NOTICE_LINGER: Duration = Duration::from_millis(5);
 /// The first wait before retrying a notice.
 pub const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// The longest wait between retries.
@@ -133,6 +135,8 @@ pub struct Business {
     max_notices_per_caller: usize,
     metrics: Metrics,
     clock: Clock,
+    /// Set by [`Business::close`]: the lanes deliver what they hold, then end.
+    draining: CancellationToken,
 }
 
 /// Notices waiting for delivery, per caller. Behind a `std` mutex held
@@ -191,14 +195,15 @@ impl Clock {
 
 impl Business {
     /// Prepares a lazily connected channel (the business service may start
-    /// later or restart at any time) and starts the notice lanes on `tasks`;
-    /// they stop on `shutdown`.
+    /// later or restart at any time) and starts the notice lanes on `tasks`.
+    /// They end once [`Business::close`] was called and they have delivered
+    /// what they hold, or at once on `stop` (what they hold is then lost).
     pub fn start(
         config: &BusinessConfig,
         clock: Clock,
         metrics: Metrics,
         tasks: &TaskTracker,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Result<Self, BusinessUrlError> {
         let endpoint = Endpoint::from_shared(config.url.clone())
             .map_err(|source| BusinessUrlError {
@@ -212,6 +217,7 @@ impl Business {
         // Until the business service shows it has no OnCallEvents.
         let batches = Arc::new(AtomicBool::new(true));
         let backlog = CallerBacklog::default();
+        let draining = CancellationToken::new();
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(config.lane_queue.max(1));
             lanes.push(tx);
@@ -224,7 +230,10 @@ impl Business {
                 },
                 rx,
                 metrics.clone(),
-                shutdown.clone(),
+                LaneStop {
+                    draining: draining.clone(),
+                    stop: stop.clone(),
+                },
                 batches.clone(),
                 backlog.clone(),
             ));
@@ -238,7 +247,15 @@ impl Business {
             max_notices_per_caller: config.max_notices_per_caller,
             metrics,
             clock,
+            draining,
         })
+    }
+
+    /// No more notices will come (the switchboard has stopped, its last
+    /// act ending every call): the lanes deliver what they hold, with the
+    /// usual retries, and end.
+    pub fn close(&self) {
+        self.draining.cancel();
     }
 
     /// Asks whether a call may proceed. Always returns within the deadline.
@@ -331,6 +348,32 @@ impl Business {
     }
 }
 
+/// When a lane ends: once `draining` and empty, or at once on `stop`.
+#[derive(Clone)]
+struct LaneStop {
+    draining: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl crate::hook::Hook for Business {
+    fn approve(&self, notice: Notice) -> futures_util::future::BoxFuture<'static, Verdict> {
+        let this = self.clone();
+        Box::pin(async move { this.approve(notice).await })
+    }
+
+    fn notify(&self, notice: Notice) {
+        self.notify(notice);
+    }
+
+    fn caller_over_quota(&self, caller: &UserId) -> bool {
+        self.caller_over_quota(caller)
+    }
+
+    fn close(&self) {
+        self.close();
+    }
+}
+
 /// A lane's times: how long a delivery may take, how long a notice may
 /// wait for company, and the clock notices are stamped with.
 #[derive(Clone, Copy)]
@@ -340,41 +383,104 @@ struct LaneTiming {
     clock: Clock,
 }
 
+/// One ordered lane: delivers its notices a batch (or, for a business
+/// service without `OnCallEvents`, one) at a time.
+struct Lane {
+    client: Client,
+    timing: LaneTiming,
+    rx: mpsc::Receiver<Notice>,
+    metrics: Metrics,
+    stop: LaneStop,
+    /// Shared by the lanes: false once the business service has shown it
+    /// has no `OnCallEvents`.
+    batches: Arc<AtomicBool>,
+    backlog: CallerBacklog,
+}
+
+/// Whether a lane goes on.
+enum Next {
+    Continue,
+    Stop,
+}
+
 async fn lane(
     client: Client,
     timing: LaneTiming,
-    mut rx: mpsc::Receiver<Notice>,
+    rx: mpsc::Receiver<Notice>,
     metrics: Metrics,
-    shutdown: CancellationToken,
+    stop: LaneStop,
     batches: Arc<AtomicBool>,
     backlog: CallerBacklog,
 ) {
-    let LaneTiming {
-        deadline,
-        linger,
-        clock,
-    } = timing;
-    let mut queued = Vec::with_capacity(BATCH_MAX);
-    loop {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return,
-            n = rx.recv() => match n { Some(n) => n, None => return },
-        };
-        // Whatever queued up meanwhile, or comes within the linger, goes in
-        // the same request. The linger counts from when the first notice
-        // happened: one that already waited behind a delivery waits no more.
-        let until = clock.start + first.at + linger;
+    Lane {
+        client,
+        timing,
+        rx,
+        metrics,
+        stop,
+        batches,
+        backlog,
+    }
+    .run()
+    .await;
+}
+
+impl Lane {
+    async fn run(mut self) {
+        let mut queued = Vec::with_capacity(BATCH_MAX);
+        while let Some(first) = self.first().await {
+            self.gather(first, &mut queued).await;
+            if queued.len() > 1 && self.batches.load(Ordering::Relaxed) {
+                match self.send_batch(&queued).await {
+                    Some(Next::Continue) => {
+                        self.backlog.release(&queued);
+                        queued.clear();
+                        continue;
+                    }
+                    Some(Next::Stop) => return,
+                    // Not taken as a batch: one at a time below.
+                    None => {}
+                }
+            }
+            if let Next::Stop = self.send_each(&mut queued).await {
+                return;
+            }
+        }
+    }
+
+    /// The next notice, waiting for it; none once the lane is to end.
+    async fn first(&mut self) -> Option<Notice> {
+        let LaneStop { draining, stop } = &self.stop;
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            n = self.rx.recv() => n,
+            // Nothing queued, and nothing more will come.
+            () = draining.cancelled() => self.rx.try_recv().ok(),
+        }
+    }
+
+    /// Whatever queued up meanwhile, or comes within the linger, goes in
+    /// the same request as `first`. The linger counts from when the first
+    /// notice happened: one that already waited behind a delivery waits no
+    /// more.
+    async fn gather(&mut self, first: Notice, queued: &mut Vec<Notice>) {
+        let LaneStop { draining, stop } = &self.stop;
+        let until = self.timing.clock.start + first.at + self.timing.linger;
         queued.push(first);
-        let batching = batches.load(Ordering::Relaxed);
+        let batching = self.batches.load(Ordering::Relaxed);
         while queued.len() < BATCH_MAX {
-            match rx.try_recv() {
+            match self.rx.try_recv() {
                 Ok(n) => queued.push(n),
-                Err(_) if !batching || Instant::now() >= until => break,
+                Err(_) if !batching || draining.is_cancelled() || Instant::now() >= until => {
+                    break;
+                }
                 Err(_) => {
                     let room = BATCH_MAX - queued.len();
                     tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        r = tokio::time::timeout_at(until, rx.recv_many(&mut queued, room)) => {
+                        () = stop.cancelled() => break,
+                        () = draining.cancelled() => break,
+                        r = tokio::time::timeout_at(until, self.rx.recv_many(queued, room)) => {
                             if !matches!(r, Ok(n) if n > 0) {
                                 break;
                             }
@@ -383,53 +489,61 @@ async fn lane(
                 }
             }
         }
-        if queued.len() > 1 && batches.load(Ordering::Relaxed) {
-            let batch = pb::CallEventBatch {
-                notices: queued
-                    .iter()
-                    .map(|n| notice_to_proto(n, clock.wall_time(n.at)))
-                    .collect(),
-            };
-            let send = || {
-                let mut client = client.clone();
-                let mut request = tonic::Request::new(batch.clone());
-                request.set_timeout(deadline);
-                async move { client.on_call_events(request).await.map(drop) }
-            };
-            let first = &queued[0];
-            let what = Attempt {
-                call_id: first.call_id,
-                seq: first.seq,
-                notices: queued.len(),
-            };
-            match deliver(send, what, deadline, &metrics, &shutdown).await {
-                Delivery::Done => {
-                    backlog.release(&queued);
-                    queued.clear();
-                    continue;
+    }
+
+    /// Sends `queued` in one `OnCallEvents`. `None`: the business service
+    /// does not have it (from now on every lane sends one at a time).
+    async fn send_batch(&self, queued: &[Notice]) -> Option<Next> {
+        let LaneTiming {
+            deadline, clock, ..
+        } = self.timing;
+        let batch = pb::CallEventBatch {
+            notices: queued
+                .iter()
+                .map(|n| notice_to_proto(n, clock.wall_time(n.at)))
+                .collect(),
+        };
+        let send = || {
+            let mut client = self.client.clone();
+            let mut request = tonic::Request::new(batch.clone());
+            request.set_timeout(deadline);
+            async move { client.on_call_events(request).await.map(drop) }
+        };
+        let first = &queued[0];
+        let what = Attempt {
+            call_id: first.call_id,
+            seq: first.seq,
+            notices: queued.len(),
+        };
+        match deliver(send, what, deadline, &self.metrics, &self.stop.stop).await {
+            Delivery::Done => Some(Next::Continue),
+            Delivery::Shutdown => Some(Next::Stop),
+            Delivery::Refused(tonic::Code::Unimplemented) => {
+                // Once is enough to know: one at a time from now on.
+                if self.batches.swap(false, Ordering::Relaxed) {
+                    info!(
+                        "the business service does not implement OnCallEvents: notices go one at a time"
+                    );
                 }
-                Delivery::Shutdown => return,
-                Delivery::Refused(tonic::Code::Unimplemented) => {
-                    // Once is enough to know: one at a time from now on.
-                    if batches.swap(false, Ordering::Relaxed) {
-                        info!(
-                            "the business service does not implement OnCallEvents: notices go one at a time"
-                        );
-                    }
-                }
-                Delivery::Refused(code) => {
-                    metrics.notices_rejected.inc_by(queued.len() as u64);
-                    warn!(call_id = %first.call_id, notices = queued.len(), ?code, "notice batch refused by the business service; not retried");
-                    backlog.release(&queued);
-                    queued.clear();
-                    continue;
-                }
+                None
+            }
+            Delivery::Refused(code) => {
+                self.metrics.notices_rejected.inc_by(queued.len() as u64);
+                warn!(call_id = %first.call_id, notices = queued.len(), ?code, "notice batch refused by the business service; not retried");
+                Some(Next::Continue)
             }
         }
+    }
+
+    /// Sends each of `queued` in its own `OnCallEvent`, in order.
+    async fn send_each(&self, queued: &mut Vec<Notice>) -> Next {
+        let LaneTiming {
+            deadline, clock, ..
+        } = self.timing;
         for notice in queued.drain(..) {
             let proto = notice_to_proto(&notice, clock.wall_time(notice.at));
             let send = || {
-                let mut client = client.clone();
+                let mut client = self.client.clone();
                 let mut request = tonic::Request::new(proto.clone());
                 request.set_timeout(deadline);
                 async move { client.on_call_event(request).await.map(drop) }
@@ -439,17 +553,18 @@ async fn lane(
                 seq: notice.seq,
                 notices: 1,
             };
-            let delivery = deliver(send, what, deadline, &metrics, &shutdown).await;
-            backlog.release([&notice]);
+            let delivery = deliver(send, what, deadline, &self.metrics, &self.stop.stop).await;
+            self.backlog.release([&notice]);
             match delivery {
                 Delivery::Done => {}
-                Delivery::Shutdown => return,
+                Delivery::Shutdown => return Next::Stop,
                 Delivery::Refused(code) => {
-                    metrics.notices_rejected.inc();
+                    self.metrics.notices_rejected.inc();
                     warn!(call_id = %notice.call_id, seq = notice.seq, ?code, "notice refused by the business service; not retried");
                 }
             }
         }
+        Next::Continue
     }
 }
 

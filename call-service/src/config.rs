@@ -7,6 +7,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use crate::business::FailurePolicy;
+use crate::defaults;
 
 /// Limits that protect the service and its users from each other. Going
 /// over one affects only whoever went over it.
@@ -14,29 +15,29 @@ use crate::business::FailurePolicy;
 pub struct Limits {
     /// The largest gRPC message a client or admin may send (bytes). A larger
     /// one ends that stream with OUT_OF_RANGE.
-    #[arg(long, env = "CALL_SERVICE_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024)]
+    #[arg(long, env = "CALL_SERVICE_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
     /// Devices one user may connect at once; one more is refused with
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CALL_SERVICE_MAX_DEVICES_PER_USER", default_value_t = 8)]
+    #[arg(long, env = "CALL_SERVICE_MAX_DEVICES_PER_USER", default_value_t = defaults::MAX_DEVICES_PER_USER)]
     pub max_devices_per_user: usize,
 
     /// Connected devices (`Session` streams, over however many HTTP/2
     /// connections) this node holds; one more is refused with
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CALL_SERVICE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    #[arg(long, env = "CALL_SERVICE_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
 
     /// Controls per second one device (one `Session` stream, whether it has
     /// a connection of its own or shares one) may send (sustained); beyond
     /// it (and the burst) a control is answered RATE_LIMITED (100204) and
     /// the stream stays.
-    #[arg(long, env = "CALL_SERVICE_CONTROLS_PER_SECOND", default_value_t = 20)]
+    #[arg(long, env = "CALL_SERVICE_CONTROLS_PER_SECOND", default_value_t = defaults::CONTROLS_PER_SECOND)]
     pub controls_per_second: u32,
 
     /// Controls one device may send at once before the rate applies.
-    #[arg(long, env = "CALL_SERVICE_CONTROL_BURST", default_value_t = 40)]
+    #[arg(long, env = "CALL_SERVICE_CONTROL_BURST", default_value_t = defaults::CONTROL_BURST)]
     pub control_burst: u32,
 
     /// Approvals waiting for the business service at once; a REQUEST beyond
@@ -44,22 +45,22 @@ pub struct Limits {
     #[arg(
         long,
         env = "CALL_SERVICE_MAX_PENDING_APPROVALS",
-        default_value_t = 10_000
+        default_value_t = defaults::MAX_PENDING_APPROVALS
     )]
     pub max_pending_approvals: usize,
 
     /// HTTP/2 keepalive ping interval on idle connections; a peer that does
     /// not answer within --keepalive-timeout is dropped.
-    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_INTERVAL", default_value = defaults::KEEPALIVE_INTERVAL, value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
 
     /// How long a device whose stream broke is kept for it to resume (its
     /// calls go on meanwhile); 0 ends its calls at once (100106).
-    #[arg(long, env = "CALL_SERVICE_RESUME_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_RESUME_GRACE", default_value = defaults::RESUME_GRACE, value_parser = humantime::parse_duration)]
     pub resume_grace: Duration,
 
     /// How long to wait for a keepalive answer.
-    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_KEEPALIVE_TIMEOUT", default_value = defaults::KEEPALIVE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
     /// Notices of one caller's calls that may wait for the business service;
@@ -69,13 +70,13 @@ pub struct Limits {
     #[arg(
         long,
         env = "CALL_SERVICE_MAX_NOTICES_PER_CALLER",
-        default_value_t = crate::business::MAX_NOTICES_PER_CALLER
+        default_value_t = defaults::MAX_NOTICES_PER_CALLER
     )]
     pub max_notices_per_caller: usize,
 
     /// Notices that may wait for the business service, in all (spread over
     /// its 8 delivery lanes); beyond, the newest is dropped and counted.
-    #[arg(long, env = "CALL_SERVICE_NOTICE_QUEUE", default_value_t = crate::business::LANES * crate::business::LANE_QUEUE)]
+    #[arg(long, env = "CALL_SERVICE_NOTICE_QUEUE", default_value_t = defaults::NOTICE_QUEUE)]
     pub notice_queue: usize,
 
     /// Connections one IP address may hold open (on each listener); one
@@ -84,13 +85,13 @@ pub struct Limits {
     #[arg(
         long,
         env = "CALL_SERVICE_MAX_CONNECTIONS_PER_PEER",
-        default_value_t = 1_000
+        default_value_t = defaults::MAX_CONNECTIONS_PER_PEER
     )]
     pub max_connections_per_peer: usize,
 
     /// How long a new connection has to send its first bytes (the HTTP/2
     /// preface; with TLS, to finish the TLS handshake) before it is closed.
-    #[arg(long, env = "CALL_SERVICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
     /// Concurrent HTTP/2 streams on one connection (devices sharing it
@@ -98,43 +99,44 @@ pub struct Limits {
     #[arg(
         long,
         env = "CALL_SERVICE_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 2_048
+        default_value_t = defaults::MAX_STREAMS_PER_CONNECTION
     )]
     pub max_streams_per_connection: u32,
 
     /// Health and reflection streams open at once, in all (they need no
     /// credential); beyond, RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CALL_SERVICE_MAX_AUX_STREAMS", default_value_t = 4_096)]
+    #[arg(long, env = "CALL_SERVICE_MAX_AUX_STREAMS", default_value_t = defaults::MAX_AUX_STREAMS)]
     pub max_aux_streams: usize,
 
     /// Health and reflection streams one IP address may have open at once.
     #[arg(
         long,
         env = "CALL_SERVICE_MAX_AUX_STREAMS_PER_PEER",
-        default_value_t = 32
+        default_value_t = defaults::MAX_AUX_STREAMS_PER_PEER
     )]
     pub max_aux_streams_per_peer: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        use defaults::duration;
         Self {
-            max_message_bytes: 16 * 1024,
-            max_devices_per_user: 8,
-            max_connections: 100_000,
-            controls_per_second: 20,
-            control_burst: 40,
-            max_pending_approvals: 10_000,
-            resume_grace: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-            max_notices_per_caller: crate::business::MAX_NOTICES_PER_CALLER,
-            notice_queue: crate::business::LANES * crate::business::LANE_QUEUE,
-            max_connections_per_peer: 1_000,
-            handshake_timeout: Duration::from_secs(10),
-            max_streams_per_connection: 2_048,
-            max_aux_streams: 4_096,
-            max_aux_streams_per_peer: 32,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            max_devices_per_user: defaults::MAX_DEVICES_PER_USER,
+            max_connections: defaults::MAX_CONNECTIONS,
+            controls_per_second: defaults::CONTROLS_PER_SECOND,
+            control_burst: defaults::CONTROL_BURST,
+            max_pending_approvals: defaults::MAX_PENDING_APPROVALS,
+            resume_grace: duration(defaults::RESUME_GRACE),
+            keepalive_interval: duration(defaults::KEEPALIVE_INTERVAL),
+            keepalive_timeout: duration(defaults::KEEPALIVE_TIMEOUT),
+            max_notices_per_caller: defaults::MAX_NOTICES_PER_CALLER,
+            notice_queue: defaults::NOTICE_QUEUE,
+            max_connections_per_peer: defaults::MAX_CONNECTIONS_PER_PEER,
+            handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+            max_aux_streams: defaults::MAX_AUX_STREAMS,
+            max_aux_streams_per_peer: defaults::MAX_AUX_STREAMS_PER_PEER,
         }
     }
 }
@@ -166,7 +168,7 @@ pub struct Config {
     pub business_url: Option<String>,
 
     /// The longest wait for the business service's approval of a REQUEST.
-    #[arg(long, env = "CALL_SERVICE_APPROVAL_DEADLINE", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_APPROVAL_DEADLINE", default_value = defaults::APPROVAL_DEADLINE, value_parser = humantime::parse_duration)]
     pub approval_deadline: Duration,
 
     /// What a timed-out or failed approval means: refuse (REPLY 100201) or
@@ -183,11 +185,11 @@ pub struct Config {
     /// `OnCallEvents` request. Notices never hold up a call; a short wait
     /// turns many small requests into a few larger ones under load. 0: send
     /// at once.
-    #[arg(long, env = "CALL_SERVICE_NOTICE_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_NOTICE_LINGER", default_value = defaults::NOTICE_LINGER, value_parser = humantime::parse_duration)]
     pub notice_linger: Duration,
 
     /// How long a call rings before the caller gets REPLY 100105.
-    #[arg(long, env = "CALL_SERVICE_RING_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_RING_TIMEOUT", default_value = defaults::RING_TIMEOUT, value_parser = humantime::parse_duration)]
     pub ring_timeout: Duration,
 
     /// DEVELOPMENT ONLY: trust the x-videocall-user metadata as the client's
@@ -210,7 +212,7 @@ pub struct Config {
     pub jwt_public_key: Option<PathBuf>,
 
     /// Tolerated clock difference when checking a token's exp and nbf.
-    #[arg(long, env = "CALL_SERVICE_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_JWT_LEEWAY", default_value = defaults::JWT_LEEWAY, value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 
     /// The admin API's own credential: requests must carry
@@ -250,8 +252,14 @@ pub struct Config {
     /// On shutdown, how long to keep serving while health reports
     /// NOT_SERVING (so load balancers stop sending new clients) before
     /// closing the listeners.
-    #[arg(long, env = "CALL_SERVICE_DRAIN_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CALL_SERVICE_DRAIN_TIME", default_value = defaults::DRAIN_TIME, value_parser = humantime::parse_duration)]
     pub drain_time: Duration,
+
+    /// On shutdown, after every call has ended, how long the notices still
+    /// queued (the calls' last events among them) may take to reach the
+    /// business service; what is left then is dropped, and logged.
+    #[arg(long, env = "CALL_SERVICE_NOTICE_DRAIN", default_value = defaults::NOTICE_DRAIN, value_parser = humantime::parse_duration)]
+    pub notice_drain: Duration,
 
     /// Log format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -266,14 +274,14 @@ impl Config {
             client_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             business_url,
-            approval_deadline: Duration::from_secs(2),
+            approval_deadline: defaults::duration(defaults::APPROVAL_DEADLINE),
             approval_failure_policy: FailurePolicy::Refuse,
-            notice_linger: crate::business::NOTICE_LINGER,
-            ring_timeout: Duration::from_secs(30),
+            notice_linger: defaults::duration(defaults::NOTICE_LINGER),
+            ring_timeout: defaults::duration(defaults::RING_TIMEOUT),
             dev_identity: true,
             jwt_secret: None,
             jwt_public_key: None,
-            jwt_leeway: Duration::from_secs(5),
+            jwt_leeway: defaults::duration(defaults::JWT_LEEWAY),
             admin_token: None,
             tls_cert: None,
             tls_key: None,
@@ -286,6 +294,7 @@ impl Config {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             no_metrics: true,
             drain_time: Duration::ZERO,
+            notice_drain: defaults::duration(defaults::NOTICE_DRAIN),
             log_format: videocall_telemetry::LogFormat::Text,
         }
     }

@@ -8,8 +8,10 @@ use std::time::SystemTime;
 use videocall_proto::v1 as pb;
 
 use crate::codes;
-use crate::machine::{Control, ControlKind, Event, EventKind, Initiator, Notice, Phase, UserState};
-use crate::switchboard::CallSummary;
+use crate::device::Outgoing;
+use crate::machine::{
+    CallSummary, Control, ControlKind, Event, EventKind, Initiator, Notice, Phase, UserState,
+};
 
 /// The longest user id, in bytes.
 pub const MAX_USER_ID: usize = 128;
@@ -80,6 +82,36 @@ pub fn event_type(kind: EventKind) -> pb::EventType {
         EventKind::Start => pb::EventType::Start,
         EventKind::Finish => pb::EventType::Finish,
     }
+}
+
+/// A device's message as sent on its stream.
+pub fn server_message(o: &Outgoing) -> pb::ServerMessage {
+    let kind = match o {
+        Outgoing::Connected {
+            user,
+            conn,
+            resume_token,
+            resumed,
+        } => pb::server_message::Kind::Connected(pb::Connected {
+            user_id: String::from(&**user),
+            connection_id: conn.0.to_string(),
+            resume_token: String::from(&**resume_token),
+            resumed: *resumed,
+        }),
+        Outgoing::Result {
+            seq,
+            code,
+            call_id,
+            reason,
+        } => pb::server_message::Kind::Result(pb::ControlResult {
+            seq: *seq,
+            code: *code,
+            call_id: call_id.map(|c| c.text()).unwrap_or_default(),
+            message: (*reason).to_owned(),
+        }),
+        Outgoing::Event(e) => pb::server_message::Kind::Event(event_to_proto(e)),
+    };
+    pb::ServerMessage { kind: Some(kind) }
 }
 
 pub fn event_to_proto(e: &Event) -> pb::CallEvent {

@@ -4,16 +4,27 @@
 //!
 //! Layout:
 //! - [`machine`]: the call state machine; pure (no I/O, no clock), tested
-//!   exhaustively with property tests.
+//!   rule by rule and with a property test of random interleavings against
+//!   the contract (see `machine/tests.rs`), and fuzzed (`fuzz/`).
 //! - [`switchboard`]: the single owner of the machine (an actor) behind the
 //!   [`switchboard::Switchboard`] trait; per-device queues and their
-//!   slow-consumer policy.
-//! - [`business`]: approvals (deadline, failure policy) and ordered,
-//!   non-blocking notices to the business hook; [`unary`]: its requests
-//!   end with their message (one write fewer each).
-//! - [`api`]: the gRPC edge, client API and admin API; [`convert`]
-//!   validates protobuf into domain types; [`auth`] says who a client is.
-//! - [`config`]: flags and environment variables; [`server`]: wiring,
+//!   slow-consumer policy; its observer task logs and counts what it did.
+//! - [`device`]: what a device's queue carries (domain values, encoded by
+//!   the device's own stream).
+//! - [`hook`]: what the switchboard needs of the business service, as a
+//!   trait; [`business`] implements it over gRPC: approvals (deadline,
+//!   failure policy) and ordered, non-blocking notices, drained on shutdown;
+//!   [`unary`]: its requests end with their message (one write fewer each).
+//! - [`api`]: the gRPC edge, client API and admin API; controls refused for
+//!   their rate or form are answered here, never queued for the
+//!   switchboard; [`convert`] validates protobuf into domain types and
+//!   encodes domain types; [`auth`] says who a client is.
+//!
+//! Dependencies point one way, from the edge down to the rules: `server` →
+//! `api` → `switchboard`, `business` → `convert` → `device`, `hook` →
+//! `machine` (with `codes` and `metrics` beside them all).
+//! - [`config`]: flags and environment variables, their defaults defined
+//!   once in [`defaults`]; [`server`]: wiring,
 //!   health, reflection and [`serve`]; [`accept`]: connections per peer,
 //!   handshake timeout, accept back-off, bounded health and reflection
 //!   streams; [`metrics`]: Prometheus metrics;
@@ -26,6 +37,9 @@ pub mod business;
 pub mod codes;
 pub mod config;
 pub mod convert;
+pub mod defaults;
+pub mod device;
+pub mod hook;
 pub mod machine;
 pub mod metrics;
 pub mod server;

@@ -200,6 +200,43 @@ pub struct Call {
     notice_seq: u32,
 }
 
+impl Call {
+    /// What the admin API lists of it, `now` giving its age.
+    pub fn summary(&self, now: Time) -> CallSummary {
+        CallSummary {
+            call_id: self.id,
+            caller: self.caller.clone(),
+            callee: self.callee.clone(),
+            phase: self.phase.clone(),
+            flags: self.flags,
+            param: self.param,
+            user_str: self.user_str.clone(),
+            age: now.saturating_sub(self.requested_at),
+        }
+    }
+}
+
+/// A live call as listed by the admin API.
+#[derive(Clone, Debug)]
+pub struct CallSummary {
+    pub call_id: CallId,
+    pub caller: UserId,
+    pub callee: UserId,
+    pub phase: Phase,
+    pub flags: u32,
+    pub param: u32,
+    pub user_str: Arc<str>,
+    pub age: Duration,
+}
+
+/// A user's state as reported by the admin API.
+#[derive(Clone, Debug)]
+pub struct UserSummary {
+    pub state: UserState,
+    pub connections: usize,
+    pub call: Option<CallSummary>,
+}
+
 /// What a user is doing (mirrors `videocall.v1.UserState`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserState {
@@ -252,7 +289,7 @@ pub struct MachineConfig {
 impl Default for MachineConfig {
     fn default() -> Self {
         Self {
-            ring_timeout: Duration::from_secs(30),
+            ring_timeout: crate::defaults::duration(crate::defaults::RING_TIMEOUT),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! | `videocall_notice_retries_total` | counter | failed attempts, retried |
 //! | `videocall_forced_finishes_total` | counter | `result` |
 //! | `videocall_slow_consumers_total` | counter | devices disconnected for not reading |
+//! | `videocall_observations_dropped_total` | counter | events and control results neither logged nor counted: the observer fell behind |
 //! | `videocall_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
 //!
 //! The gauges of calls and devices are read from the switchboard at scrape
@@ -99,6 +100,7 @@ pub struct Metrics {
     pub notice_retries: Counter,
     pub forced_finishes: Family<ResultLabel, Counter>,
     pub slow_consumers: Counter,
+    pub observations_dropped: Counter,
     pub connections_refused: Family<ReasonLabel, Counter>,
 }
 
@@ -127,6 +129,7 @@ impl Default for Metrics {
             notice_retries: Counter::default(),
             forced_finishes: Family::default(),
             slow_consumers: Counter::default(),
+            observations_dropped: Counter::default(),
             connections_refused: Family::default(),
         };
         r.register(
@@ -189,6 +192,11 @@ impl Default for Metrics {
             "slow_consumers",
             "Devices disconnected for not reading their stream",
             m.slow_consumers.clone(),
+        );
+        r.register(
+            "observations_dropped",
+            "Call events and control results not logged nor counted because the observer fell behind",
+            m.observations_dropped.clone(),
         );
         r.register(
             "connections_refused",

@@ -3,6 +3,7 @@
 //! has already bound, until a shutdown future resolves.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -75,28 +76,11 @@ pub async fn serve(
     let clock = Clock::now();
     let metrics = Metrics::default();
 
-    let business = match &config.business_url {
-        Some(url) => Some(Business::start(
-            &BusinessConfig {
-                url: url.clone(),
-                deadline: config.approval_deadline,
-                failure_policy: config.approval_failure_policy,
-                notice_linger: config.notice_linger,
-                max_notices_per_caller: config.limits.max_notices_per_caller,
-                lane_queue: config.limits.notice_queue.div_ceil(crate::business::LANES),
-            },
-            clock,
-            metrics.clone(),
-            &tasks,
-            token.clone(),
-        )?),
-        None => {
-            warn!(
-                "no business service configured: every call is allowed and no events are reported"
-            );
-            None
-        }
-    };
+    // The notice lanes outlive `token`: they deliver the calls' last events
+    // after the switchboard has ended them, until `lanes_stop`.
+    let lanes_stop = CancellationToken::new();
+    let business = start_business(&config, clock, &metrics, &tasks, &lanes_stop)?;
+    let lanes = business.clone();
     let admin_addr = listeners
         .admin
         .local_addr()
@@ -117,7 +101,9 @@ pub async fn serve(
             resume_grace: limits.resume_grace,
         },
         clock.start,
-        business.clone(),
+        business
+            .clone()
+            .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>),
         metrics.clone(),
         &tasks,
         token.clone(),
@@ -148,6 +134,7 @@ pub async fn serve(
         limits.clone(),
         tasks.clone(),
         token.clone(),
+        metrics.clone(),
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let admin_api = InterceptedService::new(
@@ -230,10 +217,62 @@ pub async fn serve(
         watch,
     );
     token.cancel();
-    tasks.close();
-    tasks.wait().await;
+    wait_for_tasks(&tasks, lanes.as_ref(), &lanes_stop, config.notice_drain).await;
     info!("call service stopped");
     client_res.and(admin_res).and(metrics_res)
+}
+
+/// The business hook's client and notice lanes, if a business service is
+/// configured. The lanes end on `lanes_stop` or once drained.
+fn start_business(
+    config: &Config,
+    clock: Clock,
+    metrics: &Metrics,
+    tasks: &TaskTracker,
+    lanes_stop: &CancellationToken,
+) -> Result<Option<Business>, ServeError> {
+    let Some(url) = &config.business_url else {
+        warn!("no business service configured: every call is allowed and no events are reported");
+        return Ok(None);
+    };
+    let business = Business::start(
+        &BusinessConfig {
+            url: url.clone(),
+            deadline: config.approval_deadline,
+            failure_policy: config.approval_failure_policy,
+            notice_linger: config.notice_linger,
+            max_notices_per_caller: config.limits.max_notices_per_caller,
+            lane_queue: config.limits.notice_queue.div_ceil(crate::business::LANES),
+        },
+        clock,
+        metrics.clone(),
+        tasks,
+        lanes_stop.clone(),
+    )?;
+    Ok(Some(business))
+}
+
+/// Waits for every task to end once the switchboard has been told to stop.
+/// Its last transition ends every call and closes the notice lanes, which
+/// then deliver what they hold: that may take at most `drain`, after which
+/// what is left is dropped (and logged).
+async fn wait_for_tasks(
+    tasks: &TaskTracker,
+    lanes: Option<&Business>,
+    lanes_stop: &CancellationToken,
+    drain: Duration,
+) {
+    tasks.close();
+    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+        let left = lanes.map(Business::backlog).unwrap_or(0);
+        warn!(
+            notices = left,
+            ?drain,
+            "notices not delivered to the business service by the shutdown deadline: dropped"
+        );
+        lanes_stop.cancel();
+        tasks.wait().await;
+    }
 }
 
 /// Runs a server; once `closing` is cancelled, gives its connections

@@ -40,15 +40,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use videocall_proto::v1 as pb;
 
-use crate::business::Business;
+use crate::codes;
+pub use crate::device::DeviceRx;
+use crate::device::{DeviceTx, Outgoing};
+use crate::hook::Hook;
 use crate::machine::{
     Call, CallId, ConnId, Control, ControlKind, Effect, EventKind, ForceFinish, Machine,
-    MachineConfig, Notice, Outcome, Phase, Time, UserId, UserState, Verdict,
+    MachineConfig, Notice, Outcome, Time, UserId, Verdict,
 };
+pub use crate::machine::{CallSummary, UserSummary};
 use crate::metrics::{Metrics, OutcomeLabels, ResultLabel};
-use crate::{codes, convert};
 
 /// Outgoing messages a device may have queued before it counts as a slow
 /// consumer and is disconnected.
@@ -56,14 +58,6 @@ pub const DEVICE_QUEUE: usize = 256;
 /// Commands waiting for the actor. Senders wait when it is full
 /// (backpressure), which is what a burst should do.
 const COMMAND_QUEUE: usize = 4096;
-
-/// The receiving half of a device's outgoing queue: what its gRPC response
-/// stream reads.
-/// Messages are boxed: a channel allocates its first block of 32 slots up
-/// front, and a slot of the unboxed message made that block a large share of
-/// an idle device's memory.
-pub type DeviceRx = mpsc::Receiver<Box<pb::ServerMessage>>;
-type DeviceTx = mpsc::Sender<Box<pb::ServerMessage>>;
 
 /// The limits the switchboard enforces.
 #[derive(Clone, Copy, Debug)]
@@ -78,10 +72,11 @@ pub struct SwitchboardLimits {
 
 impl Default for SwitchboardLimits {
     fn default() -> Self {
+        use crate::defaults;
         Self {
-            max_devices_per_user: 8,
-            max_pending_approvals: 10_000,
-            resume_grace: Duration::from_secs(10),
+            max_devices_per_user: defaults::MAX_DEVICES_PER_USER,
+            max_pending_approvals: defaults::MAX_PENDING_APPROVALS,
+            resume_grace: defaults::duration(defaults::RESUME_GRACE),
         }
     }
 }
@@ -110,30 +105,6 @@ pub enum ConnectError {
 #[derive(Debug, thiserror::Error)]
 #[error("the call service is shutting down")]
 pub struct ShuttingDown;
-
-/// A control as it came off the wire: validated, or the reason it was not.
-pub type CheckedControl = Result<Control, (u32, &'static str)>;
-
-/// A live call as listed by the admin API.
-#[derive(Clone, Debug)]
-pub struct CallSummary {
-    pub call_id: CallId,
-    pub caller: UserId,
-    pub callee: UserId,
-    pub phase: Phase,
-    pub flags: u32,
-    pub param: u32,
-    pub user_str: Arc<str>,
-    pub age: Duration,
-}
-
-/// A user's state as reported by the admin API.
-#[derive(Clone, Debug)]
-pub struct UserSummary {
-    pub state: UserState,
-    pub connections: usize,
-    pub call: Option<CallSummary>,
-}
 
 /// Counts for metrics, read at scrape time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,7 +140,7 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
         conn: ConnId,
         epoch: u64,
         seq: u64,
-        control: CheckedControl,
+        control: Control,
     ) -> impl Future<Output = Result<(), ShuttingDown>> + Send;
     /// The device's stream ended.
     /// `lost`: the stream broke (rather than the client closing it), so the
@@ -209,7 +180,7 @@ enum Command {
         conn: ConnId,
         epoch: u64,
         seq: u64,
-        control: CheckedControl,
+        control: Control,
     },
     Disconnect {
         conn: ConnId,
@@ -253,12 +224,14 @@ impl LocalSwitchboard {
         config: MachineConfig,
         limits: SwitchboardLimits,
         start: Instant,
-        business: Option<Business>,
+        business: Option<Arc<dyn Hook>>,
         metrics: Metrics,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
+        tasks.spawn(observer(observed_rx, metrics.clone()));
         let actor = Actor {
             machine: Machine::new(config),
             limits,
@@ -270,6 +243,7 @@ impl LocalSwitchboard {
             start,
             effects: Vec::new(),
             metrics,
+            observer: observed,
         };
         tasks.spawn(actor.run(rx, shutdown));
         Self {
@@ -295,7 +269,9 @@ impl Switchboard for LocalSwitchboard {
         resume: Option<String>,
     ) -> Result<Attached, ConnectError> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+        // One slot more than a device may park: on resume, `Connected` and
+        // everything parked fit.
+        let (tx, rx) = mpsc::channel(DEVICE_QUEUE + 1);
         let superseded = CancellationToken::new();
         let (conn, epoch) = self
             .ask(|reply| Command::Connect {
@@ -320,7 +296,7 @@ impl Switchboard for LocalSwitchboard {
         conn: ConnId,
         epoch: u64,
         seq: u64,
-        control: CheckedControl,
+        control: Control,
     ) -> Result<(), ShuttingDown> {
         self.tx
             .send(Command::Control {
@@ -380,9 +356,124 @@ struct Device {
     /// Single use: replaced on every resume.
     resume_token: Arc<str>,
     /// What was sent while the stream was lost, delivered on resume.
-    parked: VecDeque<pb::ServerMessage>,
+    parked: VecDeque<Outgoing>,
     /// Set while the stream is lost: when the device is given up.
     until: Option<Time>,
+}
+
+/// Observer messages waiting; beyond, they are dropped and counted.
+const OBSERVER_QUEUE: usize = 8192;
+
+/// What the actor saw, for logs and metrics. Recorded by the observer task
+/// ([`observer`]), so that formatting log lines and looking up labelled
+/// metrics do not run on the actor's core.
+#[derive(Debug)]
+enum Observed {
+    /// A call event, with the call id, both users and the code.
+    Event(Notice),
+    /// A control's result.
+    Control {
+        conn: ConnId,
+        seq: u64,
+        code: u32,
+        reason: &'static str,
+    },
+    /// A forced FINISH and what came of it.
+    Forced {
+        user: UserId,
+        code: u32,
+        result: u32,
+    },
+    /// A metrics scrape's counts, answered once what came before is in.
+    Stats(Stats, oneshot::Sender<Stats>),
+}
+
+/// Records what the actor saw, a batch at a time; ends with the actor (the
+/// channel's only sender).
+async fn observer(mut rx: mpsc::Receiver<Observed>, metrics: Metrics) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for o in batch.drain(..) {
+            match o {
+                Observed::Event(n) => observe_event(&n, &metrics),
+                Observed::Control {
+                    conn,
+                    seq,
+                    code,
+                    reason,
+                } => {
+                    metrics
+                        .controls
+                        .get_or_create(&ResultLabel {
+                            result: code.into(),
+                        })
+                        .inc();
+                    if code != codes::OK {
+                        debug!(conn = conn.0, seq, code, reason, "control refused");
+                    }
+                }
+                Observed::Forced { user, code, result } => {
+                    info!(user = %user, code, result, "forced FINISH");
+                    metrics
+                        .forced_finishes
+                        .get_or_create(&ResultLabel {
+                            result: result.into(),
+                        })
+                        .inc();
+                }
+                Observed::Stats(stats, reply) => {
+                    let _ = reply.send(stats);
+                }
+            }
+        }
+    }
+}
+
+/// Logs a call event once, with the call id, both users and the code, and
+/// counts it.
+fn observe_event(n: &Notice, metrics: &Metrics) {
+    let event = match n.kind {
+        EventKind::Request => "REQUEST",
+        EventKind::Reply => "REPLY",
+        EventKind::Start => "START",
+        EventKind::Finish => "FINISH",
+    };
+    info!(
+        call_id = %n.call_id,
+        event,
+        caller = %n.caller,
+        callee = %n.callee,
+        code = n.code,
+        initiator = ?n.initiator,
+        param = n.param,
+        "call event"
+    );
+    match n.kind {
+        EventKind::Start => {
+            metrics
+                .setup_seconds
+                .observe(n.at.saturating_sub(n.requested_at).as_secs_f64());
+        }
+        EventKind::Reply if n.code != codes::OK => {
+            metrics
+                .outcomes
+                .get_or_create(&OutcomeLabels {
+                    event,
+                    code: n.code.into(),
+                })
+                .inc();
+        }
+        EventKind::Finish => {
+            metrics
+                .outcomes
+                .get_or_create(&OutcomeLabels {
+                    event,
+                    code: n.code.into(),
+                })
+                .inc();
+        }
+        _ => {}
+    }
 }
 
 struct Actor {
@@ -398,10 +489,11 @@ struct Actor {
     resume_tokens: HashMap<Arc<str>, ConnId>,
     /// Grace deadlines of devices whose stream broke.
     grace: BTreeSet<(Time, ConnId)>,
-    business: Option<Business>,
+    business: Option<Arc<dyn Hook>>,
     start: Instant,
     effects: Vec<Effect>,
     metrics: Metrics,
+    observer: mpsc::Sender<Observed>,
 }
 
 impl Actor {
@@ -453,12 +545,15 @@ impl Actor {
                 }
             }
         }
+        // No transition comes after this one: the notice lanes may drain.
+        if let Some(business) = &self.business {
+            business.close();
+        }
         // Dropping the device queues ends every response stream.
         debug!(devices = self.devices.len(), "switchboard stopped");
     }
 
     fn handle(&mut self, cmd: Command) {
-        let now = self.now();
         match cmd {
             Command::Connect {
                 conn,
@@ -467,195 +562,221 @@ impl Actor {
                 tx,
                 superseded,
                 reply,
-            } => {
-                let resumable = resume
-                    .as_deref()
-                    .and_then(|t| self.resume_tokens.get(t).copied())
-                    .filter(|c| self.devices.get(c).is_some_and(|d| d.user == user));
-                if let Some(old) = resumable {
-                    self.resume(old, tx, superseded, reply);
-                    return;
-                }
-                let (_, devices, _) = self.machine.user_state(&user);
-                if devices >= self.limits.max_devices_per_user {
-                    let _ = reply.send(Err(ConnectError::TooManyDevices(devices)));
-                    return;
-                }
-                let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
-                let hello = connected(&user, conn, &token, false);
-                if tx.try_send(Box::new(hello)).is_err() {
-                    return;
-                }
-                let _ = reply.send(Ok((conn, 1)));
-                info!(user = %user, conn = conn.0, "device connected");
-                self.resume_tokens.insert(token.clone(), conn);
-                let device = Device {
-                    user: user.clone(),
-                    tx: Some(tx),
-                    epoch: 1,
-                    superseded,
-                    resume_token: token,
-                    parked: VecDeque::new(),
-                    until: None,
-                };
-                self.devices.insert(conn, device);
-                self.machine.connect(conn, user, &mut self.effects);
-            }
+            } => self.connect(conn, user, resume, tx, superseded, reply),
             Command::Control {
                 conn,
                 epoch,
                 seq,
                 control,
-            } => {
-                if self.devices.get(&conn).is_none_or(|d| d.epoch != epoch) {
-                    // From a stream that lost the device to a resume (or a
-                    // device already gone): it acts on nothing.
-                    return;
-                }
-                let outcome = match control {
-                    Ok(ctl)
-                        if ctl.kind == ControlKind::Request
-                            && self.business.is_some()
-                            && self.approvals.len() >= self.limits.max_pending_approvals =>
-                    {
-                        Outcome {
-                            code: codes::OVERLOADED,
-                            call_id: None,
-                            reason: "too many calls are waiting for approval; try again",
-                        }
-                    }
-                    // Backpressure on a caller whose calls' events pile up
-                    // (see `business`): its flood must not cost others theirs.
-                    Ok(ctl)
-                        if ctl.kind == ControlKind::Request
-                            && self.business.as_ref().is_some_and(|b| {
-                                self.devices
-                                    .get(&conn)
-                                    .is_some_and(|d| b.caller_over_quota(&d.user))
-                            }) =>
-                    {
-                        Outcome {
-                            code: codes::OVERLOADED,
-                            call_id: None,
-                            reason: "too many events of your calls wait for the business service; try again",
-                        }
-                    }
-                    Ok(ctl) => {
-                        // Only a REQUEST names a call; an id costs a system
-                        // call, so the others get none. Time-ordered (v7):
-                        // stores keyed by call (the business service's call
-                        // records) append instead of writing a random page
-                        // of their index for every event.
-                        let call_id = CallId(if ctl.kind == ControlKind::Request {
-                            uuid::Uuid::now_v7()
-                        } else {
-                            uuid::Uuid::nil()
-                        });
-                        self.machine
-                            .control(conn, &ctl, call_id, now, &mut self.effects)
-                    }
-                    Err((code, reason)) => Outcome {
-                        code,
-                        call_id: None,
-                        reason,
-                    },
-                };
-                self.metrics
-                    .controls
-                    .get_or_create(&ResultLabel {
-                        result: outcome.code.into(),
-                    })
-                    .inc();
-                if outcome.code != codes::OK {
-                    debug!(
-                        conn = conn.0,
-                        seq,
-                        code = outcome.code,
-                        reason = outcome.reason,
-                        "control refused"
-                    );
-                }
-                let msg = pb::ServerMessage {
-                    kind: Some(pb::server_message::Kind::Result(pb::ControlResult {
-                        seq,
-                        code: outcome.code,
-                        call_id: outcome.call_id.map(|c| c.text()).unwrap_or_default(),
-                        message: outcome.reason.to_string(),
-                    })),
-                };
-                self.send(conn, msg);
-            }
-            Command::Disconnect { conn, epoch, lost } => {
-                let grace = self.limits.resume_grace;
-                let Some(device) = self.devices.get_mut(&conn) else {
-                    return;
-                };
-                if device.epoch != epoch {
-                    // A resumed device's old stream, ending late.
-                    return;
-                }
-                if lost && !grace.is_zero() {
-                    info!(user = %device.user, conn = conn.0, ?grace, "device stream lost: kept for it to resume");
-                    device.tx = None;
-                    device.until = Some(now + grace);
-                    self.grace.insert((now + grace, conn));
-                } else {
-                    self.drop_device(conn, now);
-                }
-            }
-            Command::ForceFinish { f, reply } => {
-                let o = self.machine.force_finish(&f, now, &mut self.effects);
-                info!(user = %f.user, code = f.code, result = o.code, "forced FINISH");
-                self.metrics
-                    .forced_finishes
-                    .get_or_create(&ResultLabel {
-                        result: o.code.into(),
-                    })
-                    .inc();
-                let _ = reply.send(o);
-            }
-            Command::Stats { reply } => {
-                let (approving, ringing, talking) = self.machine.phase_counts();
-                let connections = self.machine.connection_count();
-                let _ = reply.send(Stats {
-                    connections,
-                    approving,
-                    ringing,
-                    talking,
-                });
-            }
+            } => self.control(conn, epoch, seq, control),
+            Command::Disconnect { conn, epoch, lost } => self.disconnect(conn, epoch, lost),
+            Command::ForceFinish { f, reply } => self.force_finish(f, reply),
+            Command::Stats { reply } => self.stats(reply),
             Command::ListCalls {
                 after,
                 limit,
                 reply,
-            } => {
-                // A page in O(calls): select the lowest ids past the token,
-                // sort only those.
-                let mut page: Vec<&Call> = self
-                    .machine
-                    .calls()
-                    .filter(|c| after.is_none_or(|a| c.id > a))
-                    .collect();
-                let limit = limit.max(1);
-                let more = page.len() > limit;
-                if more {
-                    page.select_nth_unstable_by_key(limit, |c| c.id);
-                    page.truncate(limit);
-                }
-                page.sort_unstable_by_key(|c| c.id);
-                let calls = page.into_iter().map(|c| summary(c, now)).collect();
-                let _ = reply.send((calls, more));
-            }
-            Command::UserState { user, reply } => {
-                let (state, connections, call) = self.machine.user_state(&user);
-                let _ = reply.send(UserSummary {
-                    state,
-                    connections,
-                    call: call.map(|c| summary(c, now)),
-                });
-            }
+            } => self.list_calls(after, limit, reply),
+            Command::UserState { user, reply } => self.user_state(user, reply),
         }
         self.apply();
+    }
+
+    /// A new stream: resumes the device its token names (the same user's),
+    /// or registers a new device.
+    fn connect(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        resume: Option<String>,
+        tx: DeviceTx,
+        superseded: CancellationToken,
+        reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
+    ) {
+        let resumable = resume
+            .as_deref()
+            .and_then(|t| self.resume_tokens.get(t).copied())
+            .filter(|c| self.devices.get(c).is_some_and(|d| d.user == user));
+        if let Some(old) = resumable {
+            self.resume(old, tx, superseded, reply);
+            return;
+        }
+        let (_, devices, _) = self.machine.user_state(&user);
+        if devices >= self.limits.max_devices_per_user {
+            let _ = reply.send(Err(ConnectError::TooManyDevices(devices)));
+            return;
+        }
+        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+        let hello = connected(&user, conn, &token, false);
+        if tx.try_send(Box::new(hello)).is_err() {
+            return;
+        }
+        let _ = reply.send(Ok((conn, 1)));
+        info!(user = %user, conn = conn.0, "device connected");
+        self.resume_tokens.insert(token.clone(), conn);
+        let device = Device {
+            user: user.clone(),
+            tx: Some(tx),
+            epoch: 1,
+            superseded,
+            resume_token: token,
+            parked: VecDeque::new(),
+            until: None,
+        };
+        self.devices.insert(conn, device);
+        self.machine.connect(conn, user, &mut self.effects);
+    }
+
+    /// A control from a device's current stream, answered on its queue.
+    fn control(&mut self, conn: ConnId, epoch: u64, seq: u64, ctl: Control) {
+        let now = self.now();
+        if self.devices.get(&conn).is_none_or(|d| d.epoch != epoch) {
+            // From a stream that lost the device to a resume (or a
+            // device already gone): it acts on nothing.
+            return;
+        }
+        let request = ctl.kind == ControlKind::Request;
+        let outcome = if request
+            && self.business.is_some()
+            && self.approvals.len() >= self.limits.max_pending_approvals
+        {
+            Outcome {
+                code: codes::OVERLOADED,
+                call_id: None,
+                reason: "too many calls are waiting for approval; try again",
+            }
+        } else if request
+            // Backpressure on a caller whose calls' events pile up
+            // (see `business`): its flood must not cost others theirs.
+            && self.business.as_ref().is_some_and(|b| {
+                self.devices
+                    .get(&conn)
+                    .is_some_and(|d| b.caller_over_quota(&d.user))
+            })
+        {
+            Outcome {
+                code: codes::OVERLOADED,
+                call_id: None,
+                reason: "too many events of your calls wait for the business service; try again",
+            }
+        } else {
+            // Only a REQUEST names a call; an id costs a system call,
+            // so the others get none. Time-ordered (v7): stores keyed
+            // by call (the business service's call records) append
+            // instead of writing a random page of their index for
+            // every event.
+            let call_id = CallId(if request {
+                uuid::Uuid::now_v7()
+            } else {
+                uuid::Uuid::nil()
+            });
+            self.machine
+                .control(conn, &ctl, call_id, now, &mut self.effects)
+        };
+        self.report(Observed::Control {
+            conn,
+            seq,
+            code: outcome.code,
+            reason: outcome.reason,
+        });
+        self.send(
+            conn,
+            Outgoing::Result {
+                seq,
+                code: outcome.code,
+                call_id: outcome.call_id,
+                reason: outcome.reason,
+            },
+        );
+    }
+
+    /// A stream ended: a broken one parks its device for the grace window.
+    fn disconnect(&mut self, conn: ConnId, epoch: u64, lost: bool) {
+        let now = self.now();
+        let grace = self.limits.resume_grace;
+        let Some(device) = self.devices.get_mut(&conn) else {
+            return;
+        };
+        if device.epoch != epoch {
+            // A resumed device's old stream, ending late.
+            return;
+        }
+        if lost && !grace.is_zero() {
+            info!(user = %device.user, conn = conn.0, ?grace, "device stream lost: kept for it to resume");
+            device.tx = None;
+            device.until = Some(now + grace);
+            self.grace.insert((now + grace, conn));
+        } else {
+            self.drop_device(conn, now);
+        }
+    }
+
+    /// A forced FINISH from the admin API.
+    fn force_finish(&mut self, f: ForceFinish, reply: oneshot::Sender<Outcome>) {
+        let now = self.now();
+        let o = self.machine.force_finish(&f, now, &mut self.effects);
+        self.report(Observed::Forced {
+            user: f.user.clone(),
+            code: f.code,
+            result: o.code,
+        });
+        let _ = reply.send(o);
+    }
+
+    /// Counts for a metrics scrape.
+    fn stats(&mut self, reply: oneshot::Sender<Stats>) {
+        let (approving, ringing, talking) = self.machine.phase_counts();
+        let stats = Stats {
+            connections: self.machine.connection_count(),
+            approving,
+            ringing,
+            talking,
+        };
+        // Answered by the observer once it has recorded everything
+        // before: a scrape sees the metrics of all that happened
+        // before it. Full: answered now, the metrics a little behind.
+        if let Err(e) = self.observer.try_send(Observed::Stats(stats, reply))
+            && let Observed::Stats(stats, reply) = e.into_inner()
+        {
+            let _ = reply.send(stats);
+        }
+    }
+
+    /// A page of live calls, by id, past `after`.
+    fn list_calls(
+        &self,
+        after: Option<CallId>,
+        limit: usize,
+        reply: oneshot::Sender<(Vec<CallSummary>, bool)>,
+    ) {
+        let now = self.now();
+        // A page in O(calls): select the lowest ids past the token,
+        // sort only those.
+        let mut page: Vec<&Call> = self
+            .machine
+            .calls()
+            .filter(|c| after.is_none_or(|a| c.id > a))
+            .collect();
+        let limit = limit.max(1);
+        let more = page.len() > limit;
+        if more {
+            page.select_nth_unstable_by_key(limit, |c| c.id);
+            page.truncate(limit);
+        }
+        page.sort_unstable_by_key(|c| c.id);
+        let calls = page.into_iter().map(|c| c.summary(now)).collect();
+        let _ = reply.send((calls, more));
+    }
+
+    /// One user's state for the admin API.
+    fn user_state(&self, user: UserId, reply: oneshot::Sender<UserSummary>) {
+        let now = self.now();
+        let (state, connections, call) = self.machine.user_state(&user);
+        let _ = reply.send(UserSummary {
+            state,
+            connections,
+            call: call.map(|c| c.summary(now)),
+        });
     }
 
     /// Performs the machine's effects, in order. Effects can produce more
@@ -677,16 +798,9 @@ impl Actor {
     fn perform(&mut self, effect: Effect) {
         {
             match effect {
-                Effect::Send { conn, event } => {
-                    let msg = pb::ServerMessage {
-                        kind: Some(pb::server_message::Kind::Event(convert::event_to_proto(
-                            &event,
-                        ))),
-                    };
-                    self.send(conn, msg);
-                }
+                Effect::Send { conn, event } => self.send(conn, Outgoing::Event(event)),
                 Effect::Approve(notice) => {
-                    self.observe(&notice);
+                    self.report(Observed::Event(notice.clone()));
                     match &self.business {
                         None => {
                             let now = self.now();
@@ -698,16 +812,15 @@ impl Actor {
                             );
                         }
                         Some(business) => {
-                            let business = business.clone();
-                            self.approvals.push(Box::pin(async move {
-                                let call_id = notice.call_id;
-                                (call_id, business.approve(notice).await)
-                            }));
+                            let call_id = notice.call_id;
+                            let verdict = business.approve(notice);
+                            self.approvals
+                                .push(Box::pin(async move { (call_id, verdict.await) }));
                         }
                     }
                 }
                 Effect::Notify(notice) => {
-                    self.observe(&notice);
+                    self.report(Observed::Event(notice.clone()));
                     if let Some(business) = &self.business {
                         business.notify(notice);
                     }
@@ -735,56 +848,18 @@ impl Actor {
         self.apply();
     }
 
-    /// Logs a call event once, with the call id, both users and the code,
-    /// and counts it.
-    fn observe(&self, n: &Notice) {
-        let event = match n.kind {
-            EventKind::Request => "REQUEST",
-            EventKind::Reply => "REPLY",
-            EventKind::Start => "START",
-            EventKind::Finish => "FINISH",
-        };
-        info!(
-            call_id = %n.call_id,
-            event,
-            caller = %n.caller,
-            callee = %n.callee,
-            code = n.code,
-            initiator = ?n.initiator,
-            param = n.param,
-            "call event"
-        );
-        match n.kind {
-            EventKind::Start => {
-                self.metrics
-                    .setup_seconds
-                    .observe(n.at.saturating_sub(n.requested_at).as_secs_f64());
-            }
-            EventKind::Reply if n.code != codes::OK => {
-                self.metrics
-                    .outcomes
-                    .get_or_create(&OutcomeLabels {
-                        event,
-                        code: n.code.into(),
-                    })
-                    .inc();
-            }
-            EventKind::Finish => {
-                self.metrics
-                    .outcomes
-                    .get_or_create(&OutcomeLabels {
-                        event,
-                        code: n.code.into(),
-                    })
-                    .inc();
-            }
-            _ => {}
+    /// Hands what happened to the observer (logs, metrics), off this
+    /// task. A full observer queue drops it, counted: the call flow never
+    /// waits for its own logging.
+    fn report(&self, o: Observed) {
+        if self.observer.try_send(o).is_err() {
+            self.metrics.observations_dropped.inc();
         }
     }
 
     /// Queues a message for a device; a device whose queue is full is
     /// disconnected (see the module docs).
-    fn send(&mut self, conn: ConnId, msg: pb::ServerMessage) {
+    fn send(&mut self, conn: ConnId, msg: Outgoing) {
         let Some(device) = self.devices.get_mut(&conn) else {
             return;
         };
@@ -866,33 +941,21 @@ impl Actor {
     }
 }
 
-fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> pb::ServerMessage {
-    pb::ServerMessage {
-        kind: Some(pb::server_message::Kind::Connected(pb::Connected {
-            user_id: user.to_string(),
-            connection_id: conn.0.to_string(),
-            resume_token: token.to_string(),
-            resumed,
-        })),
-    }
-}
-
-fn summary(c: &Call, now: Time) -> CallSummary {
-    CallSummary {
-        call_id: c.id,
-        caller: c.caller.clone(),
-        callee: c.callee.clone(),
-        phase: c.phase.clone(),
-        flags: c.flags,
-        param: c.param,
-        user_str: c.user_str.clone(),
-        age: now.saturating_sub(c.requested_at),
+fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> Outgoing {
+    Outgoing::Connected {
+        user: user.clone(),
+        conn,
+        resume_token: token.clone(),
+        resumed,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert;
+    use crate::machine::UserState;
+    use videocall_proto::v1 as pb;
 
     fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
         let tasks = TaskTracker::new();
@@ -909,21 +972,21 @@ mod tests {
         (sb, token, tasks)
     }
 
-    fn control(kind: ControlKind, peer: &str, code: u32) -> CheckedControl {
-        Ok(Control {
+    fn control(kind: ControlKind, peer: &str, code: u32) -> Control {
+        Control {
             kind,
             peer: Arc::from(peer),
             code,
             flags: 0,
             param: 0,
             user_str: Arc::from(""),
-        })
+        }
     }
 
     /// The next event on a device queue, skipping `Connected` and results.
     async fn event(rx: &mut DeviceRx) -> pb::CallEvent {
         loop {
-            match rx.recv().await.expect("queue open").kind {
+            match convert::server_message(&rx.recv().await.expect("queue open")).kind {
                 Some(pb::server_message::Kind::Event(e)) => return e,
                 _ => continue,
             }
@@ -976,7 +1039,7 @@ mod tests {
             rx: mut alice_rx,
             ..
         } = sb.connect(Arc::from("alice"), None).await.unwrap();
-        let hello = match alice_rx.recv().await.unwrap().kind {
+        let hello = match convert::server_message(&alice_rx.recv().await.unwrap()).kind {
             Some(pb::server_message::Kind::Connected(c)) => c,
             other => panic!("{other:?}"),
         };
@@ -1011,7 +1074,7 @@ mod tests {
             .unwrap();
         assert_eq!((back.conn, back.epoch), (alice, epoch + 1));
         let mut rx = back.rx;
-        match rx.recv().await.unwrap().kind {
+        match convert::server_message(&rx.recv().await.unwrap()).kind {
             Some(pb::server_message::Kind::Connected(c)) => assert!(c.resumed),
             other => panic!("{other:?}"),
         }
@@ -1038,8 +1101,67 @@ mod tests {
         tasks.wait().await;
     }
 
+    /// A device may park as many messages as its queue holds; resuming, it
+    /// gets `Connected` and every one of them, and stays.
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_device_gets_all_it_may_park() {
+        let (sb, token, tasks) = start();
+        let Attached {
+            conn: alice,
+            epoch,
+            rx: mut alice_rx,
+            ..
+        } = sb.connect(Arc::from("alice"), None).await.unwrap();
+        let resume = hello(&mut alice_rx).await.resume_token;
+        let Attached {
+            conn: bob,
+            rx: mut bob_rx,
+            ..
+        } = sb.connect(Arc::from("bob"), None).await.unwrap();
+        drop(alice_rx);
+        sb.disconnect(alice, epoch, true).await;
+        // Each round parks a REQUEST and a FINISH for alice.
+        let rounds = DEVICE_QUEUE / 2;
+        for round in 0..rounds as u64 {
+            sb.control(bob, 1, 2 * round, control(ControlKind::Request, "alice", 0))
+                .await
+                .unwrap();
+            sb.control(
+                bob,
+                1,
+                2 * round + 1,
+                control(ControlKind::Finish, "alice", 0),
+            )
+            .await
+            .unwrap();
+            // Answered in order: once this is, so are the controls.
+            sb.user_state(Arc::from("bob")).await.unwrap();
+            while bob_rx.try_recv().is_ok() {}
+        }
+        let back = sb.connect(Arc::from("alice"), Some(resume)).await.unwrap();
+        let mut rx = back.rx;
+        assert!(hello(&mut rx).await.resumed);
+        for _ in 0..rounds {
+            assert_eq!(
+                event(&mut rx).await.event_type,
+                pb::EventType::Request as i32
+            );
+            assert_eq!(
+                event(&mut rx).await.event_type,
+                pb::EventType::Finish as i32
+            );
+        }
+        assert_eq!(
+            sb.user_state(Arc::from("alice")).await.unwrap().state,
+            UserState::Idle
+        );
+        token.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
     async fn hello(rx: &mut DeviceRx) -> pb::Connected {
-        match rx.recv().await.expect("queue open").kind {
+        match convert::server_message(&rx.recv().await.expect("queue open")).kind {
             Some(pb::server_message::Kind::Connected(c)) => c,
             other => panic!("{other:?}"),
         }

@@ -66,12 +66,15 @@ async fn policy_reloads_keep_the_last_good_policy() {
     // ... and when the file changes, by itself.
     std::fs::write(&file, "# everybody may call\n").unwrap();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut reloaded = false;
     for _ in 0..500 {
         tick.tick().await;
         if hook.policy().get().blocked_callees.is_empty() {
+            reloaded = true;
             break;
         }
     }
+    assert!(reloaded, "the changed policy file was not reloaded");
     mallory.call("bob").await;
     bob.expect(EventKind::Request, "mallory", Code::OK).await;
     svc.stop().await;

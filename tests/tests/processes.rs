@@ -202,6 +202,88 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     business.kill().await.expect("stop business-service");
 }
 
+/// A deploy: SIGTERM to the call service with calls talking. Every call
+/// ends with TERMINATED for both parties, and the business service has
+/// every call's FINISH, committed, by the time the call service has exited.
+#[tokio::test]
+async fn shutdown_delivers_the_last_events_of_every_call() {
+    let dir = binaries();
+    let data = tempfile::tempdir().expect("tempdir");
+    let db = data.path().join("records.db");
+    let (mut business, line) = spawn(
+        &dir.join("business-service"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--database",
+            db.to_str().expect("utf-8 path"),
+        ],
+        "business-service listening",
+    )
+    .await;
+    let hook = format!("http://{}", field(&line, "hook"));
+    let (mut calls, line) = spawn(
+        &dir.join("call-service"),
+        &[
+            "--client-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--business-url",
+            &hook,
+            "--dev-identity",
+        ],
+        "call-service listening",
+    )
+    .await;
+    let url = format!("http://{}", field(&line, "client"));
+    let mut pairs = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut a = phone_at(&url, &format!("caller-{i}")).await;
+        let mut b = phone_at(&url, &format!("callee-{i}")).await;
+        ids.push(a.call(&b.user).await);
+        b.expect(EventKind::Request, &a.user, Code::OK).await;
+        b.client.reply(&a.user, Code::OK).await.expect("reply");
+        a.expect(EventKind::Reply, &b.user, Code::OK).await;
+        a.expect(EventKind::Start, &b.user, Code::OK).await;
+        b.expect(EventKind::Start, &a.user, Code::OK).await;
+        pairs.push((a, b));
+    }
+    let pid = calls.id().expect("pid").to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    for (a, b) in &mut pairs {
+        let (caller, callee) = (a.user.clone(), b.user.clone());
+        a.expect(EventKind::Finish, &callee, Code::TERMINATED).await;
+        b.expect(EventKind::Finish, &caller, Code::TERMINATED).await;
+    }
+    let exit = tokio::time::timeout(PATIENCE, calls.wait())
+        .await
+        .expect("exit in time")
+        .expect("wait");
+    assert!(exit.success(), "call-service exited with {exit}");
+    let conn = business_service::records::open(&db).expect("open records");
+    for id in &ids {
+        let record =
+            business_service::records::query(&conn, business_service::records::Query::Call(id), 1)
+                .expect("query");
+        let record = record.first().expect("a record");
+        assert!(record.complete, "{record:#?}");
+        assert_eq!(record.end_code, Some(Code::TERMINATED.0), "{record:#?}");
+    }
+    business.kill().await.expect("stop business-service");
+}
+
 /// Waits until `check` holds, looking every 100 ms for at most a minute.
 /// The business service is another process that catches up on its own
 /// time; there is no event to wait for.

@@ -56,13 +56,12 @@ async fn past_the_grace_window_the_peer_gets_100106() {
     );
     proxy.set_open(true);
     // alice comes back as a new device and can call again.
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    for _ in 0..400 {
-        tick.tick().await;
-        if user_state(&svc.admin().await, "alice").await == pb::UserState::Idle {
-            break;
-        }
-    }
+    until(
+        "alice back as a new device",
+        Duration::from_secs(20),
+        || async { user_state(&svc.admin().await, "alice").await == pb::UserState::Idle },
+    )
+    .await;
     talking(&mut alice, &mut bob).await;
     svc.stop().await;
 }
@@ -85,15 +84,34 @@ async fn clients_reconnect_by_themselves_after_a_server_restart() {
 
     let svc = CallService::start_at(&addr, None, |_| {}).await;
     let admin = svc.admin().await;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    for _ in 0..((PATIENCE.as_millis() / 50) * 2) {
-        tick.tick().await;
+    until("both clients reconnected", PATIENCE * 2, || async {
         let a = admin.user_state("alice").await.expect("state").connections;
         let b = admin.user_state("bob").await.expect("state").connections;
-        if a == 1 && b == 1 {
-            break;
-        }
-    }
+        a == 1 && b == 1
+    })
+    .await;
     talking(&mut alice, &mut bob).await;
     svc.stop().await;
+}
+
+/// Looks every 50 ms until `check` holds; fails, saying what did not
+/// happen, after `limit`. The clients reconnect on their own time: there
+/// is no event to wait for.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+    }
 }
