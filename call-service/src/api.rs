@@ -2,13 +2,14 @@
 //! (`CallAdmin`). Requests are validated into domain types here
 //! ([`crate::convert`]) and errors become `tonic::Status` here, nowhere else.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,7 +108,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         } = self.switchboard.connect(identity.user, resume).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
-        let (answers_tx, answers) = mpsc::channel(DEVICE_QUEUE);
+        let answers = SharedAnswers::default();
         let reader = Reader {
             switchboard: self.switchboard.clone(),
             conn,
@@ -118,7 +119,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             expires: identity.expires,
             bucket: TokenBucket::new(self.limits.controls_per_second, self.limits.control_burst),
             shutdown: self.shutdown.clone(),
-            answers: answers_tx,
+            answers: answers.clone(),
             forwarded: 0,
             metrics: self.metrics.clone(),
             _permit: permit,
@@ -127,7 +128,6 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         Ok(Response::new(DeviceStream {
             rx,
             answers,
-            next_answer: None,
             answered: 0,
             end: Some(end_rx),
             _gone: gone_tx,
@@ -147,8 +147,7 @@ pub struct DeviceStream {
     rx: DeviceRx,
     /// The reader's answers, each with how many of the switchboard's
     /// answers go before it.
-    answers: mpsc::Receiver<(u64, Outgoing)>,
-    next_answer: Option<(u64, Outgoing)>,
+    answers: SharedAnswers,
     /// The switchboard's answers passed on so far.
     answered: u64,
     end: Option<oneshot::Receiver<Status>>,
@@ -160,15 +159,7 @@ impl Stream for DeviceStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.next_answer.is_none()
-            && let Poll::Ready(Some(answer)) = this.answers.poll_recv(cx)
-        {
-            this.next_answer = Some(answer);
-        }
-        if let Some((after, _)) = &this.next_answer
-            && *after <= this.answered
-            && let Some((_, answer)) = this.next_answer.take()
-        {
+        if let Some(answer) = this.answers.next(this.answered, cx) {
             return Poll::Ready(Some(Ok(convert::server_message(&answer))));
         }
         match this.rx.poll_recv(cx) {
@@ -190,6 +181,58 @@ impl Stream for DeviceStream {
         };
         this.end = None;
         Poll::Ready(status.map(Err))
+    }
+}
+
+/// Answers to controls refused at the edge, waiting for their turn on the
+/// device's stream: pushed by the reader, taken by the stream. Behind a
+/// `std` mutex held for one push or take, never across an `.await`; nothing
+/// is allocated until the first refusal (an idle device pays for the `Arc`
+/// alone).
+#[derive(Clone, Debug, Default)]
+struct SharedAnswers(Arc<Mutex<EdgeAnswers>>);
+
+#[derive(Debug, Default)]
+struct EdgeAnswers {
+    /// Each answer with how many of the switchboard's go before it.
+    queue: VecDeque<(u64, Outgoing)>,
+    /// The stream's, while it waits for an answer.
+    waker: Option<Waker>,
+}
+
+impl SharedAnswers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EdgeAnswers> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an answer to follow the switchboard's `after`th. False when
+    /// [`DEVICE_QUEUE`] are already waiting: the device does not read.
+    fn push(&self, after: u64, answer: Outgoing) -> bool {
+        let waker = {
+            let mut a = self.lock();
+            if a.queue.len() >= DEVICE_QUEUE {
+                return false;
+            }
+            a.queue.push_back((after, answer));
+            a.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// The next answer if its turn has come (`answered` of the
+    /// switchboard's are out); otherwise wakes `cx` on the next push.
+    fn next(&self, answered: u64, cx: &Context<'_>) -> Option<Outgoing> {
+        let mut a = self.lock();
+        if a.queue.front().is_some_and(|(after, _)| *after <= answered) {
+            return a.queue.pop_front().map(|(_, answer)| answer);
+        }
+        if !a.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            a.waker = Some(cx.waker().clone());
+        }
+        None
     }
 }
 
@@ -248,7 +291,7 @@ struct Reader<S> {
     bucket: TokenBucket,
     shutdown: CancellationToken,
     /// Answers to the controls refused here, for the response stream.
-    answers: mpsc::Sender<(u64, Outgoing)>,
+    answers: SharedAnswers,
     /// Controls forwarded to the switchboard so far.
     forwarded: u64,
     metrics: Metrics,
@@ -275,20 +318,17 @@ impl<S: Switchboard> Reader<S> {
             call_id: None,
             reason,
         };
-        match self.answers.try_send((self.forwarded, answer)) {
-            // Closed: the stream is gone, and the reader sees it next.
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(
-                    conn = self.conn.0,
-                    "device not reading its stream: ending it"
-                );
-                self.metrics.slow_consumers.inc();
-                Some(Status::resource_exhausted(
-                    "this device does not read its stream",
-                ))
-            }
+        if self.answers.push(self.forwarded, answer) {
+            return None;
         }
+        warn!(
+            conn = self.conn.0,
+            "device not reading its stream: ending it"
+        );
+        self.metrics.slow_consumers.inc();
+        Some(Status::resource_exhausted(
+            "this device does not read its stream",
+        ))
     }
 
     /// Forwards the device's controls to the switchboard until its stream

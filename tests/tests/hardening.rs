@@ -513,3 +513,52 @@ async fn one_callers_flood_costs_no_one_else_their_call_records() {
         hook.seen.lock().expect("lock").len()
     );
 }
+
+/// A burst past the rate limit, with malformed controls among it: the ones
+/// refused at the edge are answered there, never queued for the
+/// switchboard, yet every control is answered exactly once and in the order
+/// it was sent.
+#[tokio::test]
+async fn controls_refused_at_the_edge_are_answered_in_order() {
+    let svc = CallService::start(None, |c| {
+        c.limits.controls_per_second = 1;
+        c.limits.control_burst = 10;
+    })
+    .await;
+    let mut alice = raw(&svc.client_url, "alice", None).await.expect("session");
+    let total = 60u64;
+    for seq in 1..=total {
+        if seq % 7 == 0 {
+            // No control at all: malformed.
+            alice
+                .tx
+                .send(pb::ClientMessage { kind: None })
+                .await
+                .expect("send");
+        } else {
+            alice.request(seq, "nobody").await;
+        }
+    }
+    let mut seen = Vec::new();
+    let mut refused = 0;
+    while seen.len() < total as usize {
+        let msg = tokio::time::timeout(PATIENCE, alice.inbound.message())
+            .await
+            .expect("an answer in time")
+            .expect("the stream stays")
+            .expect("not the end");
+        if let Some(pb::server_message::Kind::Result(r)) = msg.kind {
+            if r.code == Code::RATE_LIMITED.0 || r.code == Code::INVALID_ARGUMENT.0 {
+                refused += 1;
+            }
+            seen.push(r.seq);
+        }
+    }
+    // A malformed message has no seq of its own: its answer carries 0.
+    let expected: Vec<u64> = (1..=total)
+        .map(|s| if s % 7 == 0 { 0 } else { s })
+        .collect();
+    assert_eq!(seen, expected, "answers out of order");
+    assert!(refused >= total as usize - 10, "{refused} refused");
+    svc.stop().await;
+}
