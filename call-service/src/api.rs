@@ -27,6 +27,8 @@ use crate::metrics::{Metrics, ResultLabel};
 use crate::switchboard::{
     Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 impl From<ShuttingDown> for Status {
     fn from(e: ShuttingDown) -> Self {
@@ -121,7 +123,8 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             shutdown: self.shutdown.clone(),
             answers: answers.clone(),
             forwarded: 0,
-            metrics: self.metrics.clone(),
+            controls: self.metrics.controls.clone(),
+            slow_consumers: self.metrics.slow_consumers.clone(),
             _permit: permit,
         };
         self.tasks.spawn(reader.run(inbound));
@@ -294,7 +297,10 @@ struct Reader<S> {
     answers: SharedAnswers,
     /// Controls forwarded to the switchboard so far.
     forwarded: u64,
-    metrics: Metrics,
+    /// The two counters it needs (not all of [`Metrics`]: this is per
+    /// device, and an idle device's memory counts).
+    controls: Family<ResultLabel, Counter>,
+    slow_consumers: Counter,
     /// Held while the device is connected.
     _permit: OwnedSemaphorePermit,
 }
@@ -305,8 +311,7 @@ impl<S: Switchboard> Reader<S> {
     /// does not read its answers (the same slow-consumer policy as for its
     /// events).
     fn refuse(&mut self, seq: u64, code: u32, reason: &'static str) -> Option<Status> {
-        self.metrics
-            .controls
+        self.controls
             .get_or_create(&ResultLabel {
                 result: code.into(),
             })
@@ -325,7 +330,7 @@ impl<S: Switchboard> Reader<S> {
             conn = self.conn.0,
             "device not reading its stream: ending it"
         );
-        self.metrics.slow_consumers.inc();
+        self.slow_consumers.inc();
         Some(Status::resource_exhausted(
             "this device does not read its stream",
         ))

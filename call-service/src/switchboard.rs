@@ -9,11 +9,14 @@
 //! device, and the business hook, in the order they happened. Nothing holds a
 //! lock; the actor never awaits anything but its next command or timer.
 //!
-//! **The seam for several nodes.** The gRPC edge only sees the
-//! [`Switchboard`] trait. A shared-store implementation (Redis: users
-//! reserved with one atomic script, events routed over pub/sub to the node
-//! that holds the device) can implement the same trait without the edge
-//! changing.
+//! **The actor does only state.** It queues domain values for devices (the
+//! streams encode them), hands what it saw to an observer task for logs and
+//! metrics (a bounded queue, dropped and counted when full), and never
+//! sees a control refused for its rate or form (the edge answers those).
+//!
+//! **The edge's view.** The gRPC edge only sees the [`Switchboard`] trait;
+//! the business service is behind [`Hook`]. Moving the seam below the call
+//! rules, for state shared by several nodes, is the next step.
 //!
 //! **Slow consumers.** Each device has a bounded queue of outgoing messages
 //! ([`DEVICE_QUEUE`]). A device that lets it fill up is disconnected (its
