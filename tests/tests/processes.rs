@@ -8,6 +8,29 @@ use videocall_tests::phone_at;
 use videocall_tests::process::{Proc, binaries, field, free_port, spawn};
 use videocall_tests::{PATIENCE, Phone};
 
+/// The call-service binary on free ports with development identities,
+/// against the business hook at `hook`, plus `extra` flags; with its
+/// "listening" line.
+async fn call_service(
+    dir: &std::path::Path,
+    hook: &str,
+    extra: &[&str],
+) -> (tokio::process::Child, String) {
+    let mut args = vec![
+        "--client-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--business-url",
+        hook,
+        "--dev-identity",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&dir.join("call-service"), &args, "call-service listening").await
+}
+
 #[tokio::test]
 async fn the_binaries_place_refuse_and_force_end_calls() {
     let dir = binaries();
@@ -39,22 +62,7 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     )
     .await;
     let hook = format!("http://{}", field(&line, "hook"));
-    let (mut calls, line) = spawn(
-        &dir.join("call-service"),
-        &[
-            "--client-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--business-url",
-            &hook,
-            "--dev-identity",
-        ],
-        "call-service listening",
-    )
-    .await;
+    let (mut calls, line) = call_service(&dir, &hook, &[]).await;
     let client_url = format!("http://{}", field(&line, "client"));
     let admin_url = format!("http://{}", field(&line, "admin"));
 
@@ -225,22 +233,7 @@ async fn shutdown_delivers_the_last_events_of_every_call() {
     )
     .await;
     let hook = format!("http://{}", field(&line, "hook"));
-    let (mut calls, line) = spawn(
-        &dir.join("call-service"),
-        &[
-            "--client-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--business-url",
-            &hook,
-            "--dev-identity",
-        ],
-        "call-service listening",
-    )
-    .await;
+    let (mut calls, line) = call_service(&dir, &hook, &[]).await;
     let url = format!("http://{}", field(&line, "client"));
     let mut pairs = Vec::new();
     let mut ids = Vec::new();
@@ -322,24 +315,7 @@ async fn every_call_gets_one_complete_record_across_business_restarts() {
     )
     .await;
     let hook = format!("http://{listen}");
-    let (_calls, line) = spawn(
-        &dir.join("call-service"),
-        &[
-            "--client-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--business-url",
-            &hook,
-            "--approval-deadline",
-            "1s",
-            "--dev-identity",
-        ],
-        "call-service listening",
-    )
-    .await;
+    let (_calls, line) = call_service(&dir, &hook, &["--approval-deadline", "1s"]).await;
     let url = format!("http://{}", field(&line, "client"));
     let mut p: Vec<Phone> = Vec::new();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
