@@ -555,58 +555,13 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Outcome {
         let no_call = Outcome::refused(codes::NOT_IN_CALL, "no call with this peer on this device");
-        let Some(call_id) = self.users.get(&user).and_then(|u| u.call) else {
+        let Some((call_id, is_caller, talking)) = self.party(conn, &user, &ctl.peer) else {
             return no_call;
         };
-        let Some(call) = self.calls.get_mut(&call_id) else {
-            return no_call;
-        };
-        let is_caller = call.caller == user && call.caller_conn == conn;
-        let is_callee = call.callee == user
-            && match &call.phase {
-                Phase::Approving => false,
-                Phase::Ringing { ringing, .. } => ringing.contains(&conn),
-                Phase::Talking { callee_conn, .. } => *callee_conn == conn,
-            };
-        let peer = if is_caller {
-            &call.callee
-        } else {
-            &call.caller
-        };
-        if !(is_caller || is_callee) || *peer != ctl.peer {
-            return no_call;
-        }
         let (flags, param, us) = (ctl.flags, ctl.param, ctl.user_str.clone());
-        let talking = matches!(call.phase, Phase::Talking { .. });
         match (ctl.kind, is_caller, talking) {
             // Hang-up after START, from either side.
-            (ControlKind::Finish, _, true) => {
-                let Phase::Talking { callee_conn, .. } = call.phase else {
-                    return no_call;
-                };
-                out.push(finish_to_caller(call, codes::OK, flags, param, us.clone()));
-                out.push(finish_to_callee(
-                    call,
-                    callee_conn,
-                    codes::OK,
-                    flags,
-                    param,
-                    us.clone(),
-                ));
-                let who = if is_caller {
-                    Initiator::Caller
-                } else {
-                    Initiator::Callee
-                };
-                let mut n = notice(call, EventKind::Finish, codes::OK, who, now);
-                if !is_caller {
-                    n.source = call.callee.clone();
-                    n.target = call.caller.clone();
-                }
-                with_payload(&mut n, flags, param, &us);
-                self.end(call_id, vec![n], out);
-                Outcome::ok(call_id)
-            }
+            (ControlKind::Finish, _, true) => self.hang_up(call_id, is_caller, ctl, now, out),
             (ControlKind::Reply, _, true) => Outcome {
                 call_id: Some(call_id),
                 ..Outcome::refused(codes::NOT_ALLOWED, "the call has started; use FINISH")
@@ -640,6 +595,73 @@ impl Machine {
             }
             (ControlKind::Request, _, _) => no_call,
         }
+    }
+
+    /// The call `user`'s device `conn` takes part in with `peer`: its id,
+    /// whether the device is the caller's, and whether the call is talking.
+    /// A callee's device takes part while it rings or once it answered.
+    fn party(&self, conn: ConnId, user: &UserId, peer: &UserId) -> Option<(CallId, bool, bool)> {
+        let call_id = self.users.get(user).and_then(|u| u.call)?;
+        let call = self.calls.get(&call_id)?;
+        let is_caller = call.caller == *user && call.caller_conn == conn;
+        let is_callee = call.callee == *user
+            && match &call.phase {
+                Phase::Approving => false,
+                Phase::Ringing { ringing, .. } => ringing.contains(&conn),
+                Phase::Talking { callee_conn, .. } => *callee_conn == conn,
+            };
+        let their_peer = if is_caller {
+            &call.callee
+        } else {
+            &call.caller
+        };
+        if !(is_caller || is_callee) || their_peer != peer {
+            return None;
+        }
+        let talking = matches!(call.phase, Phase::Talking { .. });
+        Some((call_id, is_caller, talking))
+    }
+
+    /// FINISH of a talking call, from either side: FINISH to both devices,
+    /// and the call ends.
+    fn hang_up(
+        &mut self,
+        call_id: CallId,
+        is_caller: bool,
+        ctl: &Control,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        let no_call = Outcome::refused(codes::NOT_IN_CALL, "no call with this peer on this device");
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return no_call;
+        };
+        let Phase::Talking { callee_conn, .. } = call.phase else {
+            return no_call;
+        };
+        let (flags, param, us) = (ctl.flags, ctl.param, ctl.user_str.clone());
+        out.push(finish_to_caller(call, codes::OK, flags, param, us.clone()));
+        out.push(finish_to_callee(
+            call,
+            callee_conn,
+            codes::OK,
+            flags,
+            param,
+            us.clone(),
+        ));
+        let who = if is_caller {
+            Initiator::Caller
+        } else {
+            Initiator::Callee
+        };
+        let mut n = notice(call, EventKind::Finish, codes::OK, who, now);
+        if !is_caller {
+            n.source = call.callee.clone();
+            n.target = call.caller.clone();
+        }
+        with_payload(&mut n, flags, param, &us);
+        self.end(call_id, vec![n], out);
+        Outcome::ok(call_id)
     }
 
     fn cancel(
