@@ -381,47 +381,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             calls,
             require_clean,
-        } => {
-            let spec = common.spec(rate, calls)?;
-            let (services, mut pool) = common.start().await?;
-            let step = ramp::step(&services, &mut pool, &spec, common.out.quiet).await?;
-            drop(pool);
-            services.stop().await;
-            write_out(&common.out, "calls", &step, report::step(&step))?;
-            if require_clean && !step.clean {
-                bail!("not every call went as planned");
-            }
-        }
+        } => calls_mode(common, rate, calls, require_clean).await,
         Mode::Soak {
             common,
             rate,
             duration,
             sample_every,
-        } => {
-            let calls = (rate * duration.as_secs_f64()).round() as u64;
-            let spec = common.spec(rate, calls)?;
-            let (services, mut pool) = common.start().await?;
-            let soak = videocall_bench::soak::soak(
-                &services,
-                &mut pool,
-                &spec,
-                sample_every,
-                common.out.quiet,
-            )
-            .await?;
-            drop(pool);
-            services.stop().await;
-            let ok = soak.every_record_complete || soak.records.is_none();
-            write_out(
-                &common.out,
-                "soak",
-                &soak,
-                videocall_bench::soak::markdown(&soak),
-            )?;
-            if !ok {
-                bail!("not every call has a complete record");
-            }
-        }
+        } => soak_mode(common, rate, duration, sample_every).await,
         Mode::Ramp {
             common,
             start_rate,
@@ -431,11 +397,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             refine,
             half_runs,
         } => {
-            if factor <= 1.0 {
-                bail!("--factor must be above 1");
-            }
-            let template = common.spec(start_rate, 1)?;
-            let (services, mut pool) = common.start().await?;
             let r = ramp::RampSpec {
                 start_rate,
                 factor,
@@ -443,40 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 step_seconds,
                 refine,
             };
-            let mut result =
-                ramp::ramp(&services, &mut pool, &template, &r, common.out.quiet).await?;
-            drop(pool);
-            services.stop().await;
-            if let Some(rate) = result.max_clean_rate {
-                // Latency at half the rate, measured on services and devices
-                // that have not just been through an overload, several
-                // times: one run's tail is at the mercy of the machine.
-                let mut runs = Vec::new();
-                for _ in 0..half_runs {
-                    let (services, mut pool) = common.start().await?;
-                    let half = ramp::at_rate(
-                        &services,
-                        &mut pool,
-                        &template,
-                        rate / 2.0,
-                        step_seconds,
-                        common.out.quiet,
-                    )
-                    .await?;
-                    drop(pool);
-                    services.stop().await;
-                    result
-                        .at_half_p99_ms
-                        .push(half.load.request_to_start.p99_ms);
-                    runs.push(half);
-                }
-                runs.sort_by(|a, b| {
-                    let p99 = |s: &ramp::Step| s.load.request_to_start.p99_ms;
-                    p99(a).total_cmp(&p99(b))
-                });
-                result.at_half = runs.into_iter().nth((half_runs as usize - 1) / 2);
-            }
-            write_out(&common.out, "ramp", &result, report::ramp(&result))?;
+            ramp_mode(common, r, half_runs).await
         }
         Mode::Connections {
             out,
@@ -491,7 +419,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sources: Vec<IpAddr> = (0..sources.max(1))
                 .map(|i| IpAddr::from([127, 0, 0, 2u8.saturating_add(i)]))
                 .collect();
-            let started = Services::start(&services.options()).await?;
             let spec = conns::ConnSpec {
                 clients,
                 sources,
@@ -501,75 +428,195 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hold: Duration::from_secs(hold_seconds),
                 quiet: out.quiet,
             };
-            let result = conns::run(&started.client_url()?, &started.call, &spec).await?;
-            started.stop().await;
-            write_out(&out, "connections", &result, report::conns(&result))?;
+            connections_mode(out, services, spec).await
         }
         Mode::Echo {
             out,
             seconds,
             connections,
             concurrency,
-        } => {
-            let server = videocall_bench::procs::Server::start(
-                "echo-server",
-                &std::env::current_exe()?,
-                &["echo-server".to_owned()],
-            )
-            .await?;
-            let url = format!("http://{}", server.addr("addr")?);
-            let mut results = Vec::new();
-            for &c in &concurrency {
-                let before = server.sample();
-                let mut r = echo::unary(&url, connections, c, seconds).await?;
-                let mid = server.sample();
-                let mut s = echo::stream(&url, connections, c, seconds).await?;
-                let after = server.sample();
-                if !out.quiet {
-                    eprintln!(
-                        "echo in flight {c}: unary {:.0}/s (server CPU {:.2} s), stream {:.0}/s (server CPU {:.2} s)",
-                        r.per_s,
-                        mid.cpu_s - before.cpu_s,
-                        s.per_s,
-                        after.cpu_s - mid.cpu_s
-                    );
-                }
-                r.server_cpu_s = mid.cpu_s - before.cpu_s;
-                s.server_cpu_s = after.cpu_s - mid.cpu_s;
-                results.push(r);
-                results.push(s);
-            }
-            server.stop(Duration::from_secs(5)).await;
-            write_out(&out, "echo", &results, report::echo(&results))?;
-        }
+        } => echo_mode(out, seconds, connections, concurrency).await,
         Mode::FloorServer {
             listen,
             business_url,
-        } => {
-            let approver = match business_url {
-                Some(url) => Some(
-                    tonic::transport::Endpoint::from_shared(url)?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await?,
-                ),
-                None => None,
-            };
-            let listener = TcpListener::bind(listen).await?;
-            println!("floor relay listening: client={}", listener.local_addr()?);
-            floor::serve(listener, floor::Floor::new(approver), async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
-        }
-        Mode::EchoServer { listen } => {
-            let listener = TcpListener::bind(listen).await?;
-            println!("echo listening: addr={}", listener.local_addr()?);
-            echo::serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
-        }
+        } => floor_server(listen, business_url).await,
+        Mode::EchoServer { listen } => echo_server(listen).await,
     }
+}
+
+/// `calls`: one rate, a fixed number of calls.
+async fn calls_mode(
+    common: Common,
+    rate: f64,
+    calls: u64,
+    require_clean: bool,
+) -> anyhow::Result<()> {
+    let spec = common.spec(rate, calls)?;
+    let (services, mut pool) = common.start().await?;
+    let step = ramp::step(&services, &mut pool, &spec, common.out.quiet).await?;
+    drop(pool);
+    services.stop().await;
+    write_out(&common.out, "calls", &step, report::step(&step))?;
+    if require_clean && !step.clean {
+        bail!("not every call went as planned");
+    }
+    Ok(())
+}
+
+/// `soak`: one rate for a long time, memory sampled, records counted.
+async fn soak_mode(
+    common: Common,
+    rate: f64,
+    duration: Duration,
+    sample_every: Duration,
+) -> anyhow::Result<()> {
+    let calls = (rate * duration.as_secs_f64()).round() as u64;
+    let spec = common.spec(rate, calls)?;
+    let (services, mut pool) = common.start().await?;
+    let soak =
+        videocall_bench::soak::soak(&services, &mut pool, &spec, sample_every, common.out.quiet)
+            .await?;
+    drop(pool);
+    services.stop().await;
+    let ok = soak.every_record_complete || soak.records.is_none();
+    write_out(
+        &common.out,
+        "soak",
+        &soak,
+        videocall_bench::soak::markdown(&soak),
+    )?;
+    if !ok {
+        bail!("not every call has a complete record");
+    }
+    Ok(())
+}
+
+/// `ramp`: the highest clean rate, then latency at half of it.
+async fn ramp_mode(common: Common, r: ramp::RampSpec, half_runs: u32) -> anyhow::Result<()> {
+    if r.factor <= 1.0 {
+        bail!("--factor must be above 1");
+    }
+    let template = common.spec(r.start_rate, 1)?;
+    let (services, mut pool) = common.start().await?;
+    let mut result = ramp::ramp(&services, &mut pool, &template, &r, common.out.quiet).await?;
+    drop(pool);
+    services.stop().await;
+    if let Some(rate) = result.max_clean_rate {
+        // Latency at half the rate, measured on services and devices
+        // that have not just been through an overload, several
+        // times: one run's tail is at the mercy of the machine.
+        let mut runs = Vec::new();
+        for _ in 0..half_runs {
+            let (services, mut pool) = common.start().await?;
+            let half = ramp::at_rate(
+                &services,
+                &mut pool,
+                &template,
+                rate / 2.0,
+                r.step_seconds,
+                common.out.quiet,
+            )
+            .await?;
+            drop(pool);
+            services.stop().await;
+            result
+                .at_half_p99_ms
+                .push(half.load.request_to_start.p99_ms);
+            runs.push(half);
+        }
+        runs.sort_by(|a, b| {
+            let p99 = |s: &ramp::Step| s.load.request_to_start.p99_ms;
+            p99(a).total_cmp(&p99(b))
+        });
+        result.at_half = runs.into_iter().nth((half_runs as usize - 1) / 2);
+    }
+    write_out(&common.out, "ramp", &result, report::ramp(&result))?;
+    Ok(())
+}
+
+/// `connections`: idle clients, memory per client.
+async fn connections_mode(
+    out: Output,
+    services: ServiceArgs,
+    spec: conns::ConnSpec,
+) -> anyhow::Result<()> {
+    let started = Services::start(&services.options()).await?;
+    let result = conns::run(&started.client_url()?, &started.call, &spec).await?;
+    started.stop().await;
+    write_out(&out, "connections", &result, report::conns(&result))?;
+    Ok(())
+}
+
+/// `echo`: the tonic echo baseline.
+async fn echo_mode(
+    out: Output,
+    seconds: f64,
+    connections: usize,
+    concurrency: Vec<usize>,
+) -> anyhow::Result<()> {
+    let server = videocall_bench::procs::Server::start(
+        "echo-server",
+        &std::env::current_exe()?,
+        &["echo-server".to_owned()],
+    )
+    .await?;
+    let url = format!("http://{}", server.addr("addr")?);
+    let mut results = Vec::new();
+    for &c in &concurrency {
+        let before = server.sample();
+        let mut r = echo::unary(&url, connections, c, seconds).await?;
+        let mid = server.sample();
+        let mut s = echo::stream(&url, connections, c, seconds).await?;
+        let after = server.sample();
+        if !out.quiet {
+            eprintln!(
+                "echo in flight {c}: unary {:.0}/s (server CPU {:.2} s), stream {:.0}/s (server CPU {:.2} s)",
+                r.per_s,
+                mid.cpu_s - before.cpu_s,
+                s.per_s,
+                after.cpu_s - mid.cpu_s
+            );
+        }
+        r.server_cpu_s = mid.cpu_s - before.cpu_s;
+        s.server_cpu_s = after.cpu_s - mid.cpu_s;
+        results.push(r);
+        results.push(s);
+    }
+    server.stop(Duration::from_secs(5)).await;
+    write_out(&out, "echo", &results, report::echo(&results))?;
+    Ok(())
+}
+
+/// The floor relay's server process.
+async fn floor_server(
+    listen: std::net::SocketAddr,
+    business_url: Option<String>,
+) -> anyhow::Result<()> {
+    let approver = match business_url {
+        Some(url) => Some(
+            tonic::transport::Endpoint::from_shared(url)?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        ),
+        None => None,
+    };
+    let listener = TcpListener::bind(listen).await?;
+    println!("floor relay listening: client={}", listener.local_addr()?);
+    floor::serve(listener, floor::Floor::new(approver), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+/// The echo baseline's server process.
+async fn echo_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("echo listening: addr={}", listener.local_addr()?);
+    echo::serve(listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     Ok(())
 }
