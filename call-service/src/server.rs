@@ -91,23 +91,8 @@ pub async fn serve(
     let admin_credential = AdminGuard::new(config.admin_token.as_deref());
     let tls = tls(&config)?;
     let limits = &config.limits;
-    let switchboard = LocalSwitchboard::start(
-        MachineConfig {
-            ring_timeout: config.ring_timeout,
-        },
-        SwitchboardLimits {
-            max_devices_per_user: limits.max_devices_per_user,
-            max_pending_approvals: limits.max_pending_approvals,
-            resume_grace: limits.resume_grace,
-        },
-        clock.start,
-        business
-            .clone()
-            .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>),
-        metrics.clone(),
-        &tasks,
-        token.clone(),
-    );
+    let switchboard =
+        start_switchboard(&config, clock, business.as_ref(), &metrics, &tasks, &token);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let aux = AuxLimit::new(
@@ -190,20 +175,7 @@ pub async fn serve(
             None => Ok(()),
         }
     };
-    let watch = async {
-        tokio::select! {
-            () = shutdown => {
-                info!(drain = ?config.drain_time, "shutting down: NOT_SERVING");
-                set_health(&health, ServingStatus::NotServing).await;
-                tokio::time::sleep(config.drain_time).await;
-            }
-            () = closing.cancelled() => {}
-        }
-        closing.cancel();
-        // Device streams end with the switchboard; that lets the servers'
-        // graceful shutdown finish.
-        token.cancel();
-    };
+    let watch = watch_shutdown(shutdown, &health, config.drain_time, &closing, &token);
     let (client_res, admin_res, metrics_res, ()) = tokio::join!(
         run_server(Box::pin(client_srv), "client", &closing),
         run_server(Box::pin(admin_srv), "admin", &closing),
@@ -220,6 +192,58 @@ pub async fn serve(
     wait_for_tasks(&tasks, lanes.as_ref(), &lanes_stop, config.notice_drain).await;
     info!("call service stopped");
     client_res.and(admin_res).and(metrics_res)
+}
+
+/// The switchboard actor (and its observer) on `tasks`, until `token`.
+fn start_switchboard(
+    config: &Config,
+    clock: Clock,
+    business: Option<&Business>,
+    metrics: &Metrics,
+    tasks: &TaskTracker,
+    token: &CancellationToken,
+) -> LocalSwitchboard {
+    let limits = &config.limits;
+    LocalSwitchboard::start(
+        MachineConfig {
+            ring_timeout: config.ring_timeout,
+        },
+        SwitchboardLimits {
+            max_devices_per_user: limits.max_devices_per_user,
+            max_pending_approvals: limits.max_pending_approvals,
+            resume_grace: limits.resume_grace,
+        },
+        clock.start,
+        business
+            .cloned()
+            .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>),
+        metrics.clone(),
+        tasks,
+        token.clone(),
+    )
+}
+
+/// On `shutdown`: NOT_SERVING for `drain`, then the listeners close
+/// (`closing`) and the switchboard ends (`token`), which ends the device
+/// streams and lets the servers' graceful shutdown finish. A server that
+/// fails closes everything the same way.
+async fn watch_shutdown(
+    shutdown: impl Future<Output = ()>,
+    health: &HealthReporter,
+    drain: Duration,
+    closing: &CancellationToken,
+    token: &CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown => {
+            info!(?drain, "shutting down: NOT_SERVING");
+            set_health(health, ServingStatus::NotServing).await;
+            tokio::time::sleep(drain).await;
+        }
+        () = closing.cancelled() => {}
+    }
+    closing.cancel();
+    token.cancel();
 }
 
 /// The business hook's client and notice lanes, if a business service is
