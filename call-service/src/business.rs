@@ -221,22 +221,23 @@ impl Business {
         for _ in 0..LANES {
             let (tx, rx) = mpsc::channel(config.lane_queue.max(1));
             lanes.push(tx);
-            tasks.spawn(lane(
-                client.clone(),
-                LaneTiming {
+            let lane = Lane {
+                client: client.clone(),
+                timing: LaneTiming {
                     deadline: config.deadline,
                     linger: config.notice_linger,
                     clock,
                 },
                 rx,
-                metrics.clone(),
-                LaneStop {
+                metrics: metrics.clone(),
+                stop: LaneStop {
                     draining: draining.clone(),
                     stop: stop.clone(),
                 },
-                batches.clone(),
-                backlog.clone(),
-            ));
+                batches: batches.clone(),
+                backlog: backlog.clone(),
+            };
+            tasks.spawn(lane.run());
         }
         Ok(Self {
             client,
@@ -403,26 +404,14 @@ enum Next {
     Stop,
 }
 
-async fn lane(
-    client: Client,
-    timing: LaneTiming,
-    rx: mpsc::Receiver<Notice>,
-    metrics: Metrics,
-    stop: LaneStop,
-    batches: Arc<AtomicBool>,
-    backlog: CallerBacklog,
-) {
-    Lane {
-        client,
-        timing,
-        rx,
-        metrics,
-        stop,
-        batches,
-        backlog,
-    }
-    .run()
-    .await;
+/// What became of a batch.
+enum Batch {
+    /// Taken, or refused for good: the lane goes on.
+    Done,
+    /// The lane is to stop.
+    Stop,
+    /// The business service has no `OnCallEvents`: send one at a time.
+    OneAtATime,
 }
 
 impl Lane {
@@ -432,14 +421,13 @@ impl Lane {
             self.gather(first, &mut queued).await;
             if queued.len() > 1 && self.batches.load(Ordering::Relaxed) {
                 match self.send_batch(&queued).await {
-                    Some(Next::Continue) => {
+                    Batch::Done => {
                         self.backlog.release(&queued);
                         queued.clear();
                         continue;
                     }
-                    Some(Next::Stop) => return,
-                    // Not taken as a batch: one at a time below.
-                    None => {}
+                    Batch::Stop => return,
+                    Batch::OneAtATime => {}
                 }
             }
             if let Next::Stop = self.send_each(&mut queued).await {
@@ -491,9 +479,9 @@ impl Lane {
         }
     }
 
-    /// Sends `queued` in one `OnCallEvents`. `None`: the business service
-    /// does not have it (from now on every lane sends one at a time).
-    async fn send_batch(&self, queued: &[Notice]) -> Option<Next> {
+    /// Sends `queued` in one `OnCallEvents`; a business service without it
+    /// gets every notice one at a time from then on, from every lane.
+    async fn send_batch(&self, queued: &[Notice]) -> Batch {
         let LaneTiming {
             deadline, clock, ..
         } = self.timing;
@@ -516,8 +504,8 @@ impl Lane {
             notices: queued.len(),
         };
         match deliver(send, what, deadline, &self.metrics, &self.stop.stop).await {
-            Delivery::Done => Some(Next::Continue),
-            Delivery::Shutdown => Some(Next::Stop),
+            Delivery::Done => Batch::Done,
+            Delivery::Shutdown => Batch::Stop,
             Delivery::Refused(tonic::Code::Unimplemented) => {
                 // Once is enough to know: one at a time from now on.
                 if self.batches.swap(false, Ordering::Relaxed) {
@@ -525,12 +513,12 @@ impl Lane {
                         "the business service does not implement OnCallEvents: notices go one at a time"
                     );
                 }
-                None
+                Batch::OneAtATime
             }
             Delivery::Refused(code) => {
                 self.metrics.notices_rejected.inc_by(queued.len() as u64);
                 warn!(call_id = %first.call_id, notices = queued.len(), ?code, "notice batch refused by the business service; not retried");
-                Some(Next::Continue)
+                Batch::Done
             }
         }
     }

@@ -8,6 +8,32 @@ use videocall_tests::phone_at;
 use videocall_tests::process::{Proc, binaries, field, free_port, spawn};
 use videocall_tests::{PATIENCE, Phone};
 
+/// The business-service binary on free ports, keeping its records in
+/// `db`, plus `extra` flags; with its hook's URL.
+async fn business_service(
+    dir: &std::path::Path,
+    db: &std::path::Path,
+    extra: &[&str],
+) -> (tokio::process::Child, String) {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--database",
+        db.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let (child, line) = spawn(
+        &dir.join("business-service"),
+        &args,
+        "business-service listening",
+    )
+    .await;
+    (child, format!("http://{}", field(&line, "hook")))
+}
+
 /// The call-service binary on free ports with development identities,
 /// against the business hook at `hook`, plus `extra` flags; with its
 /// "listening" line.
@@ -38,30 +64,22 @@ async fn the_binaries_place_refuse_and_force_end_calls() {
     let db = data.path().join("records.db");
     let policy = data.path().join("policy.toml");
     std::fs::write(&policy, "blocked_callees = [\"eve\"]\n").expect("write policy");
-    let (mut business, line) = spawn(
-        &dir.join("business-service"),
+    let (mut business, hook) = business_service(
+        &dir,
+        &db,
         &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
             "--block-caller",
             "mallory",
             "--refusal-code",
             "777002",
-            "--database",
-            db.to_str().expect("utf-8 path"),
             "--policy",
             policy.to_str().expect("utf-8 path"),
             // Only SIGHUP reloads in this test.
             "--reload-interval",
             "1h",
         ],
-        "business-service listening",
     )
     .await;
-    let hook = format!("http://{}", field(&line, "hook"));
     let (mut calls, line) = call_service(&dir, &hook, &[]).await;
     let client_url = format!("http://{}", field(&line, "client"));
     let admin_url = format!("http://{}", field(&line, "admin"));
@@ -218,21 +236,7 @@ async fn shutdown_delivers_the_last_events_of_every_call() {
     let dir = binaries();
     let data = tempfile::tempdir().expect("tempdir");
     let db = data.path().join("records.db");
-    let (mut business, line) = spawn(
-        &dir.join("business-service"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--database",
-            db.to_str().expect("utf-8 path"),
-        ],
-        "business-service listening",
-    )
-    .await;
-    let hook = format!("http://{}", field(&line, "hook"));
+    let (mut business, hook) = business_service(&dir, &db, &[]).await;
     let (mut calls, line) = call_service(&dir, &hook, &[]).await;
     let url = format!("http://{}", field(&line, "client"));
     let mut pairs = Vec::new();
