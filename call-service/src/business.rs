@@ -54,7 +54,7 @@ use std::sync::Mutex;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -171,27 +171,7 @@ impl CallerBacklog {
     }
 }
 
-/// Turns the machine's monotonic times into wall-clock times for notices.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    /// The instant the machine's time counts from.
-    pub start: Instant,
-    /// The wall-clock time at `start`.
-    pub wall: SystemTime,
-}
-
-impl Clock {
-    pub fn now() -> Self {
-        Self {
-            start: Instant::now(),
-            wall: SystemTime::now(),
-        }
-    }
-
-    pub fn wall_time(&self, at: Duration) -> SystemTime {
-        self.wall + at
-    }
-}
+pub use crate::clock::Clock;
 
 impl Business {
     /// Prepares a lazily connected channel (the business service may start
@@ -454,7 +434,7 @@ impl Lane {
     /// more.
     async fn gather(&mut self, first: Notice, queued: &mut Vec<Notice>) {
         let LaneStop { draining, stop } = &self.stop;
-        let until = self.timing.clock.start + first.at + self.timing.linger;
+        let until = self.timing.clock.instant(first.at) + self.timing.linger;
         queued.push(first);
         let batching = self.batches.load(Ordering::Relaxed);
         while queued.len() < BATCH_MAX {

@@ -34,6 +34,7 @@ pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod business;
+pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod convert;
@@ -43,6 +44,7 @@ pub mod hook;
 pub mod machine;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod switchboard;
 pub mod unary;
 

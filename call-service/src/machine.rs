@@ -1,28 +1,37 @@
-//! The call state machine: pure, synchronous, no I/O and no clock reads.
+//! The call rules: pure, synchronous, no I/O and no clock reads.
 //!
-//! Every input (a device connecting or leaving, a control, an approval
-//! verdict, a forced FINISH, the passing of time) is a method call that takes
-//! the current time as an argument and appends the resulting [`Effect`]s to a
-//! caller-provided buffer. The caller (the switchboard actor) performs them:
-//! it delivers events to devices, asks the business service and forwards
-//! notices. Because nothing here waits or reads a clock, every interleaving
-//! can be driven from tests (see the property tests at the bottom).
+//! Every input (a device connecting, resuming or leaving, a control, an
+//! approval verdict, a forced FINISH, the passing of time) is one
+//! transition over the records of [`crate::store`]: a [`Step`] reads the
+//! records it needs through a transaction, changes them, and pushes the
+//! resulting [`Effect`]s; the store commits the whole or nothing, and a
+//! conflict runs the input again from fresh records. The current time is
+//! an argument, so every interleaving can be driven from tests (see the
+//! property tests in `machine/tests.rs`, and `fuzz/`).
 //!
-//! Invariants kept by every method ([`Machine::check_invariants`]):
+//! [`Machine`] is the rules over the one-node [`MemoryStore`]: what the
+//! switchboard actor owns.
+//!
+//! Invariants kept by every transition ([`check_invariants`]):
 //! - a user has at most one call, and a call's two users point back to it;
 //! - a device takes part in at most one call;
 //! - room ids are unique among live calls;
 //! - when a call ends, both users are free in the same step.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
 
 use crate::codes;
+use crate::device::Outgoing;
+use crate::store::{
+    self, Delivery, DeviceRec, MemoryStore, NodeId, Records, Store, Timer, Txn, UserRec,
+};
 
-/// A point in time: the time elapsed since the service started. Supplied by
+/// A point in time: wall-clock, since the Unix epoch, so that a deadline
+/// means the same on every node (see [`crate::clock::Clock`]). Supplied by
 /// the caller, so tests control it completely.
 pub type Time = Duration;
 
@@ -273,12 +282,6 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Debug)]
-struct User {
-    conns: Vec<ConnId>,
-    call: Option<CallId>,
-}
-
 /// Settings of the machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -294,37 +297,73 @@ impl Default for MachineConfig {
     }
 }
 
-/// All call state of one node. See the module docs.
+/// Why a device was given up by the machine itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GivenUp {
+    /// It parked more than [`store::PARK_LIMIT`] messages while detached.
+    Overflowed(ConnId),
+    /// Its grace window passed without a resume.
+    Expired(ConnId),
+}
+
+/// The call rules over a store of records. Every input is one transition
+/// ([`store::transact`]): the rules read the records it needs, and what
+/// they change is committed whole, with its effects. See the module docs.
 #[derive(Debug)]
 pub struct Machine {
     config: MachineConfig,
-    users: HashMap<UserId, User>,
-    conns: HashMap<ConnId, UserId>,
-    calls: HashMap<CallId, Call>,
-    /// Ring deadlines of ringing calls.
-    timers: BTreeSet<(Time, CallId)>,
-    /// Room ids of talking calls.
-    rooms: HashSet<u32>,
-    next_room: u32,
-    /// Calls that ended while their approval was still out. Their notices
-    /// wait here until the verdict comes back, so that the business service
-    /// sees the REQUEST before the end of the call. The approval deadline
-    /// bounds how long an entry lives.
-    ended_while_approving: HashMap<CallId, Vec<Notice>>,
+    node: NodeId,
+    store: MemoryStore,
+    /// Devices given up since [`Machine::take_given_up`] was last called.
+    given_up: Vec<GivenUp>,
 }
+
+/// A refusal for an input whose commit kept losing races.
+const CONTENDED: Outcome = Outcome {
+    code: codes::OVERLOADED,
+    call_id: None,
+    reason: "the call state kept changing under this control; try again",
+};
 
 impl Machine {
     pub fn new(config: MachineConfig) -> Self {
         Self {
             config,
-            users: HashMap::new(),
-            conns: HashMap::new(),
-            calls: HashMap::new(),
-            timers: BTreeSet::new(),
-            rooms: HashSet::new(),
-            next_room: 0,
-            ended_while_approving: HashMap::new(),
+            node: NodeId(1),
+            store: MemoryStore::new(),
+            given_up: Vec::new(),
         }
+    }
+
+    /// This node, part of every device id it hands out.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Runs one input as a transition and performs what its commit hands
+    /// back: effects to `out`, and devices that parked past their limit
+    /// given up, each a transition of its own.
+    fn run<T>(
+        &mut self,
+        out: &mut Vec<Effect>,
+        mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
+    ) -> Option<T> {
+        let ring_timeout = self.config.ring_timeout;
+        let (value, committed) = store::transact(&mut self.store, |t, o| {
+            rule(&mut Step { t, ring_timeout }, o)
+        })?;
+        out.extend(committed.effects);
+        let mut overflowed = committed.overflowed;
+        while let Some(conn) = overflowed.pop() {
+            self.given_up.push(GivenUp::Overflowed(conn));
+            if let Some(((), c)) = store::transact(&mut self.store, |t, o| {
+                Step { t, ring_timeout }.drop_device(conn, Duration::ZERO, o)
+            }) {
+                out.extend(c.effects);
+                overflowed.extend(c.overflowed);
+            }
+        }
+        Some(value)
     }
 
     // ----- inputs -------------------------------------------------------
@@ -332,40 +371,433 @@ impl Machine {
     /// A device of `user` connected. If the user is being rung, the new
     /// device rings too.
     pub fn connect(&mut self, conn: ConnId, user: UserId, out: &mut Vec<Effect>) {
-        if self.conns.contains_key(&conn) {
-            return;
+        let token: Arc<str> = Arc::from(format!("device-{}", conn.0));
+        let _ = self.attach(conn, user, token, usize::MAX, out);
+    }
+
+    /// A new device of `user` with its first stream, unless the user has
+    /// `max_devices` already (their number is the error).
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        resume_token: Arc<str>,
+        max_devices: usize,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), usize> {
+        let node = self.node;
+        self.run(out, |s, o| {
+            s.attach(conn, &user, node, &resume_token, max_devices, o)
+        })
+        .unwrap_or(Err(0))
+    }
+
+    /// A new stream takes the device `token` names, if it is `user`'s: the
+    /// device's new epoch and what it parked. The token is used up; the
+    /// device's next one is `next_token`.
+    pub fn resume(
+        &mut self,
+        user: &UserId,
+        token: &str,
+        next_token: Arc<str>,
+    ) -> Option<(ConnId, u64, VecDeque<Outgoing>)> {
+        let node = self.node;
+        self.run(&mut Vec::new(), |s, _| {
+            s.resume(user, token, &next_token, node)
+        })
+        .flatten()
+    }
+
+    /// The stream `epoch` of a device ended. Kept detached until
+    /// `keep_until` (the stream broke within a grace window), or gone.
+    /// Nothing happens if a newer stream holds the device.
+    pub fn stream_ended(
+        &mut self,
+        conn: ConnId,
+        epoch: u64,
+        keep_until: Option<Time>,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) {
+        self.run(out, |s, o| s.stream_ended(conn, epoch, keep_until, now, o));
+    }
+
+    /// A device is gone: its call ends if the device was needed for it
+    /// (the peer hears 100106).
+    pub fn disconnect(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
+        self.run(out, |s, o| s.drop_device(conn, now, o));
+    }
+
+    /// A control from a device. `new_call_id` names the call a REQUEST
+    /// would create (unused otherwise). A non-zero outcome changes nothing.
+    pub fn control(
+        &mut self,
+        conn: ConnId,
+        ctl: &Control,
+        new_call_id: CallId,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        self.control_from(conn, None, ctl, new_call_id, now, out)
+            .unwrap_or(CONTENDED)
+    }
+
+    /// [`Machine::control`] from the device's stream `epoch`: `None` if
+    /// another stream holds the device now (the control acts on nothing).
+    pub fn control_from(
+        &mut self,
+        conn: ConnId,
+        epoch: Option<u64>,
+        ctl: &Control,
+        new_call_id: CallId,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Option<Outcome> {
+        match self.run(out, |s, o| s.control(conn, epoch, ctl, new_call_id, now, o)) {
+            Some(o) => o,
+            None => Some(CONTENDED),
         }
-        self.conns.insert(conn, user.clone());
-        let entry = self.users.entry(user.clone()).or_insert_with(|| User {
-            conns: Vec::new(),
-            call: None,
-        });
-        entry.conns.push(conn);
-        let Some(call_id) = entry.call else { return };
-        let Some(call) = self.calls.get_mut(&call_id) else {
-            return;
+    }
+
+    /// The business service's verdict (or the failure policy's) on a call's
+    /// REQUEST.
+    pub fn approval_done(
+        &mut self,
+        call_id: CallId,
+        verdict: Verdict,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) {
+        self.run(out, |s, o| s.approval_done(call_id, verdict, now, o));
+    }
+
+    /// The business service ends a user's call (forced FINISH).
+    pub fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
+        self.run(out, |s, o| s.force_finish(f, now, o))
+            .unwrap_or(CONTENDED)
+    }
+
+    /// Time has passed: calls ringing past their deadline end with 100105,
+    /// detached devices past their grace window are given up.
+    pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
+        for timer in self.store.due(now) {
+            match timer {
+                Timer::Ring(call_id) => {
+                    self.run(out, |s, o| s.ring_out(call_id, now, o));
+                }
+                Timer::Grace(conn) => {
+                    if self.run(out, |s, o| s.expire(conn, now, o)) == Some(true) {
+                        self.given_up.push(GivenUp::Expired(conn));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest timer (a ring deadline, a grace window), if any.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.store.next_timer()
+    }
+
+    /// A message for one device outside any call event (a control's
+    /// result): the device's stream gets it if attached, else it is parked.
+    /// `None` if there is nothing to deliver now.
+    pub fn deliver(
+        &mut self,
+        conn: ConnId,
+        msg: Outgoing,
+        out: &mut Vec<Effect>,
+    ) -> Option<Outgoing> {
+        match self.store.deliver(conn, msg) {
+            Delivery::Attached(msg) => Some(msg),
+            Delivery::Parked | Delivery::Gone => None,
+            Delivery::Overflowed => {
+                self.given_up.push(GivenUp::Overflowed(conn));
+                self.disconnect(conn, Duration::ZERO, out);
+                None
+            }
+        }
+    }
+
+    /// Devices given up by the machine itself since the last call.
+    pub fn take_given_up(&mut self) -> Vec<GivenUp> {
+        std::mem::take(&mut self.given_up)
+    }
+
+    // ----- queries ------------------------------------------------------
+
+    pub fn user_state(&self, user: &str) -> (UserState, usize, Option<&Call>) {
+        let Some((_, u)) = self.store.user(user) else {
+            return (UserState::Offline, 0, None);
         };
-        if call.callee != user {
-            return;
+        let call = u.call.and_then(|id| self.store.call(id)).map(|(_, c)| c);
+        let state = match call {
+            None if u.devices.is_empty() => UserState::Offline,
+            None => UserState::Idle,
+            Some(c) => match c.phase {
+                Phase::Talking { .. } => UserState::Talking,
+                _ if c.caller.as_ref() == user => UserState::Calling,
+                _ => UserState::Ringing,
+            },
+        };
+        (state, u.devices.len(), call)
+    }
+
+    pub fn device(&self, conn: ConnId) -> Option<&DeviceRec> {
+        self.store.device(conn).map(|(_, d)| d)
+    }
+
+    pub fn calls(&self) -> impl Iterator<Item = &Call> {
+        self.store.calls()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.store.device_count()
+    }
+
+    /// Live calls by phase: (approving, ringing, talking). O(calls).
+    pub fn phase_counts(&self) -> (usize, usize, usize) {
+        self.calls().fold((0, 0, 0), |(a, r, t), c| match c.phase {
+            Phase::Approving => (a + 1, r, t),
+            Phase::Ringing { .. } => (a, r + 1, t),
+            Phase::Talking { .. } => (a, r, t + 1),
+        })
+    }
+
+    /// The store, for tests that drive the rules over it directly.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    /// Checks every structural invariant; returns the first one broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        check_invariants(&self.store)
+    }
+}
+
+/// Checks every structural invariant of the records in `store`; returns
+/// the first one broken.
+pub fn check_invariants(store: &MemoryStore) -> Result<(), String> {
+    store.check_indexes()?;
+    let mut seen_conns = HashSet::new();
+    let mut seen_rooms = HashSet::new();
+    let user_of = |c: &ConnId| store.device(*c).map(|(_, d)| d.user.clone());
+    for call in store.calls() {
+        let id = call.id;
+        for u in [&call.caller, &call.callee] {
+            match store.user(u) {
+                Some((_, user)) if user.call == Some(id) => {}
+                _ => return Err(format!("user {u} does not point back to call {id}")),
+            }
         }
-        if let Phase::Ringing { ringing, .. } = &mut call.phase {
+        if call.caller == call.callee {
+            return Err(format!("call {id} has one user on both sides"));
+        }
+        if user_of(&call.caller_conn) != Some(call.caller.clone()) {
+            return Err(format!("call {id}: caller device is not the caller's"));
+        }
+        let mut devices = vec![call.caller_conn];
+        match &call.phase {
+            Phase::Approving => {}
+            Phase::Ringing { ringing, .. } => {
+                if ringing.is_empty() {
+                    return Err(format!("call {id} rings no device"));
+                }
+                devices.extend(ringing);
+                if ringing
+                    .iter()
+                    .any(|c| user_of(c) != Some(call.callee.clone()))
+                {
+                    return Err(format!("call {id} rings a device that is not the callee's"));
+                }
+            }
+            Phase::Talking { callee_conn, room } => {
+                if user_of(callee_conn) != Some(call.callee.clone()) {
+                    return Err(format!("call {id}: callee device is not the callee's"));
+                }
+                if !seen_rooms.insert(*room) || *room == 0 {
+                    return Err(format!("call {id}: room {room} not unique"));
+                }
+                devices.push(*callee_conn);
+            }
+        }
+        for d in devices {
+            if !seen_conns.insert(d) {
+                return Err(format!("device {d:?} takes part in two calls"));
+            }
+        }
+        if store.held(id).is_some() {
+            return Err(format!("live call {id} has held notices"));
+        }
+    }
+    for (name, user) in store.users() {
+        if let Some(id) = user.call {
+            if store.call(id).is_none() {
+                return Err(format!("user {name} is held by ended call {id}"));
+            }
+        } else if user.devices.is_empty() {
+            return Err(format!("user {name} is kept with no device and no call"));
+        }
+        for c in &user.devices {
+            if user_of(c).as_ref() != Some(name) {
+                return Err(format!("device {c:?} of {name} is not registered to it"));
+            }
+        }
+    }
+    for (conn, d) in store.devices() {
+        if store
+            .user(&d.user)
+            .is_none_or(|(_, u)| !u.devices.contains(&conn))
+        {
+            return Err(format!("device {conn:?} is not among its user's devices"));
+        }
+    }
+    Ok(())
+}
+
+/// One input's run of the rules over a transaction's records.
+#[derive(Debug)]
+pub(crate) struct Step<'t, 'a> {
+    pub(crate) t: &'t mut Txn<'a>,
+    pub(crate) ring_timeout: Duration,
+}
+
+impl Step<'_, '_> {
+    // ----- devices ------------------------------------------------------
+
+    fn attach(
+        &mut self,
+        conn: ConnId,
+        user: &UserId,
+        node: NodeId,
+        token: &Arc<str>,
+        max_devices: usize,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), usize> {
+        if self.t.device(&conn).is_some() {
+            return Ok(());
+        }
+        let devices = self.t.user(user).map_or(0, |u| u.devices.len());
+        if devices >= max_devices {
+            return Err(devices);
+        }
+        self.t.put_device(
+            conn,
+            DeviceRec {
+                user: user.clone(),
+                node,
+                epoch: 1,
+                attached: true,
+                until: None,
+                resume_token: token.clone(),
+                parked: VecDeque::new(),
+            },
+        );
+        let call_id = match self.t.user_mut(user) {
+            Some(u) => {
+                u.devices.push(conn);
+                u.call
+            }
+            None => {
+                self.t.put_user(
+                    user.clone(),
+                    UserRec {
+                        devices: vec![conn],
+                        call: None,
+                    },
+                );
+                None
+            }
+        };
+        let Some(call_id) = call_id else {
+            return Ok(());
+        };
+        let rings = self
+            .t
+            .call(&call_id)
+            .is_some_and(|c| c.callee == *user && matches!(c.phase, Phase::Ringing { .. }));
+        if let Some(call) = self.t.call_mut(&call_id).filter(|_| rings)
+            && let Phase::Ringing { ringing, .. } = &mut call.phase
+        {
             ringing.push(conn);
             out.push(Effect::Send {
                 conn,
                 event: request_event(call),
             });
         }
+        Ok(())
     }
 
-    /// A device's stream ended. Its call ends if the device was needed for
-    /// it: the peer hears 100106.
-    pub fn disconnect(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
-        let Some(user) = self.conns.remove(&conn) else {
+    fn resume(
+        &mut self,
+        user: &UserId,
+        token: &str,
+        next: &Arc<str>,
+        node: NodeId,
+    ) -> Option<(ConnId, u64, VecDeque<Outgoing>)> {
+        let conn = self.t.device_by_token(token)?;
+        // The token is checked on the record too: the index may be a step
+        // behind a resume committed meanwhile.
+        if self
+            .t
+            .device(&conn)
+            .is_none_or(|d| d.user != *user || &*d.resume_token != token)
+        {
+            return None;
+        }
+        let d = self.t.device_mut(&conn)?;
+        d.epoch += 1;
+        d.attached = true;
+        d.until = None;
+        d.node = node;
+        d.resume_token = next.clone();
+        Some((conn, d.epoch, std::mem::take(&mut d.parked)))
+    }
+
+    fn stream_ended(
+        &mut self,
+        conn: ConnId,
+        epoch: u64,
+        keep_until: Option<Time>,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.t.device(&conn).is_none_or(|d| d.epoch != epoch) {
+            // A resumed device's old stream, ending late.
+            return;
+        }
+        match keep_until {
+            Some(until) => {
+                if let Some(d) = self.t.device_mut(&conn) {
+                    d.attached = false;
+                    d.until = Some(until);
+                }
+            }
+            None => self.drop_device(conn, now, out),
+        }
+    }
+
+    /// A detached device whose window has passed is given up; whether it
+    /// was.
+    fn expire(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) -> bool {
+        let due = self
+            .t
+            .device(&conn)
+            .is_some_and(|d| d.until.is_some_and(|u| u <= now));
+        if due {
+            self.drop_device(conn, now, out);
+        }
+        due
+    }
+
+    fn drop_device(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
+        let Some(user) = self.t.device(&conn).map(|d| d.user.clone()) else {
             return;
         };
-        let call_id = match self.users.get_mut(&user) {
+        self.t.remove_device(&conn);
+        let call_id = match self.t.user_mut(&user) {
             Some(u) => {
-                u.conns.retain(|c| *c != conn);
+                u.devices.retain(|c| *c != conn);
                 u.call
             }
             None => None,
@@ -384,10 +816,23 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) {
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let lost = codes::CONNECTION_LOST;
+        let Some(call) = self.t.call(&call_id) else {
             return;
         };
-        let lost = codes::CONNECTION_LOST;
+        let needed = call.caller_conn == conn
+            || (call.callee == *user
+                && match &call.phase {
+                    Phase::Approving => false,
+                    Phase::Ringing { ringing, .. } => ringing.contains(&conn),
+                    Phase::Talking { callee_conn, .. } => *callee_conn == conn,
+                });
+        if !needed {
+            return;
+        }
+        let Some(call) = self.t.call_mut(&call_id) else {
+            return;
+        };
         if call.caller_conn == conn {
             match &call.phase {
                 Phase::Approving => {
@@ -411,9 +856,6 @@ impl Machine {
             }
             return;
         }
-        if call.callee != *user {
-            return;
-        }
         match &mut call.phase {
             Phase::Approving => {}
             Phase::Ringing { ringing, .. } => {
@@ -424,41 +866,54 @@ impl Machine {
                     self.end(call_id, vec![n], out);
                 }
             }
-            Phase::Talking { callee_conn, .. } => {
-                if *callee_conn == conn {
-                    out.push(finish_to_caller(call, lost, 0, 0, empty()));
-                    let mut n = notice(call, EventKind::Finish, lost, Initiator::Service, now);
-                    n.source = call.callee.clone();
-                    n.target = call.caller.clone();
-                    self.end(call_id, vec![n], out);
-                }
+            Phase::Talking { .. } => {
+                out.push(finish_to_caller(call, lost, 0, 0, empty()));
+                let mut n = notice(call, EventKind::Finish, lost, Initiator::Service, now);
+                n.source = call.callee.clone();
+                n.target = call.caller.clone();
+                self.end(call_id, vec![n], out);
             }
         }
     }
 
-    /// A control from a device. `new_call_id` names the call a REQUEST
-    /// would create (unused otherwise). A non-zero outcome changes nothing.
-    pub fn control(
+    // ----- controls -----------------------------------------------------
+
+    fn control(
         &mut self,
         conn: ConnId,
+        epoch: Option<u64>,
         ctl: &Control,
         new_call_id: CallId,
         now: Time,
         out: &mut Vec<Effect>,
-    ) -> Outcome {
-        let Some(user) = self.conns.get(&conn).cloned() else {
-            return Outcome::refused(codes::NOT_IN_CALL, "unknown connection");
+    ) -> Option<Outcome> {
+        let device = self.t.device(&conn);
+        if let Some(epoch) = epoch
+            && device.is_none_or(|d| d.epoch != epoch || !d.attached)
+        {
+            // From a stream that lost the device to a resume (or a device
+            // already gone): it acts on nothing.
+            return None;
+        }
+        let Some(user) = device.map(|d| d.user.clone()) else {
+            return Some(Outcome::refused(codes::NOT_IN_CALL, "unknown connection"));
         };
         if ctl.peer == user {
-            return Outcome::refused(codes::INVALID_ARGUMENT, "the peer is the sender itself");
+            return Some(Outcome::refused(
+                codes::INVALID_ARGUMENT,
+                "the peer is the sender itself",
+            ));
         }
         if ctl.peer.is_empty() {
-            return Outcome::refused(codes::INVALID_ARGUMENT, "empty peer user id");
+            return Some(Outcome::refused(
+                codes::INVALID_ARGUMENT,
+                "empty peer user id",
+            ));
         }
-        match ctl.kind {
+        Some(match ctl.kind {
             ControlKind::Request => self.request(conn, user, ctl, new_call_id, now, out),
             ControlKind::Reply | ControlKind::Finish => self.answer(conn, user, ctl, now, out),
-        }
+        })
     }
 
     fn request(
@@ -470,11 +925,11 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        if let Some(current) = self.users.get(&caller).and_then(|u| u.call) {
+        if let Some(current) = self.t.user(&caller).and_then(|u| u.call) {
             // Glare: the sender is being called by the very peer it dials,
             // and the call has not started. However the two REQUESTs crossed,
             // this one gets REPLY 100103 (below) and the other call goes on.
-            let glare = self.calls.get(&current).is_some_and(|c| {
+            let glare = self.t.call(&current).is_some_and(|c| {
                 c.callee == caller
                     && c.caller == ctl.peer
                     && !matches!(c.phase, Phase::Talking { .. })
@@ -496,9 +951,9 @@ impl Machine {
             requested_at: now,
             notice_seq: 0,
         };
-        let refusal = match self.users.get(&callee) {
+        let refusal = match self.t.user(&callee) {
             None => Some(codes::OFFLINE),
-            Some(u) if u.conns.is_empty() => Some(codes::OFFLINE),
+            Some(u) if u.devices.is_empty() => Some(codes::OFFLINE),
             Some(u) if u.call.is_some() => Some(codes::BUSY),
             Some(_) => None,
         };
@@ -531,18 +986,21 @@ impl Machine {
         // REPLY 100103.
         self.reserve(&caller, call_id);
         self.reserve(&callee, call_id);
-        self.calls.insert(call_id, call);
+        self.t.put_call(call_id, call);
         Outcome::ok(call_id)
     }
 
     fn reserve(&mut self, user: &UserId, call_id: CallId) {
-        self.users
-            .entry(user.clone())
-            .or_insert_with(|| User {
-                conns: Vec::new(),
-                call: None,
-            })
-            .call = Some(call_id);
+        match self.t.user_mut(user) {
+            Some(u) => u.call = Some(call_id),
+            None => self.t.put_user(
+                user.clone(),
+                UserRec {
+                    devices: Vec::new(),
+                    call: Some(call_id),
+                },
+            ),
+        }
     }
 
     /// REPLY or FINISH from a device.
@@ -600,9 +1058,14 @@ impl Machine {
     /// The call `user`'s device `conn` takes part in with `peer`: its id,
     /// whether the device is the caller's, and whether the call is talking.
     /// A callee's device takes part while it rings or once it answered.
-    fn party(&self, conn: ConnId, user: &UserId, peer: &UserId) -> Option<(CallId, bool, bool)> {
-        let call_id = self.users.get(user).and_then(|u| u.call)?;
-        let call = self.calls.get(&call_id)?;
+    fn party(
+        &mut self,
+        conn: ConnId,
+        user: &UserId,
+        peer: &UserId,
+    ) -> Option<(CallId, bool, bool)> {
+        let call_id = self.t.user(user).and_then(|u| u.call)?;
+        let call = self.t.call(&call_id)?;
         let is_caller = call.caller == *user && call.caller_conn == conn;
         let is_callee = call.callee == *user
             && match &call.phase {
@@ -633,7 +1096,7 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Outcome {
         let no_call = Outcome::refused(codes::NOT_IN_CALL, "no call with this peer on this device");
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let Some(call) = self.t.call_mut(&call_id) else {
             return no_call;
         };
         let Phase::Talking { callee_conn, .. } = call.phase else {
@@ -673,7 +1136,7 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let Some(call) = self.t.call_mut(&call_id) else {
             return Outcome::ok(call_id);
         };
         let code = codes::CANCELLED;
@@ -700,14 +1163,13 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        let room = self.allocate_room();
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let room = self.t.allocate_room();
+        let Some(call) = self.t.call_mut(&call_id) else {
             return Outcome::ok(call_id);
         };
-        let Phase::Ringing { deadline, ringing } = &call.phase else {
+        let Phase::Ringing { ringing, .. } = &call.phase else {
             return Outcome::ok(call_id);
         };
-        self.timers.remove(&(*deadline, call_id));
         for &c in ringing.iter().filter(|c| **c != conn) {
             out.push(finish_to_callee(
                 call,
@@ -722,7 +1184,6 @@ impl Machine {
             callee_conn: conn,
             room,
         };
-        self.rooms.insert(room);
         out.push(reply_to_caller(call, codes::OK, flags, param, us.clone()));
         let mut start = Event {
             kind: EventKind::Start,
@@ -761,7 +1222,7 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let Some(call) = self.t.call_mut(&call_id) else {
             return Outcome::ok(call_id);
         };
         let Phase::Ringing { ringing, .. } = &call.phase else {
@@ -782,68 +1243,15 @@ impl Machine {
         Outcome::ok(call_id)
     }
 
-    /// The business service's verdict (or the failure policy's) on a call's
-    /// REQUEST.
-    pub fn approval_done(
-        &mut self,
-        call_id: CallId,
-        verdict: Verdict,
-        now: Time,
-        out: &mut Vec<Effect>,
-    ) {
-        if let Some(notices) = self.ended_while_approving.remove(&call_id) {
-            out.extend(notices.into_iter().map(Effect::Notify));
-            return;
-        }
-        let Some(call) = self.calls.get_mut(&call_id) else {
-            return;
-        };
-        if call.phase != Phase::Approving {
-            return;
-        }
-        let (code, initiator) = match verdict {
-            Verdict::Refuse { code, initiator } if code != codes::OK => (code, initiator),
-            _ => {
-                let conns = self
-                    .users
-                    .get(&call.callee)
-                    .map(|u| u.conns.clone())
-                    .unwrap_or_default();
-                if conns.is_empty() {
-                    // Every device of the callee left during the approval.
-                    (codes::OFFLINE, Initiator::Service)
-                } else {
-                    let deadline = now + self.config.ring_timeout;
-                    for &c in &conns {
-                        out.push(Effect::Send {
-                            conn: c,
-                            event: request_event(call),
-                        });
-                    }
-                    call.phase = Phase::Ringing {
-                        deadline,
-                        ringing: conns,
-                    };
-                    self.timers.insert((deadline, call_id));
-                    return;
-                }
-            }
-        };
-        out.push(reply_to_caller(call, code, 0, 0, empty()));
-        let n = notice(call, EventKind::Reply, code, initiator, now);
-        // The verdict is in: nothing to park.
-        self.end_call(call_id, vec![n], false, out);
-    }
-
     /// The business service ends a user's call (forced FINISH).
-    pub fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
-        let Some(call_id) = self.users.get(f.user.as_ref()).and_then(|u| u.call) else {
+    fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
+        let Some(call_id) = self.t.user(&f.user).and_then(|u| u.call) else {
             return Outcome::refused(codes::NOT_IN_CALL, "the user has no call");
         };
         if f.only.is_some_and(|c| c != call_id) {
             return Outcome::refused(codes::NOT_IN_CALL, "the user's call is another call");
         }
-        let Some(call) = self.calls.get_mut(&call_id) else {
+        let Some(call) = self.t.call_mut(&call_id) else {
             return Outcome::refused(codes::NOT_IN_CALL, "the user has no call");
         };
         let (code, flags, param) = (f.code, f.flags, f.param);
@@ -883,81 +1291,99 @@ impl Machine {
         Outcome::ok(call_id)
     }
 
-    /// Time has passed: calls ringing past their deadline end with 100105.
-    pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
-        while let Some(&(deadline, call_id)) = self.timers.first() {
-            if deadline > now {
-                break;
-            }
-            self.timers.pop_first();
-            let Some(call) = self.calls.get_mut(&call_id) else {
-                continue;
-            };
-            let Phase::Ringing { ringing, .. } = &call.phase else {
-                continue;
-            };
-            let code = codes::NO_ANSWER;
-            out.push(reply_to_caller(call, code, 0, 0, empty()));
-            for &c in ringing {
-                out.push(finish_to_callee(call, c, code, 0, 0, empty()));
-            }
-            let n = notice(call, EventKind::Reply, code, Initiator::Service, now);
-            self.end(call_id, vec![n], out);
+    /// The business service's verdict (or the failure policy's) on a call's
+    /// REQUEST.
+    fn approval_done(
+        &mut self,
+        call_id: CallId,
+        verdict: Verdict,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) {
+        if let Some(notices) = self.t.held(&call_id).cloned() {
+            self.t.remove_held(&call_id);
+            out.extend(notices.into_iter().map(Effect::Notify));
+            return;
         }
-    }
-
-    /// The earliest ring deadline, if any call is ringing.
-    pub fn next_deadline(&self) -> Option<Time> {
-        self.timers.first().map(|(t, _)| *t)
-    }
-
-    // ----- queries ------------------------------------------------------
-
-    pub fn user_state(&self, user: &str) -> (UserState, usize, Option<&Call>) {
-        let Some(u) = self.users.get(user) else {
-            return (UserState::Offline, 0, None);
+        let Some(call) = self.t.call(&call_id) else {
+            return;
         };
-        let call = u.call.and_then(|id| self.calls.get(&id));
-        let state = match call {
-            None if u.conns.is_empty() => UserState::Offline,
-            None => UserState::Idle,
-            Some(c) => match c.phase {
-                Phase::Talking { .. } => UserState::Talking,
-                _ if c.caller.as_ref() == user => UserState::Calling,
-                _ => UserState::Ringing,
-            },
+        if call.phase != Phase::Approving {
+            return;
+        }
+        let callee = call.callee.clone();
+        let (code, initiator) = match verdict {
+            Verdict::Refuse { code, initiator } if code != codes::OK => (code, initiator),
+            _ => {
+                let conns = self
+                    .t
+                    .user(&callee)
+                    .map(|u| u.devices.clone())
+                    .unwrap_or_default();
+                if conns.is_empty() {
+                    // Every device of the callee left during the approval.
+                    (codes::OFFLINE, Initiator::Service)
+                } else {
+                    let deadline = now + self.ring_timeout;
+                    let Some(call) = self.t.call_mut(&call_id) else {
+                        return;
+                    };
+                    for &c in &conns {
+                        out.push(Effect::Send {
+                            conn: c,
+                            event: request_event(call),
+                        });
+                    }
+                    call.phase = Phase::Ringing {
+                        deadline,
+                        ringing: conns,
+                    };
+                    return;
+                }
+            }
         };
-        (state, u.conns.len(), call)
+        let Some(call) = self.t.call_mut(&call_id) else {
+            return;
+        };
+        out.push(reply_to_caller(call, code, 0, 0, empty()));
+        let n = notice(call, EventKind::Reply, code, initiator, now);
+        // The verdict is in: nothing to park.
+        self.end_call(call_id, vec![n], false, out);
     }
 
-    pub fn calls(&self) -> impl Iterator<Item = &Call> {
-        self.calls.values()
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Live calls by phase: (approving, ringing, talking). O(calls).
-    pub fn phase_counts(&self) -> (usize, usize, usize) {
-        self.calls
-            .values()
-            .fold((0, 0, 0), |(a, r, t), c| match c.phase {
-                Phase::Approving => (a + 1, r, t),
-                Phase::Ringing { .. } => (a, r + 1, t),
-                Phase::Talking { .. } => (a, r, t + 1),
-            })
+    /// A call ringing past its deadline ends with 100105.
+    fn ring_out(&mut self, call_id: CallId, now: Time, out: &mut Vec<Effect>) {
+        let due = self
+            .t
+            .call(&call_id)
+            .is_some_and(|c| matches!(c.phase, Phase::Ringing { deadline, .. } if deadline <= now));
+        if !due {
+            return;
+        }
+        let Some(call) = self.t.call_mut(&call_id) else {
+            return;
+        };
+        let Phase::Ringing { ringing, .. } = &call.phase else {
+            return;
+        };
+        let code = codes::NO_ANSWER;
+        out.push(reply_to_caller(call, code, 0, 0, empty()));
+        for &c in ringing {
+            out.push(finish_to_callee(call, c, code, 0, 0, empty()));
+        }
+        let n = notice(call, EventKind::Reply, code, Initiator::Service, now);
+        self.end(call_id, vec![n], out);
     }
 
     // ----- internals ----------------------------------------------------
 
     /// Ends a call: frees both users and the room at once, and emits (or,
-    /// while its approval is out, parks) the call's last notices.
+    /// while its approval is out, holds) the call's last notices.
     fn end(&mut self, call_id: CallId, notices: Vec<Notice>, out: &mut Vec<Effect>) {
         self.end_call(call_id, notices, true, out);
     }
 
-    /// [`Machine::end`]; `approval_out` is false when the verdict of an
+    /// [`Step::end`]; `approval_out` is false when the verdict of an
     /// approving call has just come in.
     fn end_call(
         &mut self,
@@ -966,25 +1392,22 @@ impl Machine {
         approval_out: bool,
         out: &mut Vec<Effect>,
     ) {
-        let Some(call) = self.calls.remove(&call_id) else {
+        let Some(call) = self.t.call(&call_id) else {
             return;
         };
-        match call.phase {
-            Phase::Approving if approval_out => {
-                self.ended_while_approving.insert(call_id, notices);
-            }
-            Phase::Approving => out.extend(notices.into_iter().map(Effect::Notify)),
-            Phase::Ringing { deadline, .. } => {
-                self.timers.remove(&(deadline, call_id));
-                out.extend(notices.into_iter().map(Effect::Notify));
-            }
-            Phase::Talking { room, .. } => {
-                self.rooms.remove(&room);
-                out.extend(notices.into_iter().map(Effect::Notify));
-            }
+        let approving = call.phase == Phase::Approving;
+        let users = [call.caller.clone(), call.callee.clone()];
+        // The store clears the ring timer and frees the room with it.
+        self.t.remove_call(&call_id);
+        if approving && approval_out {
+            self.t.put_held(call_id, notices);
+        } else {
+            out.extend(notices.into_iter().map(Effect::Notify));
         }
-        for user in [&call.caller, &call.callee] {
-            if let Some(u) = self.users.get_mut(user).filter(|u| u.call == Some(call_id)) {
+        for user in &users {
+            if self.t.user(user).is_some_and(|u| u.call == Some(call_id))
+                && let Some(u) = self.t.user_mut(user)
+            {
                 u.call = None;
             }
             self.forget_if_unused(user);
@@ -993,105 +1416,12 @@ impl Machine {
 
     fn forget_if_unused(&mut self, user: &UserId) {
         if self
-            .users
-            .get(user)
-            .is_some_and(|u| u.conns.is_empty() && u.call.is_none())
+            .t
+            .user(user)
+            .is_some_and(|u| u.devices.is_empty() && u.call.is_none())
         {
-            self.users.remove(user);
+            self.t.remove_user(user);
         }
-    }
-
-    /// The next room id not used by a live call (never 0, which means "no
-    /// room"). At most `rooms.len() + 1` probes.
-    fn allocate_room(&mut self) -> u32 {
-        loop {
-            self.next_room = self.next_room.wrapping_add(1);
-            if self.next_room != 0 && !self.rooms.contains(&self.next_room) {
-                return self.next_room;
-            }
-        }
-    }
-
-    /// Checks every structural invariant; returns the first one broken.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut seen_conns = HashSet::new();
-        let mut seen_rooms = HashSet::new();
-        for (id, call) in &self.calls {
-            if call.id != *id {
-                return Err(format!("call {id} stored under another id"));
-            }
-            for u in [&call.caller, &call.callee] {
-                match self.users.get(u) {
-                    Some(user) if user.call == Some(*id) => {}
-                    _ => return Err(format!("user {u} does not point back to call {id}")),
-                }
-            }
-            if call.caller == call.callee {
-                return Err(format!("call {id} has one user on both sides"));
-            }
-            if self.conns.get(&call.caller_conn) != Some(&call.caller) {
-                return Err(format!("call {id}: caller device is not the caller's"));
-            }
-            let mut devices = vec![call.caller_conn];
-            match &call.phase {
-                Phase::Approving => {}
-                Phase::Ringing { deadline, ringing } => {
-                    if ringing.is_empty() {
-                        return Err(format!("call {id} rings no device"));
-                    }
-                    if !self.timers.contains(&(*deadline, *id)) {
-                        return Err(format!("call {id} rings without a timer"));
-                    }
-                    devices.extend(ringing);
-                    if ringing
-                        .iter()
-                        .any(|c| self.conns.get(c) != Some(&call.callee))
-                    {
-                        return Err(format!("call {id} rings a device that is not the callee's"));
-                    }
-                }
-                Phase::Talking { callee_conn, room } => {
-                    if self.conns.get(callee_conn) != Some(&call.callee) {
-                        return Err(format!("call {id}: callee device is not the callee's"));
-                    }
-                    if !seen_rooms.insert(*room) || !self.rooms.contains(room) || *room == 0 {
-                        return Err(format!("call {id}: room {room} not unique or not recorded"));
-                    }
-                    devices.push(*callee_conn);
-                }
-            }
-            for d in devices {
-                if !seen_conns.insert(d) {
-                    return Err(format!("device {d:?} takes part in two calls"));
-                }
-            }
-        }
-        if seen_rooms.len() != self.rooms.len() {
-            return Err("a room is recorded with no live call".into());
-        }
-        let ringing = self
-            .calls
-            .values()
-            .filter(|c| matches!(c.phase, Phase::Ringing { .. }))
-            .count();
-        if self.timers.len() != ringing {
-            return Err("a timer is left for a call that is not ringing".into());
-        }
-        for (name, user) in &self.users {
-            if let Some(id) = user.call {
-                if !self.calls.contains_key(&id) {
-                    return Err(format!("user {name} is held by ended call {id}"));
-                }
-            } else if user.conns.is_empty() {
-                return Err(format!("user {name} is kept with no device and no call"));
-            }
-            for c in &user.conns {
-                if self.conns.get(c) != Some(name) {
-                    return Err(format!("device {c:?} of {name} is not registered to it"));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

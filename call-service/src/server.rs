@@ -213,7 +213,7 @@ fn start_switchboard(
             max_pending_approvals: limits.max_pending_approvals,
             resume_grace: limits.resume_grace,
         },
-        clock.start,
+        clock,
         business
             .cloned()
             .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>),

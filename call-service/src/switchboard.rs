@@ -30,7 +30,7 @@
 //! attached ([`Attached::superseded`]) and the epoch in every control
 //! refuses a late one from it.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,21 +39,22 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::clock::Clock;
 use crate::codes;
 pub use crate::device::DeviceRx;
 use crate::device::{DeviceTx, Outgoing};
 use crate::hook::Hook;
 use crate::machine::{
-    Call, CallId, ConnId, Control, ControlKind, Effect, EventKind, ForceFinish, Machine,
+    Call, CallId, ConnId, Control, ControlKind, Effect, EventKind, ForceFinish, GivenUp, Machine,
     MachineConfig, Notice, Outcome, Time, UserId, Verdict,
 };
 pub use crate::machine::{CallSummary, UserSummary};
 use crate::metrics::{Metrics, OutcomeLabels, ResultLabel};
+use crate::store::{NodeId, PARK_LIMIT};
 
 /// Outgoing messages a device may have queued before it counts as a slow
 /// consumer and is disconnected.
@@ -212,6 +213,7 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct LocalSwitchboard {
     tx: mpsc::Sender<Command>,
+    node: NodeId,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -226,7 +228,7 @@ impl LocalSwitchboard {
     pub fn start(
         config: MachineConfig,
         limits: SwitchboardLimits,
-        start: Instant,
+        clock: Clock,
         business: Option<Arc<dyn Hook>>,
         metrics: Metrics,
         tasks: &TaskTracker,
@@ -235,15 +237,15 @@ impl LocalSwitchboard {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
         tasks.spawn(observer(observed_rx, metrics.clone()));
+        let machine = Machine::new(config);
+        let node = machine.node();
         let actor = Actor {
-            machine: Machine::new(config),
+            machine,
             limits,
             approvals: FuturesUnordered::new(),
-            devices: HashMap::new(),
-            resume_tokens: HashMap::new(),
-            grace: BTreeSet::new(),
+            streams: HashMap::new(),
             business,
-            start,
+            clock,
             effects: Vec::new(),
             metrics,
             observer: observed,
@@ -251,6 +253,7 @@ impl LocalSwitchboard {
         tasks.spawn(actor.run(rx, shutdown));
         Self {
             tx,
+            node,
             next_conn: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -271,7 +274,7 @@ impl Switchboard for LocalSwitchboard {
         user: UserId,
         resume: Option<String>,
     ) -> Result<Attached, ConnectError> {
-        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let conn = ConnId::on(self.node, self.next_conn.fetch_add(1, Ordering::Relaxed));
         // One slot more than a device may park: on resume, `Connected` and
         // everything parked fit.
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE + 1);
@@ -346,22 +349,13 @@ impl Switchboard for LocalSwitchboard {
     }
 }
 
-/// A connected device as the actor sees it.
+/// The node-local half of an attached device: its stream's queue. All
+/// else about the device is its record in the store.
 #[derive(Debug)]
-struct Device {
-    user: UserId,
-    /// `None` while the device's stream is lost and it may resume.
-    tx: Option<DeviceTx>,
-    /// Bumped each time a stream takes the device (first or resumed).
-    epoch: u64,
-    /// Ends the current stream when another one resumes the device.
+struct Stream {
+    tx: DeviceTx,
+    /// Ends the stream when another one resumes the device.
     superseded: CancellationToken,
-    /// Single use: replaced on every resume.
-    resume_token: Arc<str>,
-    /// What was sent while the stream was lost, delivered on resume.
-    parked: VecDeque<Outgoing>,
-    /// Set while the stream is lost: when the device is given up.
-    until: Option<Time>,
 }
 
 /// Observer messages waiting; beyond, they are dropped and counted.
@@ -487,13 +481,10 @@ struct Actor {
     /// arrives, with no task to wake and no command to queue in between.
     /// Each has its own deadline, so none waits forever.
     approvals: FuturesUnordered<BoxFuture<'static, (CallId, Verdict)>>,
-    devices: HashMap<ConnId, Device>,
-    /// Resume token -> device.
-    resume_tokens: HashMap<Arc<str>, ConnId>,
-    /// Grace deadlines of devices whose stream broke.
-    grace: BTreeSet<(Time, ConnId)>,
+    /// The streams of the devices attached here.
+    streams: HashMap<ConnId, Stream>,
     business: Option<Arc<dyn Hook>>,
-    start: Instant,
+    clock: Clock,
     effects: Vec<Effect>,
     metrics: Metrics,
     observer: mpsc::Sender<Observed>,
@@ -501,7 +492,7 @@ struct Actor {
 
 impl Actor {
     fn now(&self) -> Time {
-        self.start.elapsed()
+        self.clock.time()
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
@@ -509,17 +500,11 @@ impl Actor {
         tokio::pin!(timer);
         let mut armed: Option<Time> = None;
         loop {
-            let next = match (
-                self.machine.next_deadline(),
-                self.grace.first().map(|g| g.0),
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next = self.machine.next_deadline();
             if next != armed {
                 armed = next;
                 if let Some(t) = next {
-                    timer.as_mut().reset(self.start + t);
+                    timer.as_mut().reset(self.clock.instant(t));
                 }
             }
             tokio::select! {
@@ -543,7 +528,6 @@ impl Actor {
                     armed = None;
                     let now = self.now();
                     self.machine.tick(now, &mut self.effects);
-                    self.expire_grace(now);
                     self.apply();
                 }
             }
@@ -553,7 +537,7 @@ impl Actor {
             business.close();
         }
         // Dropping the device queues ends every response stream.
-        debug!(devices = self.devices.len(), "switchboard stopped");
+        debug!(devices = self.streams.len(), "switchboard stopped");
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -596,48 +580,43 @@ impl Actor {
         superseded: CancellationToken,
         reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
     ) {
-        let resumable = resume
-            .as_deref()
-            .and_then(|t| self.resume_tokens.get(t).copied())
-            .filter(|c| self.devices.get(c).is_some_and(|d| d.user == user));
-        if let Some(old) = resumable {
-            self.resume(old, tx, superseded, reply);
+        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+        if let Some(old) = resume.as_deref()
+            && let Some((conn, epoch, parked)) = self.machine.resume(&user, old, token.clone())
+        {
+            self.resumed(conn, epoch, &user, token, parked, Stream { tx, superseded });
+            let _ = reply.send(Ok((conn, epoch)));
             return;
         }
-        let (_, devices, _) = self.machine.user_state(&user);
-        if devices >= self.limits.max_devices_per_user {
+        let max = self.limits.max_devices_per_user;
+        if let Err(devices) =
+            self.machine
+                .attach(conn, user.clone(), token.clone(), max, &mut self.effects)
+        {
             let _ = reply.send(Err(ConnectError::TooManyDevices(devices)));
             return;
         }
-        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
-        let hello = connected(&user, conn, &token, false);
-        if tx.try_send(Box::new(hello)).is_err() {
-            return;
-        }
+        // First in the queue: the device's events (a ringing call's
+        // REQUEST) are among the effects, performed after this.
+        let _ = tx.try_send(Box::new(connected(&user, conn, &token, false)));
+        self.streams.insert(conn, Stream { tx, superseded });
         let _ = reply.send(Ok((conn, 1)));
         info!(user = %user, conn = conn.0, "device connected");
-        self.resume_tokens.insert(token.clone(), conn);
-        let device = Device {
-            user: user.clone(),
-            tx: Some(tx),
-            epoch: 1,
-            superseded,
-            resume_token: token,
-            parked: VecDeque::new(),
-            until: None,
-        };
-        self.devices.insert(conn, device);
-        self.machine.connect(conn, user, &mut self.effects);
     }
 
     /// A control from a device's current stream, answered on its queue.
     fn control(&mut self, conn: ConnId, epoch: u64, seq: u64, ctl: Control) {
         let now = self.now();
-        if self.devices.get(&conn).is_none_or(|d| d.epoch != epoch) {
+        let Some(user) = self
+            .machine
+            .device(conn)
+            .filter(|d| d.epoch == epoch)
+            .map(|d| d.user.clone())
+        else {
             // From a stream that lost the device to a resume (or a
             // device already gone): it acts on nothing.
             return;
-        }
+        };
         let request = ctl.kind == ControlKind::Request;
         let outcome = if request
             && self.business.is_some()
@@ -651,11 +630,10 @@ impl Actor {
         } else if request
             // Backpressure on a caller whose calls' events pile up
             // (see `business`): its flood must not cost others theirs.
-            && self.business.as_ref().is_some_and(|b| {
-                self.devices
-                    .get(&conn)
-                    .is_some_and(|d| b.caller_over_quota(&d.user))
-            })
+            && self
+                .business
+                .as_ref()
+                .is_some_and(|b| b.caller_over_quota(&user))
         {
             Outcome {
                 code: codes::OVERLOADED,
@@ -673,8 +651,13 @@ impl Actor {
             } else {
                 uuid::Uuid::nil()
             });
-            self.machine
-                .control(conn, &ctl, call_id, now, &mut self.effects)
+            let done =
+                self.machine
+                    .control_from(conn, Some(epoch), &ctl, call_id, now, &mut self.effects);
+            match done {
+                Some(outcome) => outcome,
+                None => return,
+            }
         };
         self.report(Observed::Control {
             conn,
@@ -697,21 +680,19 @@ impl Actor {
     fn disconnect(&mut self, conn: ConnId, epoch: u64, lost: bool) {
         let now = self.now();
         let grace = self.limits.resume_grace;
-        let Some(device) = self.devices.get_mut(&conn) else {
-            return;
-        };
-        if device.epoch != epoch {
+        let Some(device) = self.machine.device(conn).filter(|d| d.epoch == epoch) else {
             // A resumed device's old stream, ending late.
             return;
-        }
-        if lost && !grace.is_zero() {
+        };
+        let keep = (lost && !grace.is_zero()).then(|| now + grace);
+        if keep.is_some() {
             info!(user = %device.user, conn = conn.0, ?grace, "device stream lost: kept for it to resume");
-            device.tx = None;
-            device.until = Some(now + grace);
-            self.grace.insert((now + grace, conn));
         } else {
-            self.drop_device(conn, now);
+            info!(user = %device.user, conn = conn.0, "device disconnected");
         }
+        self.streams.remove(&conn);
+        self.machine
+            .stream_ended(conn, epoch, keep, now, &mut self.effects);
     }
 
     /// A forced FINISH from the admin API.
@@ -795,13 +776,31 @@ impl Actor {
                 // Keep the allocation for the next command.
                 self.effects = batch;
             }
+            for g in self.machine.take_given_up() {
+                let conn = match g {
+                    GivenUp::Overflowed(conn) => {
+                        warn!(
+                            conn = conn.0,
+                            parked = PARK_LIMIT,
+                            "detached device parked too much: given up"
+                        );
+                        self.metrics.slow_consumers.inc();
+                        conn
+                    }
+                    GivenUp::Expired(conn) => {
+                        info!(conn = conn.0, "device did not resume in time");
+                        conn
+                    }
+                };
+                self.streams.remove(&conn);
+            }
         }
     }
 
     fn perform(&mut self, effect: Effect) {
         {
             match effect {
-                Effect::Send { conn, event } => self.send(conn, Outgoing::Event(event)),
+                Effect::Send { conn, event } => self.push(conn, Outgoing::Event(event)),
                 Effect::Approve(notice) => {
                     self.report(Observed::Event(notice.clone()));
                     match &self.business {
@@ -860,87 +859,58 @@ impl Actor {
         }
     }
 
-    /// Queues a message for a device; a device whose queue is full is
-    /// disconnected (see the module docs).
+    /// A message for a device outside a call event (a control's result):
+    /// to its stream, or parked by the store while it is detached.
     fn send(&mut self, conn: ConnId, msg: Outgoing) {
-        let Some(device) = self.devices.get_mut(&conn) else {
-            return;
-        };
-        let full = match &device.tx {
-            Some(tx) => tx.try_send(Box::new(msg)).is_err(),
-            None => {
-                device.parked.push_back(msg);
-                device.parked.len() > DEVICE_QUEUE
-            }
-        };
-        if full {
-            warn!(user = %device.user, conn = conn.0, queue = DEVICE_QUEUE, "device not reading its stream: disconnecting it");
-            self.metrics.slow_consumers.inc();
-            let now = self.now();
-            self.drop_device(conn, now);
+        if let Some(msg) = self.machine.deliver(conn, msg, &mut self.effects) {
+            self.push(conn, msg);
         }
     }
 
-    /// A stream takes the place of a device whose stream was lost (or is
+    /// Queues a message on an attached device's stream; a device whose
+    /// queue is full is disconnected (see the module docs).
+    fn push(&mut self, conn: ConnId, msg: Outgoing) {
+        let Some(stream) = self.streams.get(&conn) else {
+            return;
+        };
+        if stream.tx.try_send(Box::new(msg)).is_err() {
+            warn!(
+                conn = conn.0,
+                queue = DEVICE_QUEUE,
+                "device not reading its stream: disconnecting it"
+            );
+            self.metrics.slow_consumers.inc();
+            self.streams.remove(&conn);
+            let now = self.now();
+            self.machine.disconnect(conn, now, &mut self.effects);
+        }
+    }
+
+    /// A stream took the place of a device whose stream was lost (or is
     /// about to be found lost): `Connected` again with the next resume
     /// token, then what was parked. A stream still attached is told to end,
     /// and its controls from now on are ignored (see the epoch check).
-    fn resume(
+    fn resumed(
         &mut self,
         conn: ConnId,
-        tx: DeviceTx,
-        superseded: CancellationToken,
-        reply: oneshot::Sender<Result<(ConnId, u64), ConnectError>>,
+        epoch: u64,
+        user: &UserId,
+        token: Arc<str>,
+        parked: VecDeque<Outgoing>,
+        stream: Stream,
     ) {
-        let Some(device) = self.devices.get_mut(&conn) else {
-            return;
-        };
-        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
-        let hello = connected(&device.user, conn, &token, true);
-        if tx.try_send(Box::new(hello)).is_err() {
-            return;
-        }
-        self.resume_tokens.remove(&device.resume_token);
-        self.resume_tokens.insert(token.clone(), conn);
-        device.resume_token = token;
-        if let Some(until) = device.until.take() {
-            self.grace.remove(&(until, conn));
-        }
-        device.epoch += 1;
-        std::mem::replace(&mut device.superseded, superseded).cancel();
+        let _ = stream
+            .tx
+            .try_send(Box::new(connected(user, conn, &token, true)));
         // Dropping the old queue's sender ends the old response stream once
         // it has sent what it holds.
-        device.tx = Some(tx);
-        let _ = reply.send(Ok((conn, device.epoch)));
-        info!(user = %device.user, conn = conn.0, parked = device.parked.len(), "device resumed");
-        let parked: Vec<_> = device.parked.drain(..).collect();
+        if let Some(old) = self.streams.insert(conn, stream) {
+            old.superseded.cancel();
+        }
+        info!(user = %user, conn = conn.0, epoch, parked = parked.len(), "device resumed");
         for msg in parked {
-            self.send(conn, msg);
+            self.push(conn, msg);
         }
-    }
-
-    /// Devices whose grace window has passed are gone for good.
-    fn expire_grace(&mut self, now: Time) {
-        while let Some(&(until, conn)) = self.grace.first() {
-            if until > now {
-                break;
-            }
-            self.grace.pop_first();
-            info!(conn = conn.0, "device did not resume in time");
-            self.drop_device(conn, now);
-        }
-    }
-
-    /// The device is gone: its calls end for the peer (100106).
-    fn drop_device(&mut self, conn: ConnId, now: Time) {
-        if let Some(device) = self.devices.remove(&conn) {
-            info!(user = %device.user, conn = conn.0, "device disconnected");
-            self.resume_tokens.remove(&device.resume_token);
-            if let Some(until) = device.until {
-                self.grace.remove(&(until, conn));
-            }
-        }
-        self.machine.disconnect(conn, now, &mut self.effects);
     }
 }
 
@@ -958,6 +928,7 @@ mod tests {
     use super::*;
     use crate::convert;
     use crate::machine::UserState;
+    use tokio::time::Instant;
     use videocall_proto::v1 as pb;
 
     fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
@@ -966,7 +937,7 @@ mod tests {
         let sb = LocalSwitchboard::start(
             MachineConfig::default(),
             SwitchboardLimits::default(),
-            Instant::now(),
+            Clock::now(),
             None,
             Metrics::default(),
             &tasks,
