@@ -683,12 +683,12 @@ impl Store for MemoryStore {
         for e in effects {
             match e {
                 Effect::Send { conn, event } => {
-                    match self.devices.0.get(&conn).map(|(_, d)| d.attached) {
+                    let attached = self.devices.0.get(&conn).map(|(_, d)| d.attached);
+                    match attached {
                         Some(true) => out.effects.push(Effect::Send { conn, event }),
                         Some(false) => {
-                            if self.park(conn, Outgoing::Event(event)) == Some(true) {
-                                out.overflowed.push(conn);
-                            }
+                            let over = self.park(conn, Outgoing::Event(event));
+                            out.overflowed.extend(over.filter(|o| *o).map(|_| conn));
                         }
                         None => {}
                     }

@@ -1,6 +1,8 @@
-//! Arbitrary sequences of every input of the call state machine, across
-//! four users with two devices each; the invariants are checked after each
-//! step, and a refused control must change nothing.
+//! Arbitrary sequences of every input of the call rules, across four users
+//! with two devices each: connects, streams that break (the device detached
+//! for its grace window) and resume, controls, verdicts, time, forced
+//! FINISHes. The invariants are checked after each step, and a refused
+//! control must change nothing.
 #![no_main]
 
 use std::collections::HashSet;
@@ -28,6 +30,8 @@ enum Kind {
 enum Op {
     Connect(u8),
     Disconnect(u8),
+    Lose(u8),
+    Resume(u8),
     Control { conn: u8, kind: Kind, peer: u8, code: u32 },
     Approve { pick: u8, refuse: Option<u32> },
     Advance(u16),
@@ -54,6 +58,21 @@ fuzz_target!(|ops: Vec<Op>| {
                 let c = u64::from(c % 8);
                 connected.remove(&c);
                 m.disconnect(ConnId(c), now, &mut out);
+            }
+            Op::Lose(c) => {
+                let conn = ConnId(u64::from(c % 8));
+                if let Some(epoch) = m.device(conn).map(|d| d.epoch) {
+                    m.stream_ended(conn, epoch, Some(now + Duration::from_secs(10)), now, &mut out);
+                }
+            }
+            Op::Resume(c) => {
+                let conn = ConnId(u64::from(c % 8));
+                next += 1;
+                if let Some(token) = m.device(conn).map(|d| d.resume_token.clone()) {
+                    let user: Arc<str> = Arc::from(USERS[(conn.0 % 4) as usize]);
+                    let back = m.resume(&user, &token, Arc::from(format!("t{next}")));
+                    assert_eq!(back.map(|b| b.0), Some(conn), "a device's own token did not resume it");
+                }
             }
             Op::Control { conn, kind, peer, code } => {
                 let conn = u64::from(conn % 8);
@@ -107,6 +126,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 m.force_finish(&f, now, &mut out);
             }
         }
+        // Devices the rules gave up (grace passed, or parked too much).
+        connected.retain(|c| m.device(ConnId(*c)).is_some());
         for e in &out {
             match e {
                 Effect::Send { conn, .. } => assert!(connected.contains(&conn.0), "event to a gone device"),
