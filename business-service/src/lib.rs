@@ -548,11 +548,7 @@ impl Business {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
         set_health(&self.hook.health, ServingStatus::Serving).await;
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(videocall_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
+        let reflection = videocall_telemetry::reflection;
         let closing = CancellationToken::new();
         // Nagle off on accepted connections (the builder's `tcp_nodelay`
         // covers only listeners tonic binds): answers are small writes.
@@ -589,17 +585,7 @@ impl Business {
             closing.cancel();
         };
         let (hook_res, metrics_res, ()) = tokio::join!(
-            async {
-                // Health Watch streams never end on their own: connections get
-                // a few seconds after the listener closes, then are dropped.
-                tokio::pin!(hook_srv);
-                let r = tokio::select! {
-                    r = &mut hook_srv => r,
-                    () = closing.cancelled() => tokio::time::timeout(Duration::from_secs(5), hook_srv).await.unwrap_or(Ok(())),
-                };
-                closing.cancel();
-                r
-            },
+            videocall_telemetry::run_server(hook_srv, "hook", &closing),
             async {
                 let r = metrics_srv.await;
                 if r.is_err() {
@@ -618,9 +604,8 @@ impl Business {
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for name in ["", videocall_proto::v1::business_hook_server::SERVICE_NAME] {
-        health.set_service_status(name, status).await;
-    }
+    let names = ["", videocall_proto::v1::business_hook_server::SERVICE_NAME];
+    videocall_telemetry::set_health(health, &names, status).await;
 }
 
 struct NoRefresh;

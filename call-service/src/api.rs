@@ -22,7 +22,7 @@ use crate::codes;
 use crate::config::Limits;
 use crate::convert;
 use crate::device::Outgoing;
-use crate::machine::{CallId, ConnId, ForceFinish};
+use crate::domain::{CallId, ConnId, ForceFinish};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::switchboard::{
     Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard,

@@ -29,7 +29,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::convert;
-use crate::machine::UserId;
+use crate::domain::UserId;
 
 /// The shortest shared secret accepted, for client tokens (HS256) and the
 /// admin token alike.

@@ -68,7 +68,7 @@ use videocall_proto::v1::business_hook_client::BusinessHookClient;
 
 use crate::codes;
 use crate::convert::notice_to_proto;
-use crate::machine::{CallId, Initiator, Notice, UserId, Verdict};
+use crate::domain::{CallId, Initiator, Notice, UserId, Verdict};
 use crate::metrics::{KindLabel, Metrics};
 use crate::unary::EndWithMessage;
 

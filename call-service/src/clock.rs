@@ -1,6 +1,6 @@
 //! The node's clock: wall-clock time, advanced by the monotonic clock.
 //!
-//! Call records carry wall-clock times ([`crate::machine::Time`]): a ring
+//! Call records carry wall-clock times ([`crate::domain::Time`]): a ring
 //! deadline written by one node must mean the same on the node whose timer
 //! fires it. Reading the system clock for each input would let a step of
 //! NTP move deadlines and durations on this node, so the wall time is read
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::machine::Time;
+use crate::domain::Time;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {

@@ -9,7 +9,7 @@ use videocall_proto::v1 as pb;
 
 use crate::codes;
 use crate::device::Outgoing;
-use crate::machine::{
+use crate::domain::{
     CallSummary, Control, ControlKind, Event, EventKind, Initiator, Notice, Phase, UserState,
 };
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::machine::{CallId, ConnId, Event, UserId};
+use crate::domain::{CallId, ConnId, Event, UserId};
 
 /// One message for a device.
 #[derive(Clone, Debug, PartialEq)]

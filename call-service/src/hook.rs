@@ -5,7 +5,7 @@
 
 use futures_util::future::BoxFuture;
 
-use crate::machine::{Notice, UserId, Verdict};
+use crate::domain::{Notice, UserId, Verdict};
 
 /// The business hook as the switchboard sees it.
 pub trait Hook: Send + Sync + 'static {

@@ -3,9 +3,15 @@
 //! to it.
 //!
 //! Layout:
-//! - [`machine`]: the call state machine; pure (no I/O, no clock), tested
-//!   rule by rule and with a property test of random interleavings against
-//!   the contract (see `machine/tests.rs`), and fuzzed (`fuzz/`).
+//! - [`machine`]: the call rules; pure (no I/O, no clock), each input one
+//!   transition over the records; tested rule by rule, with a property test
+//!   of random interleavings against the contract and one of transitions
+//!   racing for the same records (see `machine/tests.rs`), and fuzzed
+//!   (`fuzz/`).
+//! - [`store`]: the records (users, devices, calls), the [`store::Store`]
+//!   contract (atomic commit with version checks, effects routed in the
+//!   same step) and the in-memory store; [`clock`]: wall-clock times for
+//!   records, advanced by the monotonic clock.
 //! - [`switchboard`]: the single owner of the machine (an actor) behind the
 //!   [`switchboard::Switchboard`] trait; per-device queues and their
 //!   slow-consumer policy; its observer task logs and counts what it did.
@@ -21,8 +27,10 @@
 //!   encodes domain types; [`auth`] says who a client is.
 //!
 //! Dependencies point one way, from the edge down to the rules: `server` →
-//! `api` → `switchboard`, `business` → `convert` → `device`, `hook` →
-//! `machine` (with `codes` and `metrics` beside them all).
+//! `api` → `switchboard` → `machine` → `store` → `device` → `domain`, and
+//! `business` → `convert` → `domain`, `hook` → `domain` (with `clock`,
+//! `codes` and `metrics` beside them all). [`domain`]: the values every
+//! layer shares (ids, events, notices, effects, the call record).
 //! - [`config`]: flags and environment variables, their defaults defined
 //!   once in [`defaults`]; [`server`]: wiring,
 //!   health, reflection and [`serve`]; [`accept`]: connections per peer,
@@ -40,6 +48,7 @@ pub mod config;
 pub mod convert;
 pub mod defaults;
 pub mod device;
+pub mod domain;
 pub mod hook;
 pub mod machine;
 pub mod metrics;

@@ -26,10 +26,6 @@ use crate::machine::MachineConfig;
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::switchboard::{LocalSwitchboard, Switchboard, SwitchboardLimits};
 
-/// After the listeners close, how long connections get to finish before
-/// they are dropped (health `Watch` streams, for one, never finish).
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -105,13 +101,8 @@ pub async fn serve(
         handshake_timeout: limits.handshake_timeout,
     };
     set_health(&health, ServingStatus::Serving).await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(videocall_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection_v1 = videocall_telemetry::reflection().build_v1()?;
+    let reflection_v1alpha = videocall_telemetry::reflection().build_v1alpha()?;
 
     let client_api = CallServiceServer::new(ClientApi::new(
         switchboard.clone(),
@@ -177,8 +168,8 @@ pub async fn serve(
     };
     let watch = watch_shutdown(shutdown, &health, config.drain_time, &closing, &token);
     let (client_res, admin_res, metrics_res, ()) = tokio::join!(
-        run_server(Box::pin(client_srv), "client", &closing),
-        run_server(Box::pin(admin_srv), "admin", &closing),
+        run_server(client_srv, "client", &closing),
+        run_server(admin_srv, "admin", &closing),
         async {
             let r = metrics_srv.await;
             if r.is_err() {
@@ -299,36 +290,24 @@ async fn wait_for_tasks(
     }
 }
 
-/// Runs a server; once `closing` is cancelled, gives its connections
-/// [`CLOSE_GRACE`] to finish, then drops them. A server that ends (or
-/// fails) closes the others.
+/// Runs a server (see [`videocall_telemetry::run_server`]).
 async fn run_server(
-    mut srv: std::pin::Pin<Box<impl Future<Output = Result<(), tonic::transport::Error>> + Send>>,
+    srv: impl Future<Output = Result<(), tonic::transport::Error>>,
     api: &'static str,
     closing: &CancellationToken,
 ) -> Result<(), ServeError> {
-    let result = tokio::select! {
-        r = &mut srv => r,
-        () = closing.cancelled() => match tokio::time::timeout(CLOSE_GRACE, srv).await {
-            Ok(r) => r,
-            Err(_) => {
-                warn!(api, "connections still open after the grace period: dropping them");
-                Ok(())
-            }
-        },
-    };
-    closing.cancel();
-    result.map_err(|source| ServeError::Transport { api, source })
+    videocall_telemetry::run_server(srv, api, closing)
+        .await
+        .map_err(|source| ServeError::Transport { api, source })
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for name in [
+    let names = [
         "",
         call_service_server::SERVICE_NAME,
         call_admin_server::SERVICE_NAME,
-    ] {
-        health.set_service_status(name, status).await;
-    }
+    ];
+    videocall_telemetry::set_health(health, &names, status).await;
 }
 
 fn addr(l: &TcpListener) -> String {

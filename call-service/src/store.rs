@@ -19,7 +19,7 @@
 //!
 //! Nothing in a record names a node-local object: devices are named by
 //! [`ConnId`]s unique across nodes ([`ConnId::on`]), times are wall-clock
-//! ([`crate::machine::Time`]), and room ids are checked against every live
+//! ([`crate::domain::Time`]), and room ids are checked against every live
 //! call at commit. Timers, rooms and resume tokens are indexes the store
 //! derives from the records it writes, so they can never disagree with
 //! them.
@@ -32,7 +32,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::device::Outgoing;
-use crate::machine::{Call, CallId, ConnId, Effect, Notice, Phase, Time, UserId};
+use crate::domain::{Call, CallId, ConnId, Effect, Notice, Phase, Time, UserId};
 
 /// A record's version: 0 for a record that does not exist. Every commit
 /// writes its records with one number from a store-wide sequence, so a

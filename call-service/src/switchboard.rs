@@ -1,13 +1,15 @@
 //! Where the call state lives, and who may touch it.
 //!
-//! **One owner.** All call state of a node is one [`Machine`], owned by one
-//! task, the switchboard actor ([`LocalSwitchboard`]). Everything else talks
-//! to it through a bounded command channel: device streams send controls and
-//! their own end, approval tasks send verdicts, the admin API sends forced
-//! FINISHes and queries. The actor applies each command to the machine and
-//! performs the effects in the same order, so the events of a call reach each
-//! device, and the business hook, in the order they happened. Nothing holds a
-//! lock; the actor never awaits anything but its next command or timer.
+//! **One owner.** All call state of a node is one [`Machine`] (the call
+//! rules over the in-memory store of records, see [`crate::store`]), owned
+//! by one task, the switchboard actor ([`LocalSwitchboard`]). Everything
+//! else talks to it through a bounded command channel: device streams send
+//! controls and their own end, approval tasks send verdicts, the admin API
+//! sends forced FINISHes and queries. The actor runs each command as one
+//! transition and performs the effects in the same order, so the events of
+//! a call reach each device, and the business hook, in the order they
+//! happened. Nothing holds a lock; the actor never awaits anything but its
+//! next command or timer.
 //!
 //! **The actor does only state.** It queues domain values for devices (the
 //! streams encode them), hands what it saw to an observer task for logs and
@@ -15,20 +17,22 @@
 //! sees a control refused for its rate or form (the edge answers those).
 //!
 //! **The edge's view.** The gRPC edge only sees the [`Switchboard`] trait;
-//! the business service is behind [`Hook`]. Moving the seam below the call
-//! rules, for state shared by several nodes, is the next step.
+//! the business service is behind [`Hook`]. The records live below the
+//! rules, behind [`crate::store::Store`]; the actor keeps only what is
+//! node-local: the queues of the streams attached here ([`Stream`]).
 //!
 //! **Slow consumers.** Each device has a bounded queue of outgoing messages
 //! ([`DEVICE_QUEUE`]). A device that lets it fill up is disconnected (its
 //! stream ends, its calls end as "connection lost" for the peer): dropping
 //! call events instead would break the contract's event lines.
 //!
-//! **Grace window.** A stream that broke parks its device for
-//! [`SwitchboardLimits::resume_grace`]: what is sent meanwhile is kept, and
-//! a stream that presents the device's resume token (single use) takes its
-//! place. One device has one stream at a time: a resume ends a stream still
-//! attached ([`Attached::superseded`]) and the epoch in every control
-//! refuses a late one from it.
+//! **Grace window.** A stream that broke leaves its device detached for
+//! [`SwitchboardLimits::resume_grace`]: what is sent meanwhile is parked in
+//! the device's record (at most [`PARK_LIMIT`]), and a stream that presents
+//! the device's resume token (single use) takes its place. One device has
+//! one stream at a time: a resume ends a stream still attached
+//! ([`Attached::superseded`]) and the epoch in every control refuses a late
+//! one from it.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

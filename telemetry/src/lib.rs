@@ -3,7 +3,10 @@
 //! Layout (one file): [`LogFormat`] and [`init_logging`] (human-readable or
 //! JSON `tracing` logs on stderr), [`serve_metrics`] (a Prometheus text
 //! endpoint at `/metrics`), [`shutdown_signal`] (Ctrl-C or SIGTERM),
-//! [`healthcheck`] (a gRPC health probe for container health checks).
+//! [`healthcheck`] (a gRPC health probe for container health checks); the
+//! serving plumbing both services share: [`reflection`] (server reflection
+//! of every service they serve), [`set_health`], and [`run_server`] (a gRPC
+//! server closed with a grace for its connections, closing the others).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -148,6 +151,57 @@ pub async fn serve_metrics<R: Refresh>(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Server reflection of the project's services and `grpc.health.v1`:
+/// `.build_v1()` and `.build_v1alpha()` give the two services to add.
+pub fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(videocall_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Sets the health of each service in `names` (`""`: the whole server).
+pub async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    names: &[&str],
+    status: tonic_health::ServingStatus,
+) {
+    for name in names {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+/// How long a server's connections get to finish once it stops listening,
+/// before they are dropped: health `Watch` streams (and idle clients) never
+/// end on their own.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a gRPC server future (one from `serve_with_incoming_shutdown` on
+/// `closing`): once `closing` is cancelled, its connections get
+/// [`CLOSE_GRACE`], then are dropped. A server that ends or fails cancels
+/// `closing`, so the servers of a process stop together.
+pub async fn run_server<F>(
+    srv: F,
+    api: &'static str,
+    closing: &tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    tokio::pin!(srv);
+    let result = tokio::select! {
+        r = &mut srv => r,
+        () = closing.cancelled() => match tokio::time::timeout(CLOSE_GRACE, srv).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(api, "connections still open after the grace period: dropping them");
+                Ok(())
+            }
+        },
+    };
+    closing.cancel();
+    result
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
