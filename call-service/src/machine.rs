@@ -26,7 +26,7 @@ use crate::codes;
 use crate::device::Outgoing;
 pub use crate::domain::*;
 use crate::store::{
-    self, Delivery, DeviceRec, MemoryStore, NodeId, Records, Store, Timer, Txn, UserRec,
+    self, Delivery, DeviceRec, MemoryStore, NodeId, Records, Store, Timer, Transition, Txn, UserRec,
 };
 
 /// Settings of the machine.
@@ -61,6 +61,8 @@ pub struct Machine {
     config: MachineConfig,
     node: NodeId,
     store: MemoryStore,
+    /// The buffers every transition borrows (see [`store::transact`]).
+    buf: Transition,
     /// Devices given up since [`Machine::take_given_up`] was last called.
     given_up: Vec<GivenUp>,
 }
@@ -78,6 +80,7 @@ impl Machine {
             config,
             node: NodeId(1),
             store: MemoryStore::new(),
+            buf: Transition::default(),
             given_up: Vec::new(),
         }
     }
@@ -96,18 +99,18 @@ impl Machine {
         mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
     ) -> Option<T> {
         let ring_timeout = self.config.ring_timeout;
-        let (value, committed) = store::transact(&mut self.store, |t, o| {
-            rule(&mut Step { t, ring_timeout }, o)
-        })?;
-        out.extend(committed.effects);
-        let mut overflowed = committed.overflowed;
+        let (value, mut overflowed) =
+            store::transact(&mut self.store, &mut self.buf, out, |t, o| {
+                rule(&mut Step { t, ring_timeout }, o)
+            })?;
         while let Some(conn) = overflowed.pop() {
             self.given_up.push(GivenUp::Overflowed(conn));
-            if let Some(((), c)) = store::transact(&mut self.store, |t, o| {
-                Step { t, ring_timeout }.drop_device(conn, Duration::ZERO, o)
-            }) {
-                out.extend(c.effects);
-                overflowed.extend(c.overflowed);
+            if let Some(((), more)) =
+                store::transact(&mut self.store, &mut self.buf, out, |t, o| {
+                    Step { t, ring_timeout }.drop_device(conn, Duration::ZERO, o)
+                })
+            {
+                overflowed.extend(more);
             }
         }
         Some(value)

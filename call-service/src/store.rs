@@ -28,10 +28,17 @@
 //! switchboard actor, so a commit never conflicts.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::device::Outgoing;
+
+/// The store's maps hash with foldhash, seeded at random per process: a
+/// few times cheaper than SipHash on short keys (user ids, device ids),
+/// on the path of every transition, and keys still cannot be chosen to
+/// collide without knowing the seed.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use crate::domain::{Call, CallId, ConnId, Effect, Notice, Phase, Time, UserId};
 
 /// A record's version: 0 for a record that does not exist. Every commit
@@ -108,6 +115,12 @@ pub trait Records {
     fn room_taken(&self, room: u32) -> bool;
     /// Where to start looking for a free room.
     fn room_hint(&self) -> u32;
+    /// The last version the store wrote, if it knows it without a round
+    /// trip: a commit that finds it unchanged since the transaction began
+    /// has no version to check (nothing was written meanwhile).
+    fn last_version(&self) -> Option<Version> {
+        None
+    }
 }
 
 /// A commit lost a race: a record read has changed since (or a room was
@@ -115,17 +128,6 @@ pub trait Records {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("a record changed under the transition")]
 pub struct Conflict;
-
-/// What a committed transition hands back to the node.
-#[derive(Debug, Default)]
-pub struct Committed {
-    /// Events for attached devices (in order), approvals and notices for
-    /// the business service (in order).
-    pub effects: Vec<Effect>,
-    /// Detached devices that parked more than [`PARK_LIMIT`]: the node gives
-    /// them up with a transition of their own.
-    pub overflowed: Vec<ConnId>,
-}
 
 /// Where a message for one device went.
 #[derive(Debug, PartialEq)]
@@ -162,7 +164,17 @@ pub enum Delivery {
 /// of one call (whose record every transition of the call writes) reach
 /// each device, and the business service, in the order of the commits.
 pub trait Store: Records {
-    fn commit(&mut self, t: Transition, effects: Vec<Effect>) -> Result<Committed, Conflict>;
+    /// Commits `t` (leaving it empty, its buffers kept for the next) with
+    /// the effects `effects[from..]`, routed in place: what is left there
+    /// is for attached devices (in order) and the business service (in
+    /// order). The detached devices that parked more than [`PARK_LIMIT`]
+    /// come back: the node gives each up with a transition of its own.
+    fn commit(
+        &mut self,
+        t: &mut Transition,
+        effects: &mut Vec<Effect>,
+        from: usize,
+    ) -> Result<Vec<ConnId>, Conflict>;
     /// A message for one device, outside a transition (a control's result):
     /// delivered, parked or given up as [`Store::commit`] routes events.
     fn deliver(&mut self, conn: ConnId, msg: Outgoing) -> Delivery;
@@ -172,21 +184,29 @@ pub trait Store: Records {
 pub const MAX_ATTEMPTS: usize = 8;
 
 /// Runs `rule` over fresh records and commits what it did, again from
-/// fresh records on a conflict, at most [`MAX_ATTEMPTS`] times. The rule's
-/// value comes from the attempt that committed; `None` if none did.
+/// fresh records on a conflict, at most [`MAX_ATTEMPTS`] times. The rule
+/// pushes its effects to `out`; after the commit, `out` holds them as
+/// routed (see [`Store::commit`]). `buf` lends its buffers to the
+/// transaction, so a transition allocates nothing to keep its records.
+/// The rule's value comes from the attempt that committed, with the devices
+/// that overflowed; `None` if no attempt did (nothing was pushed to `out`).
 pub fn transact<S: Store, T>(
     store: &mut S,
+    buf: &mut Transition,
+    out: &mut Vec<Effect>,
     mut rule: impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
-) -> Option<(T, Committed)> {
+) -> Option<(T, Vec<ConnId>)> {
+    let from = out.len();
     for _ in 0..MAX_ATTEMPTS {
-        let mut effects = Vec::new();
-        let (value, t) = {
-            let mut txn = Txn::new(store);
-            let value = rule(&mut txn, &mut effects);
-            (value, txn.finish())
+        let value = {
+            let mut txn = Txn::reusing(store, std::mem::take(buf));
+            let value = rule(&mut txn, out);
+            *buf = txn.finish();
+            value
         };
-        if let Ok(c) = store.commit(t, effects) {
-            return Some((value, c));
+        match store.commit(buf, out, from) {
+            Ok(overflowed) => return Some((value, overflowed)),
+            Err(Conflict) => out.truncate(from),
         }
     }
     None
@@ -211,6 +231,12 @@ struct Slots<K, V>(Vec<Slot<K, V>>);
 impl<K, V> Default for Slots<K, V> {
     fn default() -> Self {
         Self(Vec::new())
+    }
+}
+
+impl<K, V> Slots<K, V> {
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -249,6 +275,7 @@ pub struct Txn<'a> {
     calls: Slots<CallId, Call>,
     held: Slots<CallId, Vec<Notice>>,
     rooms: Vec<u32>,
+    began: Option<Version>,
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -264,7 +291,7 @@ impl std::fmt::Debug for Txn<'_> {
 }
 
 /// What a transaction read and wrote, owned, for [`Store::commit`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Transition {
     users: Slots<UserId, UserRec>,
     devices: Slots<ConnId, DeviceRec>,
@@ -272,6 +299,8 @@ pub struct Transition {
     held: Slots<CallId, Vec<Notice>>,
     /// Rooms this transition claimed.
     rooms: Vec<u32>,
+    /// The store's last version when the transaction began, if it said.
+    began: Option<Version>,
 }
 
 macro_rules! accessors {
@@ -307,13 +336,32 @@ macro_rules! accessors {
 
 impl<'a> Txn<'a> {
     pub fn new(src: &'a dyn Records) -> Self {
+        Self::reusing(src, Transition::default())
+    }
+
+    /// A transaction that keeps its records in `buf`'s buffers (emptied).
+    pub fn reusing(src: &'a dyn Records, buf: Transition) -> Self {
+        let Transition {
+            mut users,
+            mut devices,
+            mut calls,
+            mut held,
+            mut rooms,
+            began: _,
+        } = buf;
+        users.clear();
+        devices.clear();
+        calls.clear();
+        held.clear();
+        rooms.clear();
         Self {
+            began: src.last_version(),
             src,
-            users: Slots::default(),
-            devices: Slots::default(),
-            calls: Slots::default(),
-            held: Slots::default(),
-            rooms: Vec::new(),
+            users,
+            devices,
+            calls,
+            held,
+            rooms,
         }
     }
 
@@ -382,6 +430,7 @@ impl<'a> Txn<'a> {
             calls: self.calls,
             held: self.held,
             rooms: self.rooms,
+            began: self.began,
         }
     }
 }
@@ -394,7 +443,7 @@ struct Table<K, V>(HashMap<K, (Version, V)>);
 
 impl<K, V> Default for Table<K, V> {
     fn default() -> Self {
-        Self(HashMap::new())
+        Self(HashMap::default())
     }
 }
 
@@ -455,6 +504,9 @@ impl Records for MemoryStore {
     }
     fn room_hint(&self) -> u32 {
         self.last_room
+    }
+    fn last_version(&self) -> Option<Version> {
+        Some(self.seq)
     }
 }
 
@@ -536,6 +588,8 @@ impl MemoryStore {
 
     /// Parks `msg` for a detached device; whether it is now over the limit.
     fn park(&mut self, conn: ConnId, msg: Outgoing) -> Option<bool> {
+        // A new version: a transaction that read the device must not
+        // commit over the parked message.
         self.seq += 1;
         let seq = self.seq;
         let (v, d) = self.devices.0.get_mut(&conn)?;
@@ -603,7 +657,7 @@ impl MemoryStore {
     /// Whether the derived indexes agree with the records.
     pub fn check_indexes(&self) -> Result<(), String> {
         let mut timers = BTreeSet::new();
-        let mut rooms = HashSet::new();
+        let mut rooms = HashSet::default();
         for (id, (_, call)) in &self.calls.0 {
             if let Some(t) = ring_deadline(call) {
                 timers.insert((t, Timer::Ring(*id)));
@@ -644,59 +698,80 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn commit(&mut self, t: Transition, effects: Vec<Effect>) -> Result<Committed, Conflict> {
-        let fresh = self.users.unchanged(&t.users)
-            && self.devices.unchanged(&t.devices)
-            && self.calls.unchanged(&t.calls)
-            && self.held.unchanged(&t.held)
-            && t.rooms.iter().all(|r| !self.rooms.contains(r));
+    fn commit(
+        &mut self,
+        t: &mut Transition,
+        effects: &mut Vec<Effect>,
+        from: usize,
+    ) -> Result<Vec<ConnId>, Conflict> {
+        // Nothing written since the transaction began (always, with one
+        // owner): nothing to check.
+        let fresh = t.began == Some(self.seq)
+            || self.users.unchanged(&t.users)
+                && self.devices.unchanged(&t.devices)
+                && self.calls.unchanged(&t.calls)
+                && self.held.unchanged(&t.held)
+                && t.rooms.iter().all(|r| !self.rooms.contains(r));
         if !fresh {
+            t.users.clear();
+            t.devices.clear();
+            t.calls.clear();
+            t.held.clear();
+            t.rooms.clear();
             return Err(Conflict);
         }
         let v = self.next_version();
-        for s in t.users.0.into_iter().filter(|s| s.dirty) {
+        for s in t.users.0.drain(..).filter(|s| s.dirty) {
             match s.value {
                 Some(u) => self.users.0.insert(s.key, (v, u)),
                 None => self.users.0.remove(&s.key),
             };
         }
-        for s in t.held.0.into_iter().filter(|s| s.dirty) {
+        for s in t.held.0.drain(..).filter(|s| s.dirty) {
             match s.value {
                 Some(h) => self.held.0.insert(s.key, (v, h)),
                 None => self.held.0.remove(&s.key),
             };
         }
-        for s in t.calls.0.into_iter().filter(|s| s.dirty) {
+        let mut calls = std::mem::take(&mut t.calls);
+        for s in calls.0.drain(..).filter(|s| s.dirty) {
             self.write_call(s.key, s.value, v);
         }
-        for s in t.devices.0.into_iter().filter(|s| s.dirty) {
+        t.calls = calls;
+        let mut devices = std::mem::take(&mut t.devices);
+        for s in devices.0.drain(..).filter(|s| s.dirty) {
             self.write_device(s.key, s.value, v);
         }
+        t.devices = devices;
         if let Some(&r) = t.rooms.last() {
             // Claims count up from the hint: the last is the newest.
             self.last_room = r;
         }
-        let mut out = Committed {
-            effects: Vec::with_capacity(effects.len()),
-            overflowed: Vec::new(),
-        };
-        for e in effects {
-            match e {
-                Effect::Send { conn, event } => {
-                    let attached = self.devices.0.get(&conn).map(|(_, d)| d.attached);
-                    match attached {
-                        Some(true) => out.effects.push(Effect::Send { conn, event }),
-                        Some(false) => {
-                            let over = self.park(conn, Outgoing::Event(event));
-                            out.overflowed.extend(over.filter(|o| *o).map(|_| conn));
-                        }
-                        None => {}
-                    }
-                }
-                other => out.effects.push(other),
+        t.rooms.clear();
+        // Events for detached devices are parked (a clone: rare, and it
+        // lets the others stay where they are).
+        let mut overflowed = Vec::new();
+        let mut i = 0;
+        effects.retain(|e| {
+            i += 1;
+            let Effect::Send { conn, event } = e else {
+                return true;
+            };
+            if i <= from {
+                return true;
             }
-        }
-        Ok(out)
+            match self.devices.0.get(conn).map(|(_, d)| d.attached) {
+                Some(true) => true,
+                Some(false) => {
+                    if self.park(*conn, Outgoing::Event(event.clone())) == Some(true) {
+                        overflowed.push(*conn);
+                    }
+                    false
+                }
+                None => false,
+            }
+        });
+        Ok(overflowed)
     }
 
     fn deliver(&mut self, conn: ConnId, msg: Outgoing) -> Delivery {

@@ -839,7 +839,7 @@ fn run_races(steps: Vec<(Race, Race, bool)>) -> Result<RaceStats, TestCaseError>
                     let prepared = prepare(&store, &due, id(0), &model, &state.tokens, now);
                     if let Some((t, effects)) = prepared {
                         store
-                            .commit(t, effects.clone())
+                            .commit(&mut t.clone(), &mut effects.clone(), 0)
                             .map_err(|_| TestCaseError::fail("a timer's transition conflicted"))?;
                         state
                             .committed(&store, &mut model, &due, &effects)
@@ -861,7 +861,7 @@ fn run_races(steps: Vec<(Race, Race, bool)>) -> Result<RaceStats, TestCaseError>
                 continue;
             };
             commits += 1;
-            let effects = match store.commit(t, effects.clone()) {
+            let effects = match store.commit(&mut t.clone(), &mut effects.clone(), 0) {
                 Ok(_) => effects,
                 Err(Conflict) => {
                     // Lost the race: run again from fresh records, as
@@ -873,7 +873,7 @@ fn run_races(steps: Vec<(Race, Race, bool)>) -> Result<RaceStats, TestCaseError>
                         continue;
                     };
                     store
-                        .commit(t, effects.clone())
+                        .commit(&mut t.clone(), &mut effects.clone(), 0)
                         .map_err(|_| TestCaseError::fail("a fresh transition conflicted"))?;
                     effects
                 }
