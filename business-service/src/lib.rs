@@ -41,6 +41,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 use videocall_proto::v1 as pb;
 use videocall_proto::v1::business_hook_server::{BusinessHook, BusinessHookServer};
+use videocall_telemetry::accept::{AcceptLimits, AuxLimit, incoming};
 
 pub use policy::{PairHistory, Policy, PolicyError};
 pub use records::Records;
@@ -550,15 +551,23 @@ impl Business {
         set_health(&self.hook.health, ServingStatus::Serving).await;
         let reflection = videocall_telemetry::reflection;
         let closing = CancellationToken::new();
-        // Nagle off on accepted connections (the builder's `tcp_nodelay`
-        // covers only listeners tonic binds): answers are small writes.
+        // The call service's own acceptor: per-peer limits, a handshake
+        // timeout, accept back-off, Nagle off (answers are small writes);
+        // health and reflection streams bounded. Its limits are generous:
+        // the clients are call-service nodes.
+        let refused = self.hook.metrics.connections_refused.clone();
+        let aux = AuxLimit::new(AUX_STREAMS, AUX_STREAMS_PER_PEER, refused.clone());
+        let accept = AcceptLimits {
+            max_connections_per_peer: CONNECTIONS_PER_PEER,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        };
         let hook_srv = tonic::transport::Server::builder()
-            .add_service(self.health_service.clone())
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(aux.wrap(self.health_service.clone()))
+            .add_service(aux.wrap(reflection().build_v1()?))
+            .add_service(aux.wrap(reflection().build_v1alpha()?))
             .add_service(BusinessHookServer::new(self.hook.clone()))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                incoming(listener, accept, refused),
                 closing.clone().cancelled_owned(),
             );
         let metrics_srv = async {
@@ -602,6 +611,14 @@ impl Business {
         metrics_res
     }
 }
+
+/// Connections one address may hold (a call-service node needs one).
+const CONNECTIONS_PER_PEER: usize = 256;
+/// How long a new connection may stay silent.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Health and reflection streams, in all and per address.
+const AUX_STREAMS: usize = 1024;
+const AUX_STREAMS_PER_PEER: usize = 32;
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     let names = ["", videocall_proto::v1::business_hook_server::SERVICE_NAME];

@@ -8,6 +8,7 @@
 //! | `business_records_healthy` | gauge | 1 while records are written, 0 after a failed write |
 //! | `business_forced_finishes_total` | counter | `result` |
 //! | `business_policy_reloads_total` | counter | `outcome` (ok, refused) |
+//! | `business_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
 
 use std::sync::Arc;
 
@@ -46,6 +47,7 @@ pub struct Metrics {
     pub records_healthy: Gauge,
     pub forced_finishes: Family<ResultLabel, Counter>,
     pub policy_reloads: Family<OutcomeLabel, Counter>,
+    pub connections_refused: videocall_telemetry::accept::Refused,
 }
 
 impl Default for Metrics {
@@ -58,6 +60,7 @@ impl Default for Metrics {
             records_healthy: Gauge::default(),
             forced_finishes: Family::default(),
             policy_reloads: Family::default(),
+            connections_refused: Family::default(),
         };
         r.register(
             "decisions",
@@ -83,6 +86,11 @@ impl Default for Metrics {
             "policy_reloads",
             "Policy reloads by outcome",
             m.policy_reloads.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections and health/reflection streams refused, by reason",
+            m.connections_refused.clone(),
         );
         Self {
             registry: Arc::new(r),

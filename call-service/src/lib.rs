@@ -32,13 +32,13 @@
 //! `codes` and `metrics` beside them all). [`domain`]: the values every
 //! layer shares (ids, events, notices, effects, the call record).
 //! - [`config`]: flags and environment variables, their defaults defined
-//!   once in [`defaults`]; [`server`]: wiring,
-//!   health, reflection and [`serve`]; [`accept`]: connections per peer,
-//!   handshake timeout, accept back-off, bounded health and reflection
-//!   streams; [`metrics`]: Prometheus metrics;
-//!   [`codes`]: result codes from the proto.
+//!   once in [`defaults`]; [`server`]: wiring, health, reflection and
+//!   [`serve`], over the serving plumbing both services share in
+//!   `videocall_telemetry` (accepting connections: per-peer limits,
+//!   handshake timeout, accept back-off, Nagle off; bounded health and
+//!   reflection streams; the close grace); [`metrics`]: Prometheus
+//!   metrics; [`codes`]: result codes from the proto.
 
-pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod business;

@@ -17,7 +17,6 @@ use tracing::{info, warn};
 use videocall_proto::v1::call_admin_server::{self, CallAdminServer};
 use videocall_proto::v1::call_service_server::{self, CallServiceServer};
 
-use crate::accept::{AcceptLimits, AuxLimit, incoming};
 use crate::api::{AdminApi, ClientApi};
 use crate::auth::{AdminGuard, Authenticator, JwtVerifier};
 use crate::business::{Business, BusinessConfig, BusinessUrlError, Clock};
@@ -25,6 +24,7 @@ use crate::config::{Config, Limits};
 use crate::machine::MachineConfig;
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::switchboard::{LocalSwitchboard, Switchboard, SwitchboardLimits};
+use videocall_telemetry::accept::{AcceptLimits, AuxLimit, incoming};
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ pub async fn serve(
     let aux = AuxLimit::new(
         limits.max_aux_streams,
         limits.max_aux_streams_per_peer,
-        metrics.clone(),
+        metrics.connections_refused.clone(),
     );
     let accept = AcceptLimits {
         max_connections_per_peer: limits.max_connections_per_peer,
@@ -137,7 +137,11 @@ pub async fn serve(
         .add_service(aux.wrap(reflection_v1alpha.clone()))
         .add_service(client_api)
         .serve_with_incoming_shutdown(
-            incoming(listeners.client, accept, metrics.clone()),
+            incoming(
+                listeners.client,
+                accept,
+                metrics.connections_refused.clone(),
+            ),
             closing.clone().cancelled_owned(),
         );
     let admin_srv = builder(limits, tls.admin)?
@@ -146,7 +150,7 @@ pub async fn serve(
         .add_service(aux.wrap(reflection_v1alpha))
         .add_service(admin_api)
         .serve_with_incoming_shutdown(
-            incoming(listeners.admin, accept, metrics.clone()),
+            incoming(listeners.admin, accept, metrics.connections_refused.clone()),
             closing.clone().cancelled_owned(),
         );
     let stop_metrics = closing.clone().cancelled_owned();

@@ -1,12 +1,16 @@
 //! What both services need to be run and watched, in one place.
 //!
-//! Layout (one file): [`LogFormat`] and [`init_logging`] (human-readable or
+//! Layout: [`accept`] (accepting connections with per-peer limits, a
+//! handshake timeout, accept back-off, Nagle off, and bounded auxiliary
+//! streams); in this file, [`LogFormat`] and [`init_logging`] (human-readable or
 //! JSON `tracing` logs on stderr), [`serve_metrics`] (a Prometheus text
 //! endpoint at `/metrics`), [`shutdown_signal`] (Ctrl-C or SIGTERM),
 //! [`healthcheck`] (a gRPC health probe for container health checks); the
 //! serving plumbing both services share: [`reflection`] (server reflection
 //! of every service they serve), [`set_health`], and [`run_server`] (a gRPC
 //! server closed with a grace for its connections, closing the others).
+
+pub mod accept;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -15,7 +15,8 @@
 //!   refused with RESOURCE_EXHAUSTED beyond: what they can pin stays small.
 //!
 //! The per-peer counts live in a map behind a `std` mutex, held only to
-//! add or remove one, never across an `.await`.
+//! add or remove one, never across an `.await`. Both services accept with
+//! this; each counts the refusals in its own [`Refused`] family.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,7 +37,20 @@ use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
-use crate::metrics::{Metrics, ReasonLabel};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+/// Why a connection (or an auxiliary stream) was refused: `per_peer`,
+/// `handshake_timeout`, `accept_failed`, `aux_streams`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// The counter of refusals a service registers (as
+/// `<prefix>_connections_refused_total`), by reason.
+pub type Refused = Family<ReasonLabel, Counter>;
 
 /// Bytes a client sends before anything else: the HTTP/2 connection preface.
 const PREFACE: usize = 24;
@@ -99,11 +113,11 @@ impl Drop for PeerSlot {
 pub fn incoming(
     listener: TcpListener,
     limits: AcceptLimits,
-    metrics: Metrics,
+    refused: Refused,
 ) -> impl Stream<Item = Result<Conn, Infallible>> + Send + 'static {
     let state = (listener, PeerCounts::default(), BACKOFF_FIRST);
     futures_util::stream::unfold(state, move |(listener, peers, mut backoff)| {
-        let metrics = metrics.clone();
+        let refused = refused.clone();
         async move {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -125,8 +139,7 @@ pub fn incoming(
                         if backoff == BACKOFF_FIRST {
                             warn!(error = %e, "cannot accept connections; backing off");
                         }
-                        metrics
-                            .connections_refused
+                        refused
                             .get_or_create(&ReasonLabel {
                                 reason: "accept_failed",
                             })
@@ -139,8 +152,7 @@ pub fn incoming(
                 backoff = BACKOFF_FIRST;
                 let Some(slot) = peers.take(peer.ip(), limits.max_connections_per_peer) else {
                     debug!(%peer, "too many connections from this peer: closed");
-                    metrics
-                        .connections_refused
+                    refused
                         .get_or_create(&ReasonLabel { reason: "per_peer" })
                         .inc();
                     continue;
@@ -152,7 +164,7 @@ pub fn incoming(
                     stream,
                     deadline: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
                     read: 0,
-                    metrics: metrics.clone(),
+                    refused: refused.clone(),
                     _slot: slot,
                 };
                 return Some((Ok(conn), (listener, peers, backoff)));
@@ -168,7 +180,7 @@ pub struct Conn {
     stream: TcpStream,
     deadline: Option<Pin<Box<Sleep>>>,
     read: usize,
-    metrics: Metrics,
+    refused: Refused,
     _slot: PeerSlot,
 }
 
@@ -195,8 +207,7 @@ impl AsyncRead for Conn {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => match deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    this.metrics
-                        .connections_refused
+                    this.refused
                         .get_or_create(&ReasonLabel {
                             reason: "handshake_timeout",
                         })
@@ -270,16 +281,16 @@ pub struct AuxLimit {
     total: Arc<Semaphore>,
     per_peer: usize,
     peers: PeerCounts,
-    metrics: Metrics,
+    refused: Refused,
 }
 
 impl AuxLimit {
-    pub fn new(total: usize, per_peer: usize, metrics: Metrics) -> Self {
+    pub fn new(total: usize, per_peer: usize, refused: Refused) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total)),
             per_peer,
             peers: PeerCounts::default(),
-            metrics,
+            refused,
         }
     }
 
@@ -341,8 +352,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let Some(slot) = self.limit.admit(&request) else {
             self.limit
-                .metrics
-                .connections_refused
+                .refused
                 .get_or_create(&ReasonLabel {
                     reason: "aux_streams",
                 })
