@@ -733,16 +733,12 @@ impl Store for MemoryStore {
                 None => self.held.0.remove(&s.key),
             };
         }
-        let mut calls = std::mem::take(&mut t.calls);
-        for s in calls.0.drain(..).filter(|s| s.dirty) {
+        for s in t.calls.0.drain(..).filter(|s| s.dirty) {
             self.write_call(s.key, s.value, v);
         }
-        t.calls = calls;
-        let mut devices = std::mem::take(&mut t.devices);
-        for s in devices.0.drain(..).filter(|s| s.dirty) {
+        for s in t.devices.0.drain(..).filter(|s| s.dirty) {
             self.write_device(s.key, s.value, v);
         }
-        t.devices = devices;
         if let Some(&r) = t.rooms.last() {
             // Claims count up from the hint: the last is the newest.
             self.last_room = r;
