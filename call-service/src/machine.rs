@@ -63,6 +63,10 @@ pub struct Machine {
     store: MemoryStore,
     /// The buffers every transition borrows (see [`store::transact`]).
     buf: Transition,
+    /// The latest time an input brought: what a transition without a time
+    /// of its own (a device given up after parking too much) stamps its
+    /// notices with.
+    now: Time,
     /// Devices given up since [`Machine::take_given_up`] was last called.
     given_up: Vec<GivenUp>,
 }
@@ -81,6 +85,7 @@ impl Machine {
             node: NodeId(1),
             store: MemoryStore::new(),
             buf: Transition::default(),
+            now: Duration::ZERO,
             given_up: Vec::new(),
         }
     }
@@ -95,10 +100,13 @@ impl Machine {
     /// given up, each a transition of its own.
     fn run<T>(
         &mut self,
+        now: Time,
         out: &mut Vec<Effect>,
         mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
     ) -> Option<T> {
         let ring_timeout = self.config.ring_timeout;
+        self.now = self.now.max(now);
+        let now = self.now;
         let (value, mut overflowed) =
             store::transact(&mut self.store, &mut self.buf, out, |t, o| {
                 rule(&mut Step { t, ring_timeout }, o)
@@ -107,7 +115,7 @@ impl Machine {
             self.given_up.push(GivenUp::Overflowed(conn));
             if let Some(((), more)) =
                 store::transact(&mut self.store, &mut self.buf, out, |t, o| {
-                    Step { t, ring_timeout }.drop_device(conn, Duration::ZERO, o)
+                    Step { t, ring_timeout }.drop_device(conn, now, o)
                 })
             {
                 overflowed.extend(more);
@@ -136,7 +144,7 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Result<(), usize> {
         let node = self.node;
-        self.run(out, |s, o| {
+        self.run(self.now, out, |s, o| {
             s.attach(conn, &user, node, &resume_token, max_devices, o)
         })
         .unwrap_or(Err(0))
@@ -152,7 +160,7 @@ impl Machine {
         next_token: Arc<str>,
     ) -> Option<(ConnId, u64, VecDeque<Outgoing>)> {
         let node = self.node;
-        self.run(&mut Vec::new(), |s, _| {
+        self.run(self.now, &mut Vec::new(), |s, _| {
             s.resume(user, token, &next_token, node)
         })
         .flatten()
@@ -169,13 +177,15 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) {
-        self.run(out, |s, o| s.stream_ended(conn, epoch, keep_until, now, o));
+        self.run(now, out, |s, o| {
+            s.stream_ended(conn, epoch, keep_until, now, o)
+        });
     }
 
     /// A device is gone: its call ends if the device was needed for it
     /// (the peer hears 100106).
     pub fn disconnect(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
-        self.run(out, |s, o| s.drop_device(conn, now, o));
+        self.run(now, out, |s, o| s.drop_device(conn, now, o));
     }
 
     /// A control from a device. `new_call_id` names the call a REQUEST
@@ -203,7 +213,9 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Option<Outcome> {
-        match self.run(out, |s, o| s.control(conn, epoch, ctl, new_call_id, now, o)) {
+        match self.run(now, out, |s, o| {
+            s.control(conn, epoch, ctl, new_call_id, now, o)
+        }) {
             Some(o) => o,
             None => Some(CONTENDED),
         }
@@ -218,12 +230,12 @@ impl Machine {
         now: Time,
         out: &mut Vec<Effect>,
     ) {
-        self.run(out, |s, o| s.approval_done(call_id, verdict, now, o));
+        self.run(now, out, |s, o| s.approval_done(call_id, verdict, now, o));
     }
 
     /// The business service ends a user's call (forced FINISH).
     pub fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
-        self.run(out, |s, o| s.force_finish(f, now, o))
+        self.run(now, out, |s, o| s.force_finish(f, now, o))
             .unwrap_or(CONTENDED)
     }
 
@@ -233,10 +245,10 @@ impl Machine {
         for timer in self.store.due(now) {
             match timer {
                 Timer::Ring(call_id) => {
-                    self.run(out, |s, o| s.ring_out(call_id, now, o));
+                    self.run(now, out, |s, o| s.ring_out(call_id, now, o));
                 }
                 Timer::Grace(conn) => {
-                    if self.run(out, |s, o| s.expire(conn, now, o)) == Some(true) {
+                    if self.run(now, out, |s, o| s.expire(conn, now, o)) == Some(true) {
                         self.given_up.push(GivenUp::Expired(conn));
                     }
                 }
@@ -256,6 +268,7 @@ impl Machine {
         &mut self,
         conn: ConnId,
         msg: Outgoing,
+        now: Time,
         out: &mut Vec<Effect>,
     ) -> Option<Outgoing> {
         match self.store.deliver(conn, msg) {
@@ -263,7 +276,7 @@ impl Machine {
             Delivery::Parked | Delivery::Gone => None,
             Delivery::Overflowed => {
                 self.given_up.push(GivenUp::Overflowed(conn));
-                self.disconnect(conn, Duration::ZERO, out);
+                self.disconnect(conn, now, out);
                 None
             }
         }

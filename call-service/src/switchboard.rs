@@ -866,7 +866,8 @@ impl Actor {
     /// A message for a device outside a call event (a control's result):
     /// to its stream, or parked by the store while it is detached.
     fn send(&mut self, conn: ConnId, msg: Outgoing) {
-        if let Some(msg) = self.machine.deliver(conn, msg, &mut self.effects) {
+        let now = self.now();
+        if let Some(msg) = self.machine.deliver(conn, msg, now, &mut self.effects) {
             self.push(conn, msg);
         }
     }

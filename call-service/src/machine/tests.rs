@@ -926,3 +926,63 @@ fn racing_transitions_keep_the_contract() {
         commits.get()
     );
 }
+
+/// A detached device that parks more than it may is given up in the same
+/// input, and the call it rang ends at that input's time (100106).
+#[test]
+fn a_detached_device_that_parks_too_much_is_given_up_at_once() {
+    let mut m = machine();
+    let mut out = vec![];
+    m.connect(ConnId(0), user_of(0), &mut out);
+    m.connect(ConnId(1), user_of(1), &mut out);
+    let t = Duration::from_secs(100);
+    let epoch = m.device(ConnId(0)).unwrap().epoch;
+    m.stream_ended(ConnId(0), epoch, Some(t + GRACE), t, &mut out);
+    let mut n = 0;
+    let call = |m: &mut Machine, out: &mut Vec<Effect>, n: &mut u128| {
+        *n += 1;
+        m.control(
+            ConnId(1),
+            &ctl(ControlKind::Request, "u0", 0),
+            id(*n),
+            t,
+            out,
+        );
+        m.approval_done(id(*n), Verdict::Allow, t, out);
+    };
+    for _ in 0..store::PARK_LIMIT / 2 {
+        call(&mut m, &mut out, &mut n);
+        m.control(
+            ConnId(1),
+            &ctl(ControlKind::Finish, "u0", 0),
+            id(0),
+            t,
+            &mut out,
+        );
+    }
+    assert_eq!(m.device(ConnId(0)).unwrap().parked.len(), store::PARK_LIMIT);
+    assert!(m.take_given_up().is_empty());
+    out.clear();
+    let later = t + Duration::from_secs(1);
+    n += 1;
+    m.control(
+        ConnId(1),
+        &ctl(ControlKind::Request, "u0", 0),
+        id(n),
+        later,
+        &mut out,
+    );
+    m.approval_done(id(n), Verdict::Allow, later, &mut out);
+    assert_eq!(m.take_given_up(), vec![GivenUp::Overflowed(ConnId(0))]);
+    assert!(m.device(ConnId(0)).is_none());
+    assert_eq!(
+        sends(&out),
+        vec![(1, EventKind::Reply, codes::CONNECTION_LOST)]
+    );
+    let lost = out.iter().find_map(|e| match e {
+        Effect::Notify(n) if n.code == codes::CONNECTION_LOST => Some(n.at),
+        _ => None,
+    });
+    assert_eq!(lost, Some(later));
+    m.check_invariants().unwrap();
+}
