@@ -267,25 +267,17 @@ impl<K: Clone, V: Clone> Slots<K, V> {
 }
 
 /// One input's view of the records: reads come from the store (and are
-/// remembered with their versions), writes stay here until the commit.
+/// remembered with their versions), writes stay in the [`Transition`]
+/// being built until the commit.
 pub struct Txn<'a> {
     src: &'a dyn Records,
-    users: Slots<UserId, UserRec>,
-    devices: Slots<ConnId, DeviceRec>,
-    calls: Slots<CallId, Call>,
-    held: Slots<CallId, Vec<Notice>>,
-    rooms: Vec<u32>,
-    began: Option<Version>,
+    t: Transition,
 }
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Txn")
-            .field("users", &self.users)
-            .field("devices", &self.devices)
-            .field("calls", &self.calls)
-            .field("held", &self.held)
-            .field("rooms", &self.rooms)
+            .field("t", &self.t)
             .finish_non_exhaustive()
     }
 }
@@ -303,15 +295,27 @@ pub struct Transition {
     began: Option<Version>,
 }
 
+impl Transition {
+    /// Empty, its buffers kept.
+    fn clear(&mut self) {
+        self.users.clear();
+        self.devices.clear();
+        self.calls.clear();
+        self.held.clear();
+        self.rooms.clear();
+        self.began = None;
+    }
+}
+
 macro_rules! accessors {
     ($field:ident, $key:ty, $rec:ty, $get:ident, $get_mut:ident, $put:ident, $remove:ident, $load:expr) => {
         pub fn $get(&mut self, id: &$key) -> Option<&$rec> {
             let src = self.src;
-            self.$field.slot(id, || $load(src, id)).value.as_ref()
+            self.t.$field.slot(id, || $load(src, id)).value.as_ref()
         }
         pub fn $get_mut(&mut self, id: &$key) -> Option<&mut $rec> {
             let src = self.src;
-            let slot = self.$field.slot(id, || $load(src, id));
+            let slot = self.t.$field.slot(id, || $load(src, id));
             if slot.value.is_some() {
                 slot.dirty = true;
             }
@@ -319,13 +323,13 @@ macro_rules! accessors {
         }
         pub fn $put(&mut self, id: $key, rec: $rec) {
             let src = self.src;
-            let slot = self.$field.slot(&id, || $load(src, &id));
+            let slot = self.t.$field.slot(&id, || $load(src, &id));
             slot.value = Some(rec);
             slot.dirty = true;
         }
         pub fn $remove(&mut self, id: &$key) {
             let src = self.src;
-            let slot = self.$field.slot(id, || $load(src, id));
+            let slot = self.t.$field.slot(id, || $load(src, id));
             if slot.value.is_some() {
                 slot.value = None;
                 slot.dirty = true;
@@ -340,29 +344,10 @@ impl<'a> Txn<'a> {
     }
 
     /// A transaction that keeps its records in `buf`'s buffers (emptied).
-    pub fn reusing(src: &'a dyn Records, buf: Transition) -> Self {
-        let Transition {
-            mut users,
-            mut devices,
-            mut calls,
-            mut held,
-            mut rooms,
-            began: _,
-        } = buf;
-        users.clear();
-        devices.clear();
-        calls.clear();
-        held.clear();
-        rooms.clear();
-        Self {
-            began: src.last_version(),
-            src,
-            users,
-            devices,
-            calls,
-            held,
-            rooms,
-        }
+    pub fn reusing(src: &'a dyn Records, mut buf: Transition) -> Self {
+        buf.clear();
+        buf.began = src.last_version();
+        Self { src, t: buf }
     }
 
     accessors!(
@@ -416,22 +401,15 @@ impl<'a> Txn<'a> {
         let mut room = self.src.room_hint();
         loop {
             room = room.wrapping_add(1);
-            if room != 0 && !self.src.room_taken(room) && !self.rooms.contains(&room) {
-                self.rooms.push(room);
+            if room != 0 && !self.src.room_taken(room) && !self.t.rooms.contains(&room) {
+                self.t.rooms.push(room);
                 return room;
             }
         }
     }
 
     pub fn finish(self) -> Transition {
-        Transition {
-            users: self.users,
-            devices: self.devices,
-            calls: self.calls,
-            held: self.held,
-            rooms: self.rooms,
-            began: self.began,
-        }
+        self.t
     }
 }
 
@@ -713,11 +691,7 @@ impl Store for MemoryStore {
                 && self.held.unchanged(&t.held)
                 && t.rooms.iter().all(|r| !self.rooms.contains(r));
         if !fresh {
-            t.users.clear();
-            t.devices.clear();
-            t.calls.clear();
-            t.held.clear();
-            t.rooms.clear();
+            t.clear();
             return Err(Conflict);
         }
         let v = self.next_version();
