@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test. Sets up what the tests need beyond the Rust toolchain:
-# tmux and debootstrap (Debian packages, with apt-get), and a Python virtual
+# tmux, debootstrap and redis-server (Debian packages, with apt-get), and a Python virtual
 # environment with examples/python/requirements.txt and
 # tests/python/requirements.txt (from PyPI), for the any-language tests and
 # the third-party clients. Extra arguments go to `cargo test`.
@@ -8,10 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Programs the tests drive, from Debian's packages: tmux (the terminal phone
-# test) and debootstrap (the local base image of the container test).
+# test), debootstrap (the local base image of the container test) and
+# redis-server (the shared store's tests start their own on a free port).
 missing=()
 command -v tmux >/dev/null || missing+=(tmux)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages the tests drive)..."
   sudo=""

@@ -321,7 +321,7 @@ impl<S: Switchboard> Reader<S> {
             seq,
             code,
             call_id: None,
-            reason,
+            reason: crate::device::Reason(reason),
         };
         if self.answers.push(self.forwarded, answer) {
             return None;

@@ -107,7 +107,7 @@ pub fn server_message(o: &Outgoing) -> pb::ServerMessage {
             seq: *seq,
             code: *code,
             call_id: call_id.map(|c| c.text()).unwrap_or_default(),
-            message: (*reason).to_owned(),
+            message: reason.0.to_owned(),
         }),
         Outgoing::Event(e) => pb::server_message::Kind::Event(event_to_proto(e)),
     };

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use crate::domain::{CallId, ConnId, Event, UserId};
 
 /// One message for a device.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Outgoing {
     /// The first message of every stream.
     Connected {
@@ -24,10 +24,42 @@ pub enum Outgoing {
         seq: u64,
         code: u32,
         call_id: Option<CallId>,
-        reason: &'static str,
+        reason: Reason,
     },
     /// A call event.
     Event(Event),
+}
+
+/// A result's reason: one of the rules' own literals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reason(pub &'static str);
+
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+/// Read back from a shared store: the reasons are the rules' few literals,
+/// so each distinct text is kept once for the life of the process (the set
+/// stays as small as the list of reasons).
+impl<'de> serde::Deserialize<'de> for Reason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use std::collections::HashSet;
+        use std::sync::{Mutex, OnceLock};
+        static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        let mut seen = SEEN
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = seen.get(text.as_str()) {
+            return Ok(Reason(s));
+        }
+        let s: &'static str = Box::leak(text.into_boxed_str());
+        seen.insert(s);
+        Ok(Reason(s))
+    }
 }
 
 impl Outgoing {

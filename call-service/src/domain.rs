@@ -19,12 +19,16 @@ pub type Time = Duration;
 pub type UserId = Arc<str>;
 
 /// One connected device (one client stream).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ConnId(pub u64);
 
 /// One call attempt. Chosen by the caller of [`Machine::control`] so that the
 /// machine stays deterministic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct CallId(pub Uuid);
 
 impl std::fmt::Display for CallId {
@@ -46,7 +50,7 @@ impl CallId {
 }
 
 /// The four event types of the contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     Request,
     Reply,
@@ -75,7 +79,7 @@ pub struct Control {
 }
 
 /// A call event for one device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub kind: EventKind,
     pub call_id: CallId,
@@ -88,7 +92,7 @@ pub struct Event {
 }
 
 /// Who caused an event (mirrors `videocall.v1.Initiator`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Initiator {
     Caller,
     Callee,
@@ -100,7 +104,7 @@ pub enum Initiator {
 ///
 /// The notices of one call follow the caller's line: REQUEST, then REPLY,
 /// then, only if the REPLY was 0, START and FINISH. `seq` counts them from 1.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Notice {
     pub kind: EventKind,
     pub call_id: CallId,
@@ -160,7 +164,7 @@ pub enum Verdict {
 }
 
 /// The phase of a live call.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     /// Waiting for the business service; the callee has heard nothing.
     Approving,
@@ -174,7 +178,7 @@ pub enum Phase {
 }
 
 /// A live call.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Call {
     pub id: CallId,
     pub caller: UserId,

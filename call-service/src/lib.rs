@@ -11,7 +11,10 @@
 //! - [`store`]: the records (users, devices, calls), the [`store::Store`]
 //!   contract (atomic commit with version checks, effects routed in the
 //!   same step) and the in-memory store; [`clock`]: wall-clock times for
-//!   records, advanced by the monotonic clock.
+//!   records, advanced by the monotonic clock. [`shared`]: the records in
+//!   Redis for several nodes (one commit script with the version checks;
+//!   the rules run over loaded snapshots), with the races between nodes
+//!   tested against a real redis-server.
 //! - [`switchboard`]: the single owner of the machine (an actor) behind the
 //!   [`switchboard::Switchboard`] trait; per-device queues and their
 //!   slow-consumer policy; its observer task logs and counts what it did.
@@ -53,6 +56,7 @@ pub mod hook;
 pub mod machine;
 pub mod metrics;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod switchboard;
 pub mod unary;

@@ -428,7 +428,7 @@ pub(crate) struct Step<'t, 'a> {
 impl Step<'_, '_> {
     // ----- devices ------------------------------------------------------
 
-    fn attach(
+    pub(crate) fn attach(
         &mut self,
         conn: ConnId,
         user: &UserId,
@@ -491,7 +491,7 @@ impl Step<'_, '_> {
         Ok(())
     }
 
-    fn resume(
+    pub(crate) fn resume(
         &mut self,
         user: &UserId,
         token: &str,
@@ -517,7 +517,7 @@ impl Step<'_, '_> {
         Some((conn, d.epoch, std::mem::take(&mut d.parked)))
     }
 
-    fn stream_ended(
+    pub(crate) fn stream_ended(
         &mut self,
         conn: ConnId,
         epoch: u64,
@@ -542,7 +542,7 @@ impl Step<'_, '_> {
 
     /// A detached device whose window has passed is given up; whether it
     /// was.
-    fn expire(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) -> bool {
+    pub(crate) fn expire(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) -> bool {
         let due = self
             .t
             .device(&conn)
@@ -553,7 +553,7 @@ impl Step<'_, '_> {
         due
     }
 
-    fn drop_device(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
+    pub(crate) fn drop_device(&mut self, conn: ConnId, now: Time, out: &mut Vec<Effect>) {
         let Some(user) = self.t.device(&conn).map(|d| d.user.clone()) else {
             return;
         };
@@ -641,7 +641,7 @@ impl Step<'_, '_> {
 
     // ----- controls -----------------------------------------------------
 
-    fn control(
+    pub(crate) fn control(
         &mut self,
         conn: ConnId,
         epoch: Option<u64>,
@@ -1007,7 +1007,12 @@ impl Step<'_, '_> {
     }
 
     /// The business service ends a user's call (forced FINISH).
-    fn force_finish(&mut self, f: &ForceFinish, now: Time, out: &mut Vec<Effect>) -> Outcome {
+    pub(crate) fn force_finish(
+        &mut self,
+        f: &ForceFinish,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
         let Some(call_id) = self.t.user(&f.user).and_then(|u| u.call) else {
             return Outcome::refused(codes::NOT_IN_CALL, "the user has no call");
         };
@@ -1056,7 +1061,7 @@ impl Step<'_, '_> {
 
     /// The business service's verdict (or the failure policy's) on a call's
     /// REQUEST.
-    fn approval_done(
+    pub(crate) fn approval_done(
         &mut self,
         call_id: CallId,
         verdict: Verdict,
@@ -1115,7 +1120,7 @@ impl Step<'_, '_> {
     }
 
     /// A call ringing past its deadline ends with 100105.
-    fn ring_out(&mut self, call_id: CallId, now: Time, out: &mut Vec<Effect>) {
+    pub(crate) fn ring_out(&mut self, call_id: CallId, now: Time, out: &mut Vec<Effect>) {
         let due = self
             .t
             .call(&call_id)

@@ -51,7 +51,9 @@ pub type Version = u64;
 pub const PARK_LIMIT: usize = 256;
 
 /// A node of the cluster. Part of every [`ConnId`] it hands out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId(pub u32);
 
 impl ConnId {
@@ -68,14 +70,14 @@ impl ConnId {
 }
 
 /// A user: its devices and its call.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserRec {
     pub devices: Vec<ConnId>,
     pub call: Option<CallId>,
 }
 
 /// A device of a user.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceRec {
     pub user: UserId,
     /// The node holding the device's stream (while attached) or that last
@@ -215,12 +217,12 @@ pub fn transact<S: Store, T>(
 // ----- transactions --------------------------------------------------------
 
 #[derive(Clone, Debug)]
-struct Slot<K, V> {
-    key: K,
+pub(crate) struct Slot<K, V> {
+    pub(crate) key: K,
     /// The version read (0: absent).
-    read: Version,
-    value: Option<V>,
-    dirty: bool,
+    pub(crate) read: Version,
+    pub(crate) value: Option<V>,
+    pub(crate) dirty: bool,
 }
 
 /// The records of one kind a transaction has touched. A transition touches
@@ -296,6 +298,24 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// The users read or written, for a store that commits them itself.
+    pub(crate) fn users_slots(&self) -> &[Slot<UserId, UserRec>] {
+        &self.users.0
+    }
+    pub(crate) fn devices_slots(&self) -> &[Slot<ConnId, DeviceRec>] {
+        &self.devices.0
+    }
+    pub(crate) fn calls_slots(&self) -> &[Slot<CallId, Call>] {
+        &self.calls.0
+    }
+    pub(crate) fn held_slots(&self) -> &[Slot<CallId, Vec<Notice>>] {
+        &self.held.0
+    }
+    /// Rooms this transition claimed (the commit checks them free).
+    pub(crate) fn claimed_rooms(&self) -> &[u32] {
+        &self.rooms
+    }
+
     /// Empty, its buffers kept.
     fn clear(&mut self) {
         self.users.clear();

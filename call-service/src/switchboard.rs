@@ -675,7 +675,7 @@ impl Actor {
                 seq,
                 code: outcome.code,
                 call_id: outcome.call_id,
-                reason: outcome.reason,
+                reason: crate::device::Reason(outcome.reason),
             },
         );
     }

@@ -1,0 +1,813 @@
+//! Call records in Redis: the store several call-service nodes share.
+//!
+//! The same rules ([`crate::machine`]) run on whichever node an input
+//! arrives at, over records loaded from Redis; what a transition changed is
+//! committed by one script that checks the version of every record read and
+//! then writes, all at once. Nothing of the rules is written a second time
+//! in Lua: the script knows keys, versions and indexes, not calls.
+//!
+//! **Reading.** The rules read synchronously through a [`Txn`], so an input
+//! runs over a [`Snapshot`] of loaded records; a read of a record not
+//! loaded yet is noted as a miss (and answered "absent"), the misses are
+//! loaded in one round trip, and the input runs again. The run whose reads
+//! all hit is the one committed; a rule reads at most the records of two
+//! users, their devices and one call, so this takes two or three rounds.
+//!
+//! **Routing** happens before the commit, in the transition itself: the
+//! device of every event is read (so its version is checked too); events
+//! for a detached device are parked in its record, events for a device
+//! attached to another node go to that node's inbox stream in the same
+//! script, and events for this node's devices come back to be delivered.
+//!
+//! **Layout** (every key under a prefix, `vc:` by default; one Redis
+//! primary: a transition's keys span two users, see `docs/design.md`):
+//! - `u:<user>`, `d:<device>`, `c:<call>`, `h:<call>`: one hash per record,
+//!   `v` its version and `r` the record as JSON;
+//! - `seq`: the version counter (a commit's records all get the next one);
+//! - `timers`: sorted set of ring deadlines (`r:<call>`) and grace windows
+//!   (`g:<device>`), scored by wall-clock milliseconds. A fire is an input
+//!   like any other and the rules check the state it expects (a ring
+//!   deadline passed, a device still detached past its window), so a timer
+//!   fired twice, late, or by two nodes at once changes nothing the second
+//!   time;
+//! - `rooms`: the rooms of live calls (a claim is checked free in the
+//!   commit); `tokens`: resume token → device;
+//! - `inbox:<node>`: a stream per node of the events for its devices that
+//!   other nodes committed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use redis::aio::ConnectionManager;
+
+use crate::device::Outgoing;
+use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Phase, Time};
+use crate::domain::{ForceFinish, UserId, Verdict};
+use crate::machine::Step;
+use crate::store::{
+    DeviceRec, MAX_ATTEMPTS, NodeId, PARK_LIMIT, Records, Timer, Transition, Txn, UserRec, Version,
+};
+
+/// A Redis failure: the input it belonged to changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(#[from] redis::ParsingError),
+    #[error("a record in redis could not be read ({key}): {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("a record could not be encoded: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, then the
+/// records (n), then the inboxes (m). ARGV: n, then per record its
+/// expected version, `k` (only read), `w` (write, with its JSON) or `d`
+/// (delete), and the JSON (or empty); then counted lists: rooms claimed,
+/// rooms freed, timers cleared, timers set (score, member), tokens
+/// dropped, tokens set (token, device), inbox entries (inbox index,
+/// device, event JSON). Returns `{1, version}` or `{0, what conflicted}`.
+const COMMIT: &str = r#"
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, n do
+  local have = redis.call('HGET', KEYS[4 + i], 'v') or '0'
+  if have ~= ARGV[a] then return {0, KEYS[4 + i]} end
+  a = a + 3
+end
+local claims = tonumber(ARGV[a]); a = a + 1
+for i = 0, claims - 1 do
+  if redis.call('SISMEMBER', KEYS[3], ARGV[a + i]) == 1 then return {0, 'room ' .. ARGV[a + i]} end
+end
+local v = redis.call('INCR', KEYS[1])
+local r = 2
+for i = 1, n do
+  local op = ARGV[r + 1]
+  if op == 'w' then
+    redis.call('HSET', KEYS[4 + i], 'v', v, 'r', ARGV[r + 2])
+  elseif op == 'd' then
+    redis.call('DEL', KEYS[4 + i])
+  end
+  r = r + 3
+end
+for i = 0, claims - 1 do redis.call('SADD', KEYS[3], ARGV[a + i]) end
+a = a + claims
+local freed = tonumber(ARGV[a]); a = a + 1
+for i = 0, freed - 1 do redis.call('SREM', KEYS[3], ARGV[a + i]) end
+a = a + freed
+local cleared = tonumber(ARGV[a]); a = a + 1
+for i = 0, cleared - 1 do redis.call('ZREM', KEYS[2], ARGV[a + i]) end
+a = a + cleared
+local set = tonumber(ARGV[a]); a = a + 1
+for i = 0, set - 1 do redis.call('ZADD', KEYS[2], ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) end
+a = a + 2 * set
+local dropped = tonumber(ARGV[a]); a = a + 1
+for i = 0, dropped - 1 do redis.call('HDEL', KEYS[4], ARGV[a + i]) end
+a = a + dropped
+local tokens = tonumber(ARGV[a]); a = a + 1
+for i = 0, tokens - 1 do redis.call('HSET', KEYS[4], ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) end
+a = a + 2 * tokens
+local sent = tonumber(ARGV[a]); a = a + 1
+for i = 0, sent - 1 do
+  local j = a + 3 * i
+  redis.call('XADD', KEYS[4 + n + tonumber(ARGV[j])], 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'e', ARGV[j + 2])
+end
+return {1, v}
+"#;
+
+/// Records loaded for one input, each with its version; a read of one not
+/// loaded is a miss (see the module docs).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    users: HashMap<UserId, Option<(Version, UserRec)>>,
+    devices: HashMap<ConnId, Option<(Version, DeviceRec)>>,
+    calls: HashMap<CallId, Option<(Version, Call)>>,
+    held: HashMap<CallId, Option<(Version, Vec<Notice>)>>,
+    tokens: HashMap<String, Option<ConnId>>,
+    rooms: HashMap<u32, bool>,
+    hint: u32,
+    misses: RefCell<Misses>,
+}
+
+/// What a run read that the snapshot did not have.
+#[derive(Debug, Default)]
+struct Misses {
+    users: Vec<UserId>,
+    devices: Vec<ConnId>,
+    calls: Vec<CallId>,
+    held: Vec<CallId>,
+    tokens: Vec<String>,
+    rooms: Vec<u32>,
+}
+
+impl Misses {
+    fn is_empty(&self) -> bool {
+        self.users.is_empty()
+            && self.devices.is_empty()
+            && self.calls.is_empty()
+            && self.held.is_empty()
+            && self.tokens.is_empty()
+            && self.rooms.is_empty()
+    }
+}
+
+fn hit<'a, Q, K, V>(
+    map: &'a HashMap<K, Option<(Version, V)>>,
+    key: &Q,
+    miss: impl FnOnce(),
+) -> Option<(Version, &'a V)>
+where
+    Q: std::hash::Hash + Eq + ?Sized,
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+{
+    match map.get(key) {
+        Some(Some((v, r))) => Some((*v, r)),
+        Some(None) => None,
+        None => {
+            miss();
+            None
+        }
+    }
+}
+
+impl Records for Snapshot {
+    fn user(&self, id: &str) -> Option<(Version, &UserRec)> {
+        hit(&self.users, id, || {
+            self.misses.borrow_mut().users.push(Arc::from(id));
+        })
+    }
+    fn device(&self, id: ConnId) -> Option<(Version, &DeviceRec)> {
+        hit(&self.devices, &id, || {
+            self.misses.borrow_mut().devices.push(id)
+        })
+    }
+    fn call(&self, id: CallId) -> Option<(Version, &Call)> {
+        hit(&self.calls, &id, || self.misses.borrow_mut().calls.push(id))
+    }
+    fn held(&self, id: CallId) -> Option<(Version, &Vec<Notice>)> {
+        hit(&self.held, &id, || self.misses.borrow_mut().held.push(id))
+    }
+    fn device_by_token(&self, token: &str) -> Option<ConnId> {
+        match self.tokens.get(token) {
+            Some(d) => *d,
+            None => {
+                self.misses.borrow_mut().tokens.push(token.to_owned());
+                None
+            }
+        }
+    }
+    fn room_taken(&self, room: u32) -> bool {
+        match self.rooms.get(&room) {
+            Some(taken) => *taken,
+            None => {
+                self.misses.borrow_mut().rooms.push(room);
+                false
+            }
+        }
+    }
+    fn room_hint(&self) -> u32 {
+        self.hint
+    }
+}
+
+/// How a commit went.
+enum Committed {
+    Yes,
+    Conflict,
+}
+
+/// A node's handle on the shared store.
+#[derive(Clone)]
+pub struct SharedStore {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    node: NodeId,
+    commit: Arc<redis::Script>,
+    /// Where this node starts looking for a free room: nodes start apart,
+    /// so their claims rarely meet (a claim is checked in the commit).
+    rooms: Arc<AtomicU32>,
+    /// Commits that lost a race (and ran again).
+    conflicts: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStore")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(t: Time) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ring_deadline(call: &Call) -> Option<Time> {
+    match &call.phase {
+        Phase::Ringing { deadline, .. } => Some(*deadline),
+        _ => None,
+    }
+}
+
+fn room(call: &Call) -> Option<u32> {
+    match &call.phase {
+        Phase::Talking { room, .. } => Some(*room),
+        _ => None,
+    }
+}
+
+/// The script's arguments for one commit.
+#[derive(Default)]
+struct Args {
+    keys: Vec<String>,
+    records: Vec<(Version, &'static str, String)>,
+    claims: Vec<u32>,
+    freed: Vec<u32>,
+    cleared: Vec<String>,
+    set: Vec<(u64, String)>,
+    dropped: Vec<String>,
+    tokens: Vec<(String, u64)>,
+    inboxes: Vec<String>,
+    sent: Vec<(usize, u64, String)>,
+}
+
+impl SharedStore {
+    /// A node's handle: `prefix` names the cluster's keys (`vc:`).
+    pub async fn connect(url: &str, prefix: &str, node: NodeId) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Self {
+            conn,
+            prefix: Arc::from(prefix),
+            node,
+            commit: Arc::new(redis::Script::new(COMMIT)),
+            rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
+            conflicts: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Commits of this handle (and its clones) that lost a race.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, kind: &str, id: impl std::fmt::Display) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    /// Loads what a run missed, in one round trip.
+    async fn load(&mut self, snap: &mut Snapshot) -> Result<(), SharedError> {
+        let m = std::mem::take(&mut *snap.misses.borrow_mut());
+        let mut pipe = redis::pipe();
+        let mut keys = Vec::new();
+        for u in &m.users {
+            keys.push(self.key("u", u));
+        }
+        for d in &m.devices {
+            keys.push(self.key("d", d.0));
+        }
+        for c in &m.calls {
+            keys.push(self.key("c", c));
+        }
+        for h in &m.held {
+            keys.push(self.key("h", h));
+        }
+        for k in &keys {
+            pipe.cmd("HMGET").arg(k).arg("v").arg("r");
+        }
+        let tokens = format!("{}tokens", self.prefix);
+        for t in &m.tokens {
+            pipe.cmd("HGET").arg(&tokens).arg(t);
+        }
+        let rooms = format!("{}rooms", self.prefix);
+        for r in &m.rooms {
+            pipe.cmd("SISMEMBER").arg(&rooms).arg(r);
+        }
+        let values: Vec<redis::Value> = pipe.query_async(&mut self.conn).await?;
+        let mut values = values.into_iter();
+        let mut next = || -> Result<Option<(Version, String)>, SharedError> {
+            let (v, r): (Option<u64>, Option<String>) =
+                redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
+            Ok(v.zip(r))
+        };
+        fn decode<T: serde::de::DeserializeOwned>(
+            key: String,
+            found: Option<(Version, String)>,
+        ) -> Result<Option<(Version, T)>, SharedError> {
+            found
+                .map(|(v, r)| {
+                    serde_json::from_str(&r)
+                        .map(|rec| (v, rec))
+                        .map_err(|source| SharedError::Corrupt { key, source })
+                })
+                .transpose()
+        }
+        for u in m.users {
+            let found = next()?;
+            let rec = decode(format!("u:{u}"), found)?;
+            snap.users.insert(u, rec);
+        }
+        for d in m.devices {
+            let found = next()?;
+            snap.devices.insert(d, decode(format!("d:{}", d.0), found)?);
+        }
+        for c in m.calls {
+            let found = next()?;
+            snap.calls.insert(c, decode(format!("c:{c}"), found)?);
+        }
+        for h in m.held {
+            let found = next()?;
+            snap.held.insert(h, decode(format!("h:{h}"), found)?);
+        }
+        for t in m.tokens {
+            let d: Option<u64> =
+                redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
+            snap.tokens.insert(t, d.map(ConnId));
+        }
+        for r in m.rooms {
+            let taken: bool = redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
+            snap.rooms.insert(r, taken);
+        }
+        Ok(())
+    }
+
+    /// Runs `rule` over records from Redis and commits what it did, again
+    /// from fresh records on a conflict, at most [`MAX_ATTEMPTS`] times
+    /// (`None`: no attempt committed, nothing changed). Like
+    /// [`crate::store::transact`], `out` then holds the effects for this
+    /// node's devices and for the business service; events for devices on
+    /// other nodes went to their inboxes, events for detached devices were
+    /// parked. The devices that parked past their limit come back.
+    pub async fn transact<T>(
+        &mut self,
+        out: &mut Vec<Effect>,
+        mut rule: impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
+    ) -> Result<Option<(T, Vec<ConnId>)>, SharedError> {
+        let from = out.len();
+        for _ in 0..MAX_ATTEMPTS {
+            let mut snap = Snapshot {
+                hint: self.rooms.fetch_add(1, Ordering::Relaxed),
+                ..Snapshot::default()
+            };
+            let (value, t, remote, overflowed) = loop {
+                // The transaction ends before any await: it borrows the
+                // snapshot, which the load then fills.
+                let run = {
+                    out.truncate(from);
+                    let mut txn = Txn::new(&snap);
+                    let value = rule(&mut txn, out);
+                    let (remote, overflowed) = self.route(&mut txn, out, from);
+                    let t = txn.finish();
+                    snap.misses
+                        .borrow()
+                        .is_empty()
+                        .then_some((value, t, remote, overflowed))
+                };
+                match run {
+                    Some(run) => break run,
+                    None => self.load(&mut snap).await?,
+                }
+            };
+            let args = self.args(&snap, &t, remote)?;
+            match self.commit(args).await? {
+                Committed::Yes => return Ok(Some((value, overflowed))),
+                Committed::Conflict => {
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    out.truncate(from);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Routes the events in `out[from..]` through the transition: parked in
+    /// detached devices' records, taken out for devices on other nodes
+    /// (returned, for their inboxes), left for this node's own.
+    fn route(
+        &self,
+        txn: &mut Txn<'_>,
+        out: &mut Vec<Effect>,
+        from: usize,
+    ) -> (Vec<(NodeId, ConnId, Event)>, Vec<ConnId>) {
+        let mut remote = Vec::new();
+        let mut overflowed = Vec::new();
+        let mut i = 0;
+        out.retain(|e| {
+            i += 1;
+            let Effect::Send { conn, event } = e else {
+                return true;
+            };
+            if i <= from {
+                return true;
+            }
+            match txn.device(conn).map(|d| (d.attached, d.node)) {
+                Some((true, node)) if node == self.node => true,
+                Some((true, node)) => {
+                    remote.push((node, *conn, event.clone()));
+                    false
+                }
+                Some((false, _)) => {
+                    if let Some(d) = txn.device_mut(conn) {
+                        d.parked.push_back(Outgoing::Event(event.clone()));
+                        if d.parked.len() == PARK_LIMIT + 1 {
+                            overflowed.push(*conn);
+                        }
+                    }
+                    false
+                }
+                None => false,
+            }
+        });
+        (remote, overflowed)
+    }
+
+    /// The commit script's arguments for a transition run over `snap`: the
+    /// versions to check, the writes, and the indexes its records imply.
+    fn args(
+        &self,
+        snap: &Snapshot,
+        t: &Transition,
+        remote: Vec<(NodeId, ConnId, Event)>,
+    ) -> Result<Args, SharedError> {
+        let mut a = Args::default();
+        for s in t.users_slots() {
+            a.keys.push(self.key("u", &s.key));
+            a.records
+                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+        }
+        for s in t.held_slots() {
+            a.keys.push(self.key("h", s.key));
+            a.records
+                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+        }
+        for s in t.calls_slots() {
+            a.keys.push(self.key("c", s.key));
+            a.records
+                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            if !s.dirty {
+                continue;
+            }
+            let old = snap
+                .calls
+                .get(&s.key)
+                .and_then(|c| c.as_ref())
+                .map(|(_, c)| c);
+            let new = s.value.as_ref();
+            let member = format!("r:{}", s.key);
+            let (was, is) = (old.and_then(ring_deadline), new.and_then(ring_deadline));
+            if was != is {
+                if was.is_some() {
+                    a.cleared.push(member.clone());
+                }
+                if let Some(t) = is {
+                    a.set.push((millis(t), member));
+                }
+            }
+            if let Some(r) = old.and_then(room)
+                && new.and_then(room) != Some(r)
+            {
+                a.freed.push(r);
+            }
+        }
+        for s in t.devices_slots() {
+            a.keys.push(self.key("d", s.key.0));
+            a.records
+                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            if !s.dirty {
+                continue;
+            }
+            let old = snap
+                .devices
+                .get(&s.key)
+                .and_then(|d| d.as_ref())
+                .map(|(_, d)| d);
+            let new = s.value.as_ref();
+            let member = format!("g:{}", s.key.0);
+            let (was, is) = (old.and_then(|d| d.until), new.and_then(|d| d.until));
+            if was != is {
+                if was.is_some() {
+                    a.cleared.push(member.clone());
+                }
+                if let Some(t) = is {
+                    a.set.push((millis(t), member));
+                }
+            }
+            let (was, is) = (old.map(|d| &d.resume_token), new.map(|d| &d.resume_token));
+            if was != is {
+                if let Some(tok) = was {
+                    a.dropped.push(tok.to_string());
+                }
+                if let Some(tok) = is {
+                    a.tokens.push((tok.to_string(), s.key.0));
+                }
+            }
+        }
+        a.claims.extend(t.claimed_rooms());
+        for (node, conn, event) in remote {
+            let inbox = format!("{}inbox:{}", self.prefix, node.0);
+            let i = match a.inboxes.iter().position(|k| *k == inbox) {
+                Some(i) => i,
+                None => {
+                    a.inboxes.push(inbox);
+                    a.inboxes.len() - 1
+                }
+            };
+            let e = serde_json::to_string(&event).map_err(SharedError::Encode)?;
+            a.sent.push((i + 1, conn.0, e));
+        }
+        Ok(a)
+    }
+
+    /// Runs the commit script (see [`SharedStore::args`]).
+    async fn commit(&mut self, a: Args) -> Result<Committed, SharedError> {
+        let mut inv = self.commit.prepare_invoke();
+        inv.key(format!("{}seq", self.prefix))
+            .key(format!("{}timers", self.prefix))
+            .key(format!("{}rooms", self.prefix))
+            .key(format!("{}tokens", self.prefix));
+        for k in &a.keys {
+            inv.key(k);
+        }
+        for k in &a.inboxes {
+            inv.key(k);
+        }
+        inv.arg(a.records.len());
+        for (v, o, j) in &a.records {
+            inv.arg(*v).arg(*o).arg(j);
+        }
+        inv.arg(a.claims.len()).arg(&a.claims);
+        inv.arg(a.freed.len()).arg(&a.freed);
+        inv.arg(a.cleared.len()).arg(&a.cleared);
+        inv.arg(a.set.len());
+        for (score, m) in &a.set {
+            inv.arg(*score).arg(m);
+        }
+        inv.arg(a.dropped.len()).arg(&a.dropped);
+        inv.arg(a.tokens.len());
+        for (tok, d) in &a.tokens {
+            inv.arg(tok).arg(*d);
+        }
+        inv.arg(a.sent.len());
+        for (i, d, e) in &a.sent {
+            inv.arg(*i).arg(*d).arg(e);
+        }
+        let (ok, _what): (u8, redis::Value) = inv.invoke_async(&mut self.conn).await?;
+        Ok(if ok == 1 {
+            Committed::Yes
+        } else {
+            Committed::Conflict
+        })
+    }
+
+    /// Timers due at `now` (at most `limit`), earliest first.
+    pub async fn due(&mut self, now: Time, limit: usize) -> Result<Vec<Timer>, SharedError> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{}timers", self.prefix))
+            .arg("-inf")
+            .arg(millis(now))
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(members.iter().filter_map(|m| parse_timer(m)).collect())
+    }
+
+    /// Events other nodes committed for this node's devices, after the
+    /// entry `after` (`0-0` at first): each with its entry id, to read on
+    /// from.
+    pub async fn inbox(
+        &mut self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, ConnId, Event)>, SharedError> {
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(format!("{}inbox:{}", self.prefix, self.node.0))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn)
+            .await?;
+        let entries: Vec<(String, HashMap<String, String>)> = redis::from_redis_value(reply)?;
+        let mut out = Vec::new();
+        for (id, fields) in entries {
+            let (Some(d), Some(e)) = (fields.get("d"), fields.get("e")) else {
+                continue;
+            };
+            let Ok(d) = d.parse() else { continue };
+            let event = serde_json::from_str(e).map_err(|source| SharedError::Corrupt {
+                key: format!("inbox entry {id}"),
+                source,
+            })?;
+            out.push((id, ConnId(d), event));
+        }
+        Ok(out)
+    }
+}
+
+fn parse_timer(m: &str) -> Option<Timer> {
+    if let Some(c) = m.strip_prefix("r:") {
+        return c.parse().ok().map(|u| Timer::Ring(CallId(u)));
+    }
+    m.strip_prefix("g:")
+        .and_then(|d| d.parse().ok())
+        .map(|d| Timer::Grace(ConnId(d)))
+}
+
+fn op(read: Version, dirty: bool, json: Option<String>) -> (Version, &'static str, String) {
+    match (dirty, json) {
+        (false, _) => (read, "k", String::new()),
+        (true, Some(j)) => (read, "w", j),
+        (true, None) => (read, "d", String::new()),
+    }
+}
+
+fn json<T: serde::Serialize>(rec: &T) -> Result<String, SharedError> {
+    serde_json::to_string(rec).map_err(SharedError::Encode)
+}
+
+/// The call rules over the shared store: one node's inputs.
+#[derive(Clone, Debug)]
+pub struct Node {
+    store: SharedStore,
+    ring_timeout: std::time::Duration,
+}
+
+/// A refusal for an input whose commit kept losing races.
+const CONTENDED: Outcome = Outcome {
+    code: crate::codes::OVERLOADED,
+    call_id: None,
+    reason: "the call state kept changing under this control; try again",
+};
+
+impl Node {
+    pub fn new(store: SharedStore, ring_timeout: std::time::Duration) -> Self {
+        Self {
+            store,
+            ring_timeout,
+        }
+    }
+
+    pub fn store(&mut self) -> &mut SharedStore {
+        &mut self.store
+    }
+
+    async fn run<T>(
+        &mut self,
+        out: &mut Vec<Effect>,
+        mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
+    ) -> Result<Option<T>, SharedError> {
+        let ring_timeout = self.ring_timeout;
+        Ok(self
+            .store
+            .transact(out, |t, o| rule(&mut Step { t, ring_timeout }, o))
+            .await?
+            .map(|(v, _overflowed)| v))
+    }
+
+    /// A new device of `user` on this node (see [`crate::machine::Machine::attach`]).
+    pub async fn attach(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        resume_token: Arc<str>,
+        max_devices: usize,
+        out: &mut Vec<Effect>,
+    ) -> Result<Result<(), usize>, SharedError> {
+        let node = self.store.node;
+        Ok(self
+            .run(out, |s, o| {
+                s.attach(conn, &user, node, &resume_token, max_devices, o)
+            })
+            .await?
+            .unwrap_or(Err(0)))
+    }
+
+    /// A control from a device (see [`crate::machine::Machine::control`]).
+    pub async fn control(
+        &mut self,
+        conn: ConnId,
+        ctl: &Control,
+        new_call_id: CallId,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome, SharedError> {
+        Ok(self
+            .run(out, |s, o| s.control(conn, None, ctl, new_call_id, now, o))
+            .await?
+            .flatten()
+            .unwrap_or(CONTENDED))
+    }
+
+    /// The verdict on a call's REQUEST.
+    pub async fn approval_done(
+        &mut self,
+        call_id: CallId,
+        verdict: Verdict,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), SharedError> {
+        self.run(out, |s, o| s.approval_done(call_id, verdict, now, o))
+            .await
+            .map(drop)
+    }
+
+    /// A forced FINISH.
+    pub async fn force_finish(
+        &mut self,
+        f: &ForceFinish,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome, SharedError> {
+        Ok(self
+            .run(out, |s, o| s.force_finish(f, now, o))
+            .await?
+            .unwrap_or(CONTENDED))
+    }
+
+    /// Fires the timers due at `now`; whichever node fires one, and however
+    /// often, it acts once (the rules check the state it expects).
+    pub async fn tick(&mut self, now: Time, out: &mut Vec<Effect>) -> Result<(), SharedError> {
+        for timer in self.store.due(now, 256).await? {
+            match timer {
+                Timer::Ring(call_id) => {
+                    self.run(out, |s, o| s.ring_out(call_id, now, o)).await?;
+                }
+                Timer::Grace(conn) => {
+                    self.run(out, |s, o| s.expire(conn, now, o)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A user's call, read from the store (for checks and queries).
+    pub async fn user_call(&mut self, user: &str) -> Result<Option<Call>, SharedError> {
+        let mut out = Vec::new();
+        let user: UserId = Arc::from(user);
+        Ok(self
+            .store
+            .transact(&mut out, |t, _| {
+                let id = t.user(&user).and_then(|u| u.call);
+                id.and_then(|id| t.call(&id).cloned())
+            })
+            .await?
+            .and_then(|(c, _)| c))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,403 @@
+//! The rules over the shared store, against a real `redis-server` started
+//! on a free port: races between nodes that only the commit's version
+//! checks can settle. `scripts/test.sh` installs redis-server; without it
+//! these tests fail (they never pass without having run).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::codes;
+use crate::domain::{ControlKind, EventKind, Initiator};
+
+/// A `redis-server` of the test's own, killed when dropped.
+struct Redis {
+    child: Child,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: install it (scripts/test.sh does: apt-get install redis-server)");
+        // Ready once it says so: no polling, no sleeping.
+        let out = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("Ready to accept connections") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("redis-server ended before it was ready"),
+            }
+        }
+        // Its later output is not read: keep the pipe drained.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+        }
+    }
+
+    async fn node(&self, n: u32) -> Node {
+        let store = SharedStore::connect(&self.url, "vc:", NodeId(n))
+            .await
+            .expect("connect to redis");
+        Node::new(store, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn user(s: &str) -> UserId {
+    Arc::from(s)
+}
+
+fn ctl(kind: ControlKind, peer: &str, code: u32) -> Control {
+    Control {
+        kind,
+        peer: user(peer),
+        code,
+        flags: 0,
+        param: 0,
+        user_str: Arc::from(""),
+    }
+}
+
+const T0: Time = Duration::from_secs(1_800_000_000);
+
+async fn attach(node: &mut Node, conn: ConnId, who: &str) {
+    let token: Arc<str> = Arc::from(format!("token-{}", conn.0));
+    node.attach(conn, user(who), token, 8, &mut Vec::new())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn sent(out: &[Effect]) -> impl Iterator<Item = (ConnId, Event)> + '_ {
+    out.iter().filter_map(|e| match e {
+        Effect::Send { conn, event } => Some((*conn, event.clone())),
+        _ => None,
+    })
+}
+
+/// Two users on two nodes call each other at the same moment, 1,000 times:
+/// exactly one call each time, and both users in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glare_across_two_nodes_makes_exactly_one_call() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n2, b, "bob").await;
+    let (mut one_each, mut conflicts_seen) = (0, 0);
+    for round in 0..1_000u32 {
+        let (ida, idb) = (CallId(uuid::Uuid::now_v7()), CallId(uuid::Uuid::now_v7()));
+        let now = T0 + Duration::from_millis(u64::from(round));
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        let before = n1.store().conflicts() + n2.store().conflicts();
+        let (to_bob, to_alice) = (
+            ctl(ControlKind::Request, "bob", 0),
+            ctl(ControlKind::Request, "alice", 0),
+        );
+        let (ra, rb) = tokio::join!(
+            n1.control(a, &to_bob, ida, now, &mut oa),
+            n2.control(b, &to_alice, idb, now, &mut ob),
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        conflicts_seen += n1.store().conflicts() + n2.store().conflicts() - before;
+        // Both controls are taken (the contract's glare: the crossing
+        // REQUEST is answered with REPLY 100103), and one call is live.
+        assert_eq!((ra.code, rb.code), (codes::OK, codes::OK), "round {round}");
+        let live = n1.user_call("alice").await.unwrap().map(|c| c.id);
+        assert_eq!(
+            live,
+            n2.user_call("bob").await.unwrap().map(|c| c.id),
+            "round {round}"
+        );
+        let (id, caller, node, lost, loser, loser_out) = match live {
+            Some(id) if id == ida => (ida, a, &mut n1, idb, b, &ob),
+            Some(id) if id == idb => (idb, b, &mut n2, ida, a, &oa),
+            other => panic!("round {round}: the live call is {other:?}"),
+        };
+        let busy = sent(loser_out)
+            .filter(|(c, e)| {
+                *c == loser
+                    && e.kind == EventKind::Reply
+                    && e.call_id == lost
+                    && e.code == codes::BUSY
+            })
+            .count();
+        assert_eq!(
+            busy, 1,
+            "round {round}: the crossing REQUEST's REPLY 100103"
+        );
+        one_each += 1;
+        // The caller hangs up while the approval is out: both are free.
+        let peer = if caller == a { "bob" } else { "alice" };
+        let r = node
+            .control(
+                caller,
+                &ctl(ControlKind::Finish, peer, 0),
+                id,
+                now,
+                &mut Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.code, codes::OK, "round {round}: cancel");
+        node.approval_done(id, Verdict::Allow, now, &mut Vec::new())
+            .await
+            .unwrap();
+        assert!(n1.user_call("alice").await.unwrap().is_none());
+        assert!(n1.user_call("bob").await.unwrap().is_none());
+    }
+    println!(
+        "1000 rounds of glare: one call each time; {conflicts_seen} commits lost a race and ran again"
+    );
+    assert_eq!(one_each, 1_000);
+    assert!(
+        conflicts_seen > 0,
+        "the two nodes never raced: the test did not test the commit's checks"
+    );
+}
+
+/// Eight devices of one user on three nodes answer the same call at once,
+/// each through a connection of its own, 100 times: one wins, the seven
+/// others hear ANSWERED_ELSEWHERE once each, and the caller one START.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
+    let redis = Redis::start();
+    let mut nodes = [
+        redis.node(1).await,
+        redis.node(2).await,
+        redis.node(3).await,
+    ];
+    let alice = ConnId::on(NodeId(1), 100);
+    attach(&mut nodes[0], alice, "alice").await;
+    let mut bobs = Vec::new();
+    for i in 0..8u64 {
+        let n = (i % 3) as usize;
+        let conn = ConnId::on(NodeId(n as u32 + 1), i + 1);
+        attach(&mut nodes[n], conn, "bob").await;
+        // A handle of the device's node with a connection of its own.
+        bobs.push((conn, redis.node(n as u32 + 1).await));
+    }
+    let mut inbox_from = [
+        String::from("0-0"),
+        String::from("0-0"),
+        String::from("0-0"),
+    ];
+    let mut conflicts = 0;
+    for round in 0..100u64 {
+        let id = CallId(uuid::Uuid::now_v7());
+        let now = T0 + Duration::from_secs(round);
+        let mut out = Vec::new();
+        let r = nodes[0]
+            .control(
+                alice,
+                &ctl(ControlKind::Request, "bob", 0),
+                id,
+                now,
+                &mut out,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.code, codes::OK);
+        nodes[0]
+            .approval_done(id, Verdict::Allow, now, &mut out)
+            .await
+            .unwrap();
+        let mut events: Vec<(ConnId, Event)> = sent(&out).collect();
+        let before: u64 = bobs
+            .iter()
+            .map(|(_, n)| n.clone().store().conflicts())
+            .sum();
+        let answers: Vec<_> = bobs
+            .iter()
+            .map(|(conn, node)| {
+                let (conn, mut node) = (*conn, node.clone());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let answer = ctl(ControlKind::Reply, "alice", 0);
+                    let r = node
+                        .control(conn, &answer, id, now, &mut out)
+                        .await
+                        .unwrap();
+                    (conn, r, out)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for a in answers {
+            let (conn, r, out) = a.await.unwrap();
+            if r.code == codes::OK {
+                winners.push(conn);
+            }
+            events.extend(sent(&out));
+        }
+        conflicts += bobs
+            .iter()
+            .map(|(_, n)| n.clone().store().conflicts())
+            .sum::<u64>()
+            - before;
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let winner = winners[0];
+        for (n, from) in nodes.iter_mut().zip(inbox_from.iter_mut()) {
+            for (entry, conn, e) in n.store().inbox(from, 10_000).await.unwrap() {
+                events.push((conn, e));
+                *from = entry;
+            }
+        }
+        let call = nodes[0].user_call("bob").await.unwrap().expect("a call");
+        assert!(matches!(call.phase, Phase::Talking { callee_conn, .. } if callee_conn == winner));
+        let count = |conn: ConnId, kind: EventKind, code: Option<u32>| {
+            events
+                .iter()
+                .filter(|(c, e)| *c == conn && e.call_id == id && e.kind == kind)
+                .filter(|(_, e)| code.is_none_or(|code| e.code == code))
+                .count()
+        };
+        for &(conn, _) in &bobs {
+            assert_eq!(
+                count(conn, EventKind::Request, None),
+                1,
+                "{conn:?} rang once"
+            );
+            let elsewhere = count(conn, EventKind::Finish, Some(codes::ANSWERED_ELSEWHERE));
+            assert_eq!(
+                elsewhere,
+                usize::from(conn != winner),
+                "round {round}: {conn:?}"
+            );
+            assert_eq!(
+                count(conn, EventKind::Start, None),
+                usize::from(conn == winner)
+            );
+        }
+        assert_eq!(
+            count(alice, EventKind::Start, None),
+            1,
+            "the caller's START"
+        );
+        // Hang up: both free for the next round.
+        let r = nodes[0]
+            .control(
+                alice,
+                &ctl(ControlKind::Finish, "bob", 0),
+                id,
+                now,
+                &mut Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.code, codes::OK);
+    }
+    println!("100 rounds of 8 answers at once: one winner each; {conflicts} commits lost a race");
+    assert!(conflicts > 0, "the answers never raced");
+}
+
+/// A ring deadline fired by two nodes at once, and again later, 200 times:
+/// one REPLY 100105 to the caller, one FINISH to the callee, one notice,
+/// both users free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fired_twice_and_late_acts_once() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n2, b, "bob").await;
+    let mut inbox_from = [String::from("0-0"), String::from("0-0")];
+    let mut conflicts = 0;
+    for round in 0..200u64 {
+        let id = CallId(uuid::Uuid::now_v7());
+        let now = T0 + Duration::from_secs(100 * round);
+        let mut out = Vec::new();
+        n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
+            .await
+            .unwrap();
+        n1.approval_done(id, Verdict::Allow, now, &mut out)
+            .await
+            .unwrap();
+        assert!(n1.store().due(now, 10).await.unwrap().is_empty());
+        let late = now + Duration::from_secs(35);
+        let before = n1.store().conflicts() + n2.store().conflicts();
+        let fire = |mut n: Node| {
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                n.tick(late, &mut out).await.unwrap();
+                out
+            })
+        };
+        let (f1, f2) = (fire(n1.clone()), fire(n2.clone()));
+        let (o1, o2) = (f1.await.unwrap(), f2.await.unwrap());
+        conflicts += n1.store().conflicts() + n2.store().conflicts() - before;
+        let mut again = Vec::new();
+        n2.tick(late + Duration::from_secs(60), &mut again)
+            .await
+            .unwrap();
+        let mut events: Vec<_> = sent(&o1).chain(sent(&o2)).chain(sent(&again)).collect();
+        for (n, from) in [&mut n1, &mut n2].into_iter().zip(inbox_from.iter_mut()) {
+            for (entry, conn, e) in n.store().inbox(from, 10_000).await.unwrap() {
+                events.push((conn, e));
+                *from = entry;
+            }
+        }
+        let timed_out = |conn, kind| {
+            events
+                .iter()
+                .filter(|(c, e)| {
+                    *c == conn && e.call_id == id && e.kind == kind && e.code == codes::NO_ANSWER
+                })
+                .count()
+        };
+        assert_eq!(
+            timed_out(a, EventKind::Reply),
+            1,
+            "round {round}: the caller's REPLY 100105"
+        );
+        assert_eq!(
+            timed_out(b, EventKind::Finish),
+            1,
+            "round {round}: the callee's FINISH 100105"
+        );
+        let notices = o1
+            .iter()
+            .chain(&o2)
+            .chain(&again)
+            .filter(|e| {
+                matches!(e, Effect::Notify(n) if n.call_id == id
+                    && n.code == codes::NO_ANSWER && n.initiator == Initiator::Service)
+            })
+            .count();
+        assert_eq!(notices, 1, "round {round}: one notice of the timeout");
+        assert!(n1.user_call("alice").await.unwrap().is_none());
+        assert!(n2.user_call("bob").await.unwrap().is_none());
+        assert!(
+            n1.store()
+                .due(late + Duration::from_secs(60), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    println!(
+        "200 ring deadlines fired by two nodes at once: each acted once; {conflicts} commits lost a race"
+    );
+    assert!(conflicts > 0, "the two fires never raced");
+}
