@@ -67,12 +67,13 @@ pub enum SharedError {
 }
 
 /// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, then the
-/// records (n), then the inboxes (m). ARGV: n, then per record its
-/// expected version, `k` (only read), `w` (write, with its JSON) or `d`
-/// (delete), and the JSON (or empty); then counted lists: rooms claimed,
-/// rooms freed, timers cleared, timers set (score, member), tokens
-/// dropped, tokens set (token, device), inbox entries (inbox index,
-/// device, event JSON). Returns `{1, version}` or `{0, what conflicted}`.
+/// records (n), then the other keys it writes (inboxes, nodes' device
+/// sets). ARGV: n, then per record its expected version, `k` (only read),
+/// `w` (write, with its JSON) or `d` (delete), and the JSON (or empty);
+/// then counted lists: rooms claimed, rooms freed, timers cleared, timers
+/// set (score, member), tokens dropped, tokens set (token, device), inbox
+/// entries (key index, device, event JSON), set members (key index, `a`dd
+/// or `r`emove, device). Returns `{1, version}` or `{0, what conflicted}`.
 const COMMIT: &str = r#"
 local n = tonumber(ARGV[1])
 local a = 2
@@ -118,8 +119,50 @@ for i = 0, sent - 1 do
   local j = a + 3 * i
   redis.call('XADD', KEYS[4 + n + tonumber(ARGV[j])], 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'e', ARGV[j + 2])
 end
+a = a + 3 * sent
+local moves = tonumber(ARGV[a]); a = a + 1
+for i = 0, moves - 1 do
+  local j = a + 3 * i
+  local set = KEYS[4 + n + tonumber(ARGV[j])]
+  if ARGV[j + 1] == 'a' then redis.call('SADD', set, ARGV[j + 2]) else redis.call('SREM', set, ARGV[j + 2]) end
+end
 return {1, v}
 "#;
+
+/// Renews a node's lease (KEYS: `leases`; ARGV: node, now, new end,
+/// `join` or `renew`). A lease that ran out is never renewed: the node was
+/// (or is being) reaped, and must close its streams and join afresh. 1:
+/// held, 0: lost.
+const RENEW: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) >= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+if not s and ARGV[4] == 'join' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+/// Forgets a reaped node once none of its devices is left (KEYS: `leases`,
+/// `devs:<node>`; ARGV: node).
+const FORGET: &str = r#"
+if redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+/// What became of a node's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    /// It ran out: other nodes reap (or have reaped) this node's devices.
+    Lost,
+}
 
 /// Records loaded for one input, each with its version; a read of one not
 /// loaded is a miss (see the module docs).
@@ -274,8 +317,23 @@ struct Args {
     set: Vec<(u64, String)>,
     dropped: Vec<String>,
     tokens: Vec<(String, u64)>,
-    inboxes: Vec<String>,
+    /// Keys after the records: inboxes and nodes' device sets.
+    extra: Vec<String>,
     sent: Vec<(usize, u64, String)>,
+    moves: Vec<(usize, &'static str, u64)>,
+}
+
+impl Args {
+    /// The index (from 1) of an extra key, added if new.
+    fn extra(&mut self, key: String) -> usize {
+        match self.extra.iter().position(|k| *k == key) {
+            Some(i) => i + 1,
+            None => {
+                self.extra.push(key);
+                self.extra.len()
+            }
+        }
+    }
 }
 
 impl SharedStore {
@@ -295,6 +353,57 @@ impl SharedStore {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Takes (`join`) or renews this node's lease until `now + ttl`
+    /// (wall-clock, as every node's timers). See [`RENEW`].
+    pub async fn lease(
+        &mut self,
+        now: Time,
+        ttl: std::time::Duration,
+        join: bool,
+    ) -> Result<Lease, SharedError> {
+        let held: u8 = redis::Script::new(RENEW)
+            .key(format!("{}leases", self.prefix))
+            .arg(self.node.0)
+            .arg(millis(now))
+            .arg(millis(now + ttl))
+            .arg(if join { "join" } else { "renew" })
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(if held == 1 { Lease::Held } else { Lease::Lost })
+    }
+
+    /// Nodes whose lease ran out before `now`.
+    pub async fn expired_nodes(&mut self, now: Time) -> Result<Vec<NodeId>, SharedError> {
+        let nodes: Vec<u32> = redis::cmd("ZRANGE")
+            .arg(format!("{}leases", self.prefix))
+            .arg("-inf")
+            .arg(format!("({}", millis(now)))
+            .arg("BYSCORE")
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(nodes.into_iter().map(NodeId).collect())
+    }
+
+    /// The devices whose records name `node`.
+    pub async fn node_devices(&mut self, node: NodeId) -> Result<Vec<ConnId>, SharedError> {
+        let devs: Vec<u64> = redis::cmd("SMEMBERS")
+            .arg(format!("{}devs:{}", self.prefix, node.0))
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(devs.into_iter().map(ConnId).collect())
+    }
+
+    /// Forgets a reaped node if none of its devices is left; whether it did.
+    pub async fn forget(&mut self, node: NodeId) -> Result<bool, SharedError> {
+        let done: u8 = redis::Script::new(FORGET)
+            .key(format!("{}leases", self.prefix))
+            .key(format!("{}devs:{}", self.prefix, node.0))
+            .arg(node.0)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(done == 1)
     }
 
     /// Commits of this handle (and its clones) that lost a race.
@@ -543,6 +652,18 @@ impl SharedStore {
                     a.set.push((millis(t), member));
                 }
             }
+            // Which node's devices it is among (what a reaper walks).
+            let (was, is) = (old.map(|d| d.node), new.map(|d| d.node));
+            if was != is {
+                if let Some(n) = was {
+                    let i = a.extra(format!("{}devs:{}", self.prefix, n.0));
+                    a.moves.push((i, "r", s.key.0));
+                }
+                if let Some(n) = is {
+                    let i = a.extra(format!("{}devs:{}", self.prefix, n.0));
+                    a.moves.push((i, "a", s.key.0));
+                }
+            }
             let (was, is) = (old.map(|d| &d.resume_token), new.map(|d| &d.resume_token));
             if was != is {
                 if let Some(tok) = was {
@@ -555,16 +676,9 @@ impl SharedStore {
         }
         a.claims.extend(t.claimed_rooms());
         for (node, conn, event) in remote {
-            let inbox = format!("{}inbox:{}", self.prefix, node.0);
-            let i = match a.inboxes.iter().position(|k| *k == inbox) {
-                Some(i) => i,
-                None => {
-                    a.inboxes.push(inbox);
-                    a.inboxes.len() - 1
-                }
-            };
+            let i = a.extra(format!("{}inbox:{}", self.prefix, node.0));
             let e = serde_json::to_string(&event).map_err(SharedError::Encode)?;
-            a.sent.push((i + 1, conn.0, e));
+            a.sent.push((i, conn.0, e));
         }
         Ok(a)
     }
@@ -579,7 +693,7 @@ impl SharedStore {
         for k in &a.keys {
             inv.key(k);
         }
-        for k in &a.inboxes {
+        for k in &a.extra {
             inv.key(k);
         }
         inv.arg(a.records.len());
@@ -601,6 +715,10 @@ impl SharedStore {
         inv.arg(a.sent.len());
         for (i, d, e) in &a.sent {
             inv.arg(*i).arg(*d).arg(e);
+        }
+        inv.arg(a.moves.len());
+        for (i, op, d) in &a.moves {
+            inv.arg(*i).arg(*op).arg(*d);
         }
         let (ok, _what): (u8, redis::Value) = inv.invoke_async(&mut self.conn).await?;
         Ok(if ok == 1 {
@@ -792,6 +910,74 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// A stream of this node's device ended (see
+    /// [`crate::machine::Machine::stream_ended`]).
+    pub async fn stream_ended(
+        &mut self,
+        conn: ConnId,
+        epoch: u64,
+        keep_until: Option<Time>,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), SharedError> {
+        self.run(out, |s, o| s.stream_ended(conn, epoch, keep_until, now, o))
+            .await
+            .map(drop)
+    }
+
+    /// A new stream on this node takes the device `token` names, wherever
+    /// it was (see [`crate::machine::Machine::resume`]).
+    pub async fn resume(
+        &mut self,
+        user: &UserId,
+        token: &str,
+        next_token: Arc<str>,
+    ) -> Result<Option<(ConnId, u64, std::collections::VecDeque<Outgoing>)>, SharedError> {
+        let node = self.store.node;
+        Ok(self
+            .run(&mut Vec::new(), |s, _| {
+                s.resume(user, token, &next_token, node)
+            })
+            .await?
+            .flatten())
+    }
+
+    /// Reaps the nodes whose lease ran out before `now`: each of their
+    /// attached devices becomes detached until `now + grace`, as if its
+    /// stream had broken, so its user's call goes on if the client resumes
+    /// in time (through any node). A node is forgotten once none of its
+    /// devices is left. Returns the devices detached.
+    pub async fn reap(
+        &mut self,
+        now: Time,
+        grace: std::time::Duration,
+        out: &mut Vec<Effect>,
+    ) -> Result<usize, SharedError> {
+        let mut detached = 0;
+        for dead in self.store.expired_nodes(now).await? {
+            if dead == self.store.node {
+                continue;
+            }
+            for conn in self.store.node_devices(dead).await? {
+                let done = self
+                    .run(out, |s, o| {
+                        let epoch =
+                            s.t.device(&conn)
+                                .filter(|d| d.attached && d.node == dead)
+                                .map(|d| d.epoch);
+                        if let Some(epoch) = epoch {
+                            s.stream_ended(conn, epoch, Some(now + grace), now, o);
+                        }
+                        epoch.is_some()
+                    })
+                    .await?;
+                detached += usize::from(done == Some(true));
+            }
+            self.store.forget(dead).await?;
+        }
+        Ok(detached)
     }
 
     /// A user's call, read from the store (for checks and queries).

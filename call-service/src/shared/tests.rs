@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::*;
 use crate::codes;
 use crate::domain::{ControlKind, EventKind, Initiator};
+use crate::shared::Lease;
 
 /// A `redis-server` of the test's own, killed when dropped.
 struct Redis {
@@ -400,4 +401,152 @@ async fn a_timer_fired_twice_and_late_acts_once() {
         "200 ring deadlines fired by two nodes at once: each acted once; {conflicts} commits lost a race"
     );
     assert!(conflicts > 0, "the two fires never raced");
+}
+
+/// Sets up a talking call between alice (node 1) and bob (node 2); returns
+/// bob's device.
+async fn talking(n1: &mut Node, n2: &mut Node, id: CallId, now: Time) -> ConnId {
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(n1, a, "alice").await;
+    attach(n2, b, "bob").await;
+    let mut out = Vec::new();
+    let r = n1
+        .control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    n1.approval_done(id, Verdict::Allow, now, &mut out)
+        .await
+        .unwrap();
+    let r = n2
+        .control(b, &ctl(ControlKind::Reply, "alice", 0), id, now, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    let call = n1.user_call("alice").await.unwrap().expect("a call");
+    assert!(matches!(call.phase, Phase::Talking { callee_conn, .. } if callee_conn == b));
+    b
+}
+
+const LEASE: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A node stops renewing its lease (it died): another node reaps it, its
+/// device is detached with the grace window running, the peer sees
+/// nothing, and the client resumes through the other node; the call goes
+/// on. The dead node, back, cannot renew.
+#[tokio::test]
+async fn a_reaped_nodes_device_resumes_on_another_node_and_the_call_goes_on() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    assert_eq!(
+        n1.store().lease(T0, LEASE, true).await.unwrap(),
+        Lease::Held
+    );
+    assert_eq!(
+        n2.store().lease(T0, LEASE, true).await.unwrap(),
+        Lease::Held
+    );
+    let id = CallId(uuid::Uuid::now_v7());
+    let b = talking(&mut n1, &mut n2, id, T0).await;
+    // Node 1 renews; node 2 does not. Before the lease ends nothing is reaped.
+    let t1 = T0 + Duration::from_secs(3);
+    assert_eq!(
+        n1.store().lease(t1, LEASE, false).await.unwrap(),
+        Lease::Held
+    );
+    let mut out = Vec::new();
+    assert_eq!(n1.reap(t1, GRACE, &mut out).await.unwrap(), 0);
+    let t2 = T0 + Duration::from_secs(6);
+    assert_eq!(
+        n1.store().lease(t2, LEASE, false).await.unwrap(),
+        Lease::Held
+    );
+    assert_eq!(
+        n1.reap(t2, GRACE, &mut out).await.unwrap(),
+        1,
+        "bob's device reaped"
+    );
+    assert!(out.is_empty(), "the peer sees nothing: {out:?}");
+    let call = n1
+        .user_call("alice")
+        .await
+        .unwrap()
+        .expect("the call goes on");
+    assert!(matches!(call.phase, Phase::Talking { .. }));
+    // The dead node comes back: its lease is gone for good.
+    assert_eq!(
+        n2.store().lease(t2, LEASE, false).await.unwrap(),
+        Lease::Lost
+    );
+    let a = ConnId::on(NodeId(1), 1);
+    let mut out = Vec::new();
+    // Bob resumes through node 1 with the token he had.
+    let (conn, _, parked) = n1
+        .resume(&user("bob"), &format!("token-{}", b.0), Arc::from("next"))
+        .await
+        .unwrap()
+        .expect("resumed");
+    assert_eq!((conn, parked.len()), (b, 0));
+    // Now alice hangs up: bob hears FINISH on node 1, his new node.
+    let r = n1
+        .control(a, &ctl(ControlKind::Finish, "bob", 0), id, t2, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    let finish = sent(&out)
+        .filter(|(c, e)| *c == b && e.kind == EventKind::Finish && e.call_id == id)
+        .count();
+    assert_eq!(finish, 1, "bob's FINISH, delivered by node 1: {out:?}");
+    // Node 2 has nothing left: the next reaping forgets it.
+    assert!(n1.store().node_devices(NodeId(2)).await.unwrap().is_empty());
+    assert_eq!(n1.reap(t2, GRACE, &mut Vec::new()).await.unwrap(), 0);
+    assert!(
+        n1.store().expired_nodes(t2).await.unwrap().is_empty(),
+        "node 2 forgotten"
+    );
+}
+
+/// A reaped node's client never comes back: when the grace window ends,
+/// on whichever node fires it, the peer gets FINISH 100106 and both users
+/// are free. Events meanwhile were parked in the device's record.
+#[tokio::test]
+async fn a_reaped_nodes_client_that_never_returns_ends_the_call_at_the_window() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    n1.store().lease(T0, LEASE, true).await.unwrap();
+    n2.store().lease(T0, LEASE, true).await.unwrap();
+    let id = CallId(uuid::Uuid::now_v7());
+    let b = talking(&mut n1, &mut n2, id, T0).await;
+    let t = T0 + Duration::from_secs(6);
+    n1.store().lease(t, LEASE, false).await.unwrap();
+    let mut out = Vec::new();
+    assert_eq!(n1.reap(t, GRACE, &mut out).await.unwrap(), 1);
+    // Reaping again changes nothing.
+    assert_eq!(n1.reap(t, GRACE, &mut out).await.unwrap(), 0);
+    assert!(
+        n1.store()
+            .due(t + GRACE - Duration::from_millis(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut out = Vec::new();
+    n1.tick(t + GRACE, &mut out).await.unwrap();
+    let a = ConnId::on(NodeId(1), 1);
+    let lost = sent(&out)
+        .filter(|(c, e)| {
+            *c == a
+                && e.kind == EventKind::Finish
+                && e.call_id == id
+                && e.code == codes::CONNECTION_LOST
+        })
+        .count();
+    assert_eq!(lost, 1, "alice's FINISH 100106: {out:?}");
+    assert!(n1.user_call("alice").await.unwrap().is_none());
+    assert!(n1.user_call("bob").await.unwrap().is_none());
+    // Bob's device is gone, and with it node 2.
+    let _ = b;
+    assert!(n1.store().node_devices(NodeId(2)).await.unwrap().is_empty());
+    assert!(n1.store().forget(NodeId(2)).await.unwrap());
 }
