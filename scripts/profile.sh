@@ -7,7 +7,8 @@
 #      counts instructions rather than time: the figure repeats within about
 #      1 % whatever else the machine does, so it is the one to compare before
 #      and after a change). Two runs of 300 and 900 calls; their difference
-#      over 600 calls leaves start-up and shutdown out.
+#      over 600 calls leaves start-up and shutdown out. Then the business
+#      service's, with call records and without, the same way.
 # Installs what it needs: linux-perf and valgrind (Debian), inferno
 # (crates.io, into target/tools) for the SVGs. Writes to the output
 # directory (default target/profile/<date-time>); extra arguments go to the
@@ -92,11 +93,38 @@ total() {
 small=$(total 300)
 large=$(total 900)
 per_call=$(((large - small) / 600))
+
+# The business service the same way, with its call records (SQLite) and
+# without, mixed outcomes: what a record costs in instructions.
+cat >"$out/callgrind-business.sh" <<EOF
+#!/bin/sh
+exec valgrind --tool=callgrind --callgrind-out-file=$out/callgrind-business.%p.out $PWD/target/release/business-service "\$@"
+EOF
+chmod +x "$out/callgrind-business.sh"
+business_total() {
+  local name=$1 n=$2
+  shift 2
+  "$bench" calls --rate 50 --calls "$n" --pairs 50 --quiet --require-clean --reject 0.1 --cancel 0.05 --no-answer 0.02 \
+    --business-service "$out/callgrind-business.sh" "$@" >/dev/null 2>>"$out/callgrind.log"
+  local f
+  f=$(ls -t "$out"/callgrind-business.*.out | head -n 1)
+  mv "$f" "$out/callgrind-business-$name-$n.out"
+  awk '/^summary:/ { print $2 }' "$out/callgrind-business-$name-$n.out"
+}
+records_small=$(business_total records 300)
+records_large=$(business_total records 900)
+business_records=$(((records_large - records_small) / 600))
+plain_small=$(business_total no-records 300 --no-records)
+plain_large=$(business_total no-records 900 --no-records)
+business_plain=$(((plain_large - plain_small) / 600))
 {
   echo "# Profile"
   echo
   echo "Call service, instructions per call (callgrind; 900 calls minus 300 calls, over 600): **$per_call**"
   echo "(totals: $small for 300 calls, $large for 900)."
+  echo
+  echo "Business service, instructions per call, mixed outcomes (the same way): **$business_records** with call records,"
+  echo "**$business_plain** without (--no-records)."
   echo
   echo "Flame graphs at $rate calls/s, CPU time sampled for $duration s: call-service.svg, business-service.svg, load-generator.svg."
   echo "Call service arguments: ${*:-(defaults)}."
@@ -105,5 +133,5 @@ per_call=$(((large - small) / 600))
   echo
   cat "$out/load.md"
 } >"$out/PROFILE.md"
-echo "instructions per call: $per_call"
+echo "instructions per call: call service $per_call; business service $business_records with records, $business_plain without"
 echo "written to $out"
