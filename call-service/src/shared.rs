@@ -43,11 +43,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use redis::aio::ConnectionManager;
 
 use crate::device::Outgoing;
-use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Phase, Time};
+use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Time};
 use crate::domain::{ForceFinish, UserId, Verdict};
 use crate::machine::Step;
 use crate::store::{
     DeviceRec, MAX_ATTEMPTS, NodeId, PARK_LIMIT, Records, Timer, Transition, Txn, UserRec, Version,
+    ring_deadline, room,
 };
 
 /// A Redis failure: the input it belonged to changed nothing.
@@ -290,20 +291,6 @@ impl std::fmt::Debug for SharedStore {
 
 fn millis(t: Time) -> u64 {
     u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn ring_deadline(call: &Call) -> Option<Time> {
-    match &call.phase {
-        Phase::Ringing { deadline, .. } => Some(*deadline),
-        _ => None,
-    }
-}
-
-fn room(call: &Call) -> Option<u32> {
-    match &call.phase {
-        Phase::Talking { room, .. } => Some(*room),
-        _ => None,
-    }
 }
 
 /// The script's arguments for one commit.

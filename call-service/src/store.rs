@@ -508,14 +508,16 @@ impl Records for MemoryStore {
     }
 }
 
-fn ring_deadline(call: &Call) -> Option<Time> {
+/// A ringing call's deadline (what its ring timer is set to).
+pub(crate) fn ring_deadline(call: &Call) -> Option<Time> {
     match &call.phase {
         Phase::Ringing { deadline, .. } => Some(*deadline),
         _ => None,
     }
 }
 
-fn room(call: &Call) -> Option<u32> {
+/// A talking call's room (what it holds in the rooms index).
+pub(crate) fn room(call: &Call) -> Option<u32> {
     match &call.phase {
         Phase::Talking { room, .. } => Some(*room),
         _ => None,

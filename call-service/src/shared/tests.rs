@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::codes;
-use crate::domain::{ControlKind, EventKind, Initiator};
+use crate::domain::{ControlKind, EventKind, Initiator, Phase};
 use crate::shared::Lease;
 
 /// A `redis-server` of the test's own, killed when dropped.
