@@ -527,6 +527,26 @@ impl SharedStore {
         Ok(None)
     }
 
+    /// Reads through a transaction that is never committed (a query):
+    /// `f` runs until every record it reads is loaded.
+    pub async fn read<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Txn<'_>) -> T,
+    ) -> Result<T, SharedError> {
+        let mut snap = Snapshot::default();
+        loop {
+            let value = {
+                let mut txn = Txn::new(&snap);
+                let value = f(&mut txn);
+                snap.misses.borrow().is_empty().then_some(value)
+            };
+            match value {
+                Some(v) => return Ok(v),
+                None => self.load(&mut snap).await?,
+            }
+        }
+    }
+
     /// Routes the events in `out[from..]` through the transition: parked in
     /// detached devices' records, taken out for devices on other nodes
     /// (returned, for their inboxes), left for this node's own.
@@ -969,16 +989,13 @@ impl Node {
 
     /// A user's call, read from the store (for checks and queries).
     pub async fn user_call(&mut self, user: &str) -> Result<Option<Call>, SharedError> {
-        let mut out = Vec::new();
         let user: UserId = Arc::from(user);
-        Ok(self
-            .store
-            .transact(&mut out, |t, _| {
+        self.store
+            .read(|t| {
                 let id = t.user(&user).and_then(|u| u.call);
                 id.and_then(|id| t.call(&id).cloned())
             })
-            .await?
-            .and_then(|(c, _)| c))
+            .await
     }
 }
 
