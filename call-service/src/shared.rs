@@ -33,7 +33,9 @@
 //! - `rooms`: the rooms of live calls (a claim is checked free in the
 //!   commit); `tokens`: resume token → device;
 //! - `inbox:<node>`: a stream per node of the events for its devices that
-//!   other nodes committed.
+//!   other nodes committed ([`InboxReader`] waits on it);
+//! - `leases`: when each node's lease ends; `devs:<node>`: the devices whose
+//!   records name the node (what [`Node::reap`] walks).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -778,6 +780,95 @@ impl SharedStore {
                 source,
             })?;
             out.push((id, ConnId(d), event));
+        }
+        Ok(out)
+    }
+}
+
+/// A node's reader of its own inbox: the events other nodes committed for
+/// its devices, in commit order, from the last entry it read. It has a
+/// connection of its own with no response timeout, since a blocking `XREAD`
+/// would hold the shared connection (whose replies time out after 500 ms).
+#[derive(Clone)]
+pub struct InboxReader {
+    conn: redis::aio::MultiplexedConnection,
+    key: String,
+    /// The last entry read: a reader that reconnects goes on from it, so
+    /// nothing is lost.
+    last: String,
+}
+
+impl std::fmt::Debug for InboxReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxReader")
+            .field("key", &self.key)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `XREAD`'s reply: per stream, its entries, each an id and its fields.
+type XRead = Option<Vec<(String, Vec<(String, HashMap<String, String>)>)>>;
+
+impl InboxReader {
+    /// `node`'s inbox, read from `after` on (`0-0`: from the start, `$`:
+    /// only what comes next).
+    pub async fn open(
+        url: &str,
+        prefix: &str,
+        node: NodeId,
+        after: &str,
+    ) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Self {
+            conn,
+            key: format!("{prefix}inbox:{}", node.0),
+            last: after.to_owned(),
+        })
+    }
+
+    /// The entry it read last.
+    pub fn last(&self) -> &str {
+        &self.last
+    }
+
+    /// Waits up to `block` for entries after the last one read and returns
+    /// at most `count` of them (none if `block` passed first).
+    pub async fn next(
+        &mut self,
+        block: std::time::Duration,
+        count: usize,
+    ) -> Result<Vec<(ConnId, Event)>, SharedError> {
+        let reply: XRead = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(&self.last)
+            .query_async(&mut self.conn)
+            .await?;
+        let mut out = Vec::new();
+        for (_, entries) in reply.unwrap_or_default() {
+            for (id, fields) in entries {
+                let parsed = fields
+                    .get("d")
+                    .and_then(|d| d.parse().ok())
+                    .zip(fields.get("e"));
+                if let Some((d, e)) = parsed {
+                    let event = serde_json::from_str(e).map_err(|source| SharedError::Corrupt {
+                        key: format!("{} entry {id}", self.key),
+                        source,
+                    })?;
+                    out.push((ConnId(d), event));
+                }
+                self.last = id;
+            }
         }
         Ok(out)
     }

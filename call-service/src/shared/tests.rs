@@ -550,3 +550,69 @@ async fn a_reaped_nodes_client_that_never_returns_ends_the_call_at_the_window() 
     assert!(n1.store().node_devices(NodeId(2)).await.unwrap().is_empty());
     assert!(n1.store().forget(NodeId(2)).await.unwrap());
 }
+
+/// A node's inbox reader waits for what another node commits for its
+/// devices, in commit order, and a reader reopened from the last entry it
+/// read gets only what came after.
+#[tokio::test]
+async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_last_entry() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    // From the start (the inbox is empty): what arrives before the reader's
+    // first XREAD is not missed.
+    let mut reader = InboxReader::open(&redis.url, "vc:", NodeId(2), "0-0")
+        .await
+        .unwrap();
+    // Nothing yet: the wait ends empty.
+    assert!(
+        reader
+            .next(Duration::from_millis(20), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n2, b, "bob").await;
+    let id = CallId(uuid::Uuid::now_v7());
+    // While the reader waits, node 1 rings bob (on node 2).
+    let waiting = tokio::spawn(async move {
+        let got = reader.next(Duration::from_secs(30), 100).await.unwrap();
+        (reader, got)
+    });
+    let mut out = Vec::new();
+    n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, T0, &mut out)
+        .await
+        .unwrap();
+    n1.approval_done(id, Verdict::Allow, T0, &mut out)
+        .await
+        .unwrap();
+    let (mut reader, got) = waiting.await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].0, got[0].1.kind, got[0].1.call_id),
+        (b, EventKind::Request, id)
+    );
+    // Alice cancels: bob's FINISH follows, and a reader reopened from the
+    // last entry read gets it alone.
+    n1.control(a, &ctl(ControlKind::Finish, "bob", 0), id, T0, &mut out)
+        .await
+        .unwrap();
+    let mut again = InboxReader::open(&redis.url, "vc:", NodeId(2), reader.last())
+        .await
+        .unwrap();
+    let more = again.next(Duration::from_secs(30), 100).await.unwrap();
+    assert_eq!(more.len(), 1, "{more:?}");
+    assert_eq!(
+        (more[0].0, more[0].1.kind, more[0].1.code),
+        (b, EventKind::Finish, codes::CANCELLED)
+    );
+    assert_eq!(
+        reader
+            .next(Duration::from_secs(30), 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
