@@ -72,7 +72,7 @@ pub struct Machine {
 }
 
 /// A refusal for an input whose commit kept losing races.
-const CONTENDED: Outcome = Outcome {
+pub(crate) const CONTENDED: Outcome = Outcome {
     code: codes::OVERLOADED,
     call_id: None,
     reason: "the call state kept changing under this control; try again",

@@ -47,7 +47,7 @@ use redis::aio::ConnectionManager;
 use crate::device::Outgoing;
 use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Time};
 use crate::domain::{ForceFinish, UserId, Verdict};
-use crate::machine::Step;
+use crate::machine::{CONTENDED, Step};
 use crate::store::{
     DeviceRec, MAX_ATTEMPTS, NodeId, PARK_LIMIT, Records, Timer, Transition, Txn, UserRec, Version,
     ring_deadline, room,
@@ -901,13 +901,6 @@ pub struct Node {
     store: SharedStore,
     ring_timeout: std::time::Duration,
 }
-
-/// A refusal for an input whose commit kept losing races.
-const CONTENDED: Outcome = Outcome {
-    code: crate::codes::OVERLOADED,
-    call_id: None,
-    reason: "the call state kept changing under this control; try again",
-};
 
 impl Node {
     pub fn new(store: SharedStore, ring_timeout: std::time::Duration) -> Self {
