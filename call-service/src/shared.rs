@@ -900,6 +900,9 @@ fn json<T: serde::Serialize>(rec: &T) -> Result<String, SharedError> {
 pub struct Node {
     store: SharedStore,
     ring_timeout: std::time::Duration,
+    /// The latest time an input brought: what a device given up for parking
+    /// too much is stamped with.
+    now: Time,
 }
 
 impl Node {
@@ -907,6 +910,7 @@ impl Node {
         Self {
             store,
             ring_timeout,
+            now: Time::ZERO,
         }
     }
 
@@ -914,17 +918,39 @@ impl Node {
         &mut self.store
     }
 
+    /// Runs one input (at `now`, if it has a time of its own) and gives up
+    /// the detached devices that parked past their limit, each in a
+    /// transition of its own, at the latest time this node has seen.
     async fn run<T>(
         &mut self,
+        now: Option<Time>,
         out: &mut Vec<Effect>,
         mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
     ) -> Result<Option<T>, SharedError> {
         let ring_timeout = self.ring_timeout;
-        Ok(self
+        if let Some(now) = now {
+            self.now = self.now.max(now);
+        }
+        let Some((value, mut overflowed)) = self
             .store
             .transact(out, |t, o| rule(&mut Step { t, ring_timeout }, o))
             .await?
-            .map(|(v, _overflowed)| v))
+        else {
+            return Ok(None);
+        };
+        let now = self.now;
+        while let Some(conn) = overflowed.pop() {
+            let dropped = self
+                .store
+                .transact(out, |t, o| {
+                    Step { t, ring_timeout }.drop_device(conn, now, o)
+                })
+                .await?;
+            if let Some(((), more)) = dropped {
+                overflowed.extend(more);
+            }
+        }
+        Ok(Some(value))
     }
 
     /// A new device of `user` on this node (see [`crate::machine::Machine::attach`]).
@@ -938,7 +964,7 @@ impl Node {
     ) -> Result<Result<(), usize>, SharedError> {
         let node = self.store.node;
         Ok(self
-            .run(out, |s, o| {
+            .run(None, out, |s, o| {
                 s.attach(conn, &user, node, &resume_token, max_devices, o)
             })
             .await?
@@ -955,7 +981,9 @@ impl Node {
         out: &mut Vec<Effect>,
     ) -> Result<Outcome, SharedError> {
         Ok(self
-            .run(out, |s, o| s.control(conn, None, ctl, new_call_id, now, o))
+            .run(Some(now), out, |s, o| {
+                s.control(conn, None, ctl, new_call_id, now, o)
+            })
             .await?
             .flatten()
             .unwrap_or(CONTENDED))
@@ -969,9 +997,11 @@ impl Node {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<(), SharedError> {
-        self.run(out, |s, o| s.approval_done(call_id, verdict, now, o))
-            .await
-            .map(drop)
+        self.run(Some(now), out, |s, o| {
+            s.approval_done(call_id, verdict, now, o)
+        })
+        .await
+        .map(drop)
     }
 
     /// A forced FINISH.
@@ -982,7 +1012,7 @@ impl Node {
         out: &mut Vec<Effect>,
     ) -> Result<Outcome, SharedError> {
         Ok(self
-            .run(out, |s, o| s.force_finish(f, now, o))
+            .run(Some(now), out, |s, o| s.force_finish(f, now, o))
             .await?
             .unwrap_or(CONTENDED))
     }
@@ -993,10 +1023,12 @@ impl Node {
         for timer in self.store.due(now, 256).await? {
             match timer {
                 Timer::Ring(call_id) => {
-                    self.run(out, |s, o| s.ring_out(call_id, now, o)).await?;
+                    self.run(Some(now), out, |s, o| s.ring_out(call_id, now, o))
+                        .await?;
                 }
                 Timer::Grace(conn) => {
-                    self.run(out, |s, o| s.expire(conn, now, o)).await?;
+                    self.run(Some(now), out, |s, o| s.expire(conn, now, o))
+                        .await?;
                 }
             }
         }
@@ -1013,9 +1045,11 @@ impl Node {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<(), SharedError> {
-        self.run(out, |s, o| s.stream_ended(conn, epoch, keep_until, now, o))
-            .await
-            .map(drop)
+        self.run(Some(now), out, |s, o| {
+            s.stream_ended(conn, epoch, keep_until, now, o)
+        })
+        .await
+        .map(drop)
     }
 
     /// A new stream on this node takes the device `token` names, wherever
@@ -1028,7 +1062,7 @@ impl Node {
     ) -> Result<Option<(ConnId, u64, std::collections::VecDeque<Outgoing>)>, SharedError> {
         let node = self.store.node;
         Ok(self
-            .run(&mut Vec::new(), |s, _| {
+            .run(None, &mut Vec::new(), |s, _| {
                 s.resume(user, token, &next_token, node)
             })
             .await?
@@ -1053,7 +1087,7 @@ impl Node {
             }
             for conn in self.store.node_devices(dead).await? {
                 let done = self
-                    .run(out, |s, o| {
+                    .run(Some(now), out, |s, o| {
                         let epoch =
                             s.t.device(&conn)
                                 .filter(|d| d.attached && d.node == dead)

@@ -616,3 +616,79 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
         1
     );
 }
+
+/// A detached device keeps what it is sent, up to the limit; one more and
+/// it is given up, stamped with the time of the input that overflowed it.
+#[tokio::test]
+async fn a_detached_device_that_parks_too_much_is_given_up() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n2, b, "bob").await;
+    let epoch = n2
+        .store()
+        .read(|t| t.device(&b).map(|d| d.epoch))
+        .await
+        .unwrap();
+    n2.stream_ended(
+        b,
+        epoch.unwrap(),
+        Some(T0 + Duration::from_secs(3_600)),
+        T0,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap();
+    // Each call rings bob's detached device (REQUEST parked) and is
+    // cancelled (FINISH parked): two messages a round.
+    let parked = |n: &mut Node| {
+        let mut n = n.clone();
+        async move {
+            n.store()
+                .read(|t| t.device(&b).map(|d| d.parked.len()))
+                .await
+                .unwrap()
+        }
+    };
+    let mut round = 0u64;
+    let mut out = Vec::new();
+    while parked(&mut n1).await.is_some() {
+        assert!(round < 200, "never given up");
+        let id = CallId(uuid::Uuid::now_v7());
+        let now = T0 + Duration::from_secs(round);
+        n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
+            .await
+            .unwrap();
+        n1.approval_done(id, Verdict::Allow, now, &mut out)
+            .await
+            .unwrap();
+        if parked(&mut n1).await.is_some() {
+            let r = n1
+                .control(a, &ctl(ControlKind::Finish, "bob", 0), id, now, &mut out)
+                .await
+                .unwrap();
+            assert_eq!(r.code, codes::OK, "round {round}");
+        }
+        if let Some(n) = parked(&mut n1).await {
+            assert!(n <= crate::store::PARK_LIMIT, "{n} parked");
+        }
+        round += 1;
+    }
+    // Given up at the 257th message: in round 128 (its REQUEST).
+    assert_eq!(round, 129);
+    let last = out
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Effect::Notify(n) => Some(n.at),
+            _ => None,
+        })
+        .expect("notices");
+    assert_eq!(
+        last,
+        T0 + Duration::from_secs(128),
+        "stamped with the input's time"
+    );
+    assert!(n1.user_call("bob").await.unwrap().is_none());
+}
