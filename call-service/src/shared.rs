@@ -313,6 +313,19 @@ struct Args {
 }
 
 impl Args {
+    /// A timer that was due at `was` and is now due at `is` (either absent).
+    fn timer(&mut self, member: String, was: Option<Time>, is: Option<Time>) {
+        if was == is {
+            return;
+        }
+        if was.is_some() {
+            self.cleared.push(member.clone());
+        }
+        if let Some(t) = is {
+            self.set.push((millis(t), member));
+        }
+    }
+
     /// The index (from 1) of an extra key, added if new.
     fn extra(&mut self, key: String) -> usize {
         match self.extra.iter().position(|k| *k == key) {
@@ -622,16 +635,11 @@ impl SharedStore {
                 .and_then(|c| c.as_ref())
                 .map(|(_, c)| c);
             let new = s.value.as_ref();
-            let member = format!("r:{}", s.key);
-            let (was, is) = (old.and_then(ring_deadline), new.and_then(ring_deadline));
-            if was != is {
-                if was.is_some() {
-                    a.cleared.push(member.clone());
-                }
-                if let Some(t) = is {
-                    a.set.push((millis(t), member));
-                }
-            }
+            a.timer(
+                format!("r:{}", s.key),
+                old.and_then(ring_deadline),
+                new.and_then(ring_deadline),
+            );
             if let Some(r) = old.and_then(room)
                 && new.and_then(room) != Some(r)
             {
@@ -651,16 +659,11 @@ impl SharedStore {
                 .and_then(|d| d.as_ref())
                 .map(|(_, d)| d);
             let new = s.value.as_ref();
-            let member = format!("g:{}", s.key.0);
-            let (was, is) = (old.and_then(|d| d.until), new.and_then(|d| d.until));
-            if was != is {
-                if was.is_some() {
-                    a.cleared.push(member.clone());
-                }
-                if let Some(t) = is {
-                    a.set.push((millis(t), member));
-                }
-            }
+            a.timer(
+                format!("g:{}", s.key.0),
+                old.and_then(|d| d.until),
+                new.and_then(|d| d.until),
+            );
             // Which node's devices it is among (what a reaper walks).
             let (was, is) = (old.map(|d| d.node), new.map(|d| d.node));
             if was != is {

@@ -90,6 +90,15 @@ async fn attach(node: &mut Node, conn: ConnId, who: &str) {
         .unwrap();
 }
 
+/// Two nodes, alice's device on node 1 and bob's on node 2.
+async fn alice_and_bob(redis: &Redis) -> (Node, Node, ConnId, ConnId) {
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n2, b, "bob").await;
+    (n1, n2, a, b)
+}
+
 fn sent(out: &[Effect]) -> impl Iterator<Item = (ConnId, Event)> + '_ {
     out.iter().filter_map(|e| match e {
         Effect::Send { conn, event } => Some((*conn, event.clone())),
@@ -102,10 +111,7 @@ fn sent(out: &[Effect]) -> impl Iterator<Item = (ConnId, Event)> + '_ {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glare_across_two_nodes_makes_exactly_one_call() {
     let redis = Redis::start();
-    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
-    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
-    attach(&mut n1, a, "alice").await;
-    attach(&mut n2, b, "bob").await;
+    let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
     let (mut one_each, mut conflicts_seen) = (0, 0);
     for round in 0..1_000u32 {
         let (ida, idb) = (CallId(uuid::Uuid::now_v7()), CallId(uuid::Uuid::now_v7()));
@@ -319,10 +325,7 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timer_fired_twice_and_late_acts_once() {
     let redis = Redis::start();
-    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
-    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
-    attach(&mut n1, a, "alice").await;
-    attach(&mut n2, b, "bob").await;
+    let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
     let mut inbox_from = [String::from("0-0"), String::from("0-0")];
     let mut conflicts = 0;
     for round in 0..200u64 {
@@ -622,10 +625,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
 #[tokio::test]
 async fn a_detached_device_that_parks_too_much_is_given_up() {
     let redis = Redis::start();
-    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
-    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(2), 1));
-    attach(&mut n1, a, "alice").await;
-    attach(&mut n2, b, "bob").await;
+    let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
     let epoch = n2
         .store()
         .read(|t| t.device(&b).map(|d| d.epoch))
