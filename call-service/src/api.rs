@@ -25,7 +25,7 @@ use crate::device::Outgoing;
 use crate::domain::{CallId, ConnId, ForceFinish};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::switchboard::{
-    Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard,
+    Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard, Unavailable,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,11 +36,21 @@ impl From<ShuttingDown> for Status {
     }
 }
 
+impl From<Unavailable> for Status {
+    fn from(e: Unavailable) -> Self {
+        match e {
+            Unavailable::ShuttingDown(e) => e.into(),
+            Unavailable::Store => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<ConnectError> for Status {
     fn from(e: ConnectError) -> Self {
         match e {
             ConnectError::TooManyDevices(_) => Status::resource_exhausted(e.to_string()),
             ConnectError::ShuttingDown(e) => e.into(),
+            ConnectError::StoreUnavailable => Status::unavailable(e.to_string()),
         }
     }
 }

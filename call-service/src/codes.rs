@@ -19,6 +19,7 @@ pub const RATE_LIMITED: u32 = ResultCode::RateLimited as u32;
 pub const NOT_ALLOWED: u32 = ResultCode::NotAllowed as u32;
 pub const TERMINATED: u32 = ResultCode::Terminated as u32;
 pub const OVERLOADED: u32 = ResultCode::Overloaded as u32;
+pub const STORE_UNAVAILABLE: u32 = ResultCode::StoreUnavailable as u32;
 
 #[cfg(test)]
 mod tests {
@@ -51,6 +52,7 @@ mod tests {
             NOT_ALLOWED,
             TERMINATED,
             OVERLOADED,
+            STORE_UNAVAILABLE,
         ];
         assert!(added.iter().all(|c| (100201..=100299).contains(c)));
     }

@@ -237,6 +237,22 @@ pub struct Config {
     #[command(flatten)]
     pub limits: Limits,
 
+    /// Join a cluster of call-service nodes sharing their call state in
+    /// this Redis (`redis://host:port/`). Unset: a single node, with its
+    /// state in memory.
+    #[arg(long, env = "CALL_SERVICE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// The prefix of the cluster's keys in Redis (clusters may share one).
+    #[arg(long, env = "CALL_SERVICE_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
+    pub redis_prefix: String,
+
+    /// How long a node's lease lasts without renewal (renewed every third
+    /// of it); the devices of a node silent for longer are detached by the
+    /// others, for their clients to resume elsewhere.
+    #[arg(long, env = "CALL_SERVICE_NODE_LEASE", default_value = defaults::NODE_LEASE, value_parser = humantime::parse_duration)]
+    pub node_lease: Duration,
+
     /// Where Prometheus scrapes `/metrics` (HTTP).
     #[arg(
         long,
@@ -291,6 +307,9 @@ impl Config {
                 resume_grace: Duration::ZERO,
                 ..Limits::default()
             },
+            redis_url: None,
+            redis_prefix: defaults::REDIS_PREFIX.to_owned(),
+            node_lease: defaults::duration(defaults::NODE_LEASE),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             no_metrics: true,
             drain_time: Duration::ZERO,

@@ -31,6 +31,8 @@ pub const RING_TIMEOUT: &str = "30s";
 pub const JWT_LEEWAY: &str = "5s";
 pub const DRAIN_TIME: &str = "0s";
 pub const NOTICE_DRAIN: &str = "5s";
+pub const REDIS_PREFIX: &str = "vc:";
+pub const NODE_LEASE: &str = "3s";
 
 /// A duration default as a value (every one is checked by a test).
 pub fn duration(text: &str) -> Duration {
@@ -54,6 +56,7 @@ mod tests {
             JWT_LEEWAY,
             DRAIN_TIME,
             NOTICE_DRAIN,
+            NODE_LEASE,
         ] {
             assert!(humantime::parse_duration(d).is_ok(), "{d}");
         }

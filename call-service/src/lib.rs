@@ -46,6 +46,7 @@ pub mod api;
 pub mod auth;
 pub mod business;
 pub mod clock;
+pub mod cluster;
 pub mod codes;
 pub mod config;
 pub mod convert;

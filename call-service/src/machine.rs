@@ -294,16 +294,7 @@ impl Machine {
             return (UserState::Offline, 0, None);
         };
         let call = u.call.and_then(|id| self.store.call(id)).map(|(_, c)| c);
-        let state = match call {
-            None if u.devices.is_empty() => UserState::Offline,
-            None => UserState::Idle,
-            Some(c) => match c.phase {
-                Phase::Talking { .. } => UserState::Talking,
-                _ if c.caller.as_ref() == user => UserState::Calling,
-                _ => UserState::Ringing,
-            },
-        };
-        (state, u.devices.len(), call)
+        (state_of(user, u, call), u.devices.len(), call)
     }
 
     pub fn device(&self, conn: ConnId) -> Option<&DeviceRec> {
@@ -335,6 +326,19 @@ impl Machine {
     /// Checks every structural invariant; returns the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
         check_invariants(&self.store)
+    }
+}
+
+/// A user's state from its record and its call's.
+pub(crate) fn state_of(user: &str, u: &UserRec, call: Option<&Call>) -> UserState {
+    match call {
+        None if u.devices.is_empty() => UserState::Offline,
+        None => UserState::Idle,
+        Some(c) => match c.phase {
+            Phase::Talking { .. } => UserState::Talking,
+            _ if c.caller.as_ref() == user => UserState::Calling,
+            _ => UserState::Ringing,
+        },
     }
 }
 

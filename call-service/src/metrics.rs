@@ -18,6 +18,9 @@
 //! | `videocall_slow_consumers_total` | counter | devices disconnected for not reading |
 //! | `videocall_observations_dropped_total` | counter | events and control results neither logged nor counted: the observer fell behind |
 //! | `videocall_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
+//! | `videocall_store_errors_total` | counter | a node of a cluster: inputs and reads the shared store failed or timed out |
+//! | `videocall_store_conflicts_total` | counter | a node of a cluster: commits that lost a race and ran again |
+//! | `videocall_reaped_devices_total` | counter | a node of a cluster: devices of dead nodes it detached |
 //!
 //! The gauges of calls and devices are read from the switchboard at scrape
 //! time, so keeping them costs nothing on the call path.
@@ -99,6 +102,9 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub observations_dropped: Counter,
     pub connections_refused: Family<ReasonLabel, Counter>,
+    pub store_errors: Counter,
+    pub store_conflicts: Counter,
+    pub reaped_devices: Counter,
 }
 
 /// Latency buckets from 100 µs to about 6.5 s.
@@ -128,6 +134,9 @@ impl Default for Metrics {
             slow_consumers: Counter::default(),
             observations_dropped: Counter::default(),
             connections_refused: Family::default(),
+            store_errors: Counter::default(),
+            store_conflicts: Counter::default(),
+            reaped_devices: Counter::default(),
         };
         r.register(
             "connected_devices",
@@ -199,6 +208,21 @@ impl Default for Metrics {
             "connections_refused",
             "Connections and auxiliary streams refused or closed by a limit",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Inputs and reads the shared store failed or timed out (a node of a cluster)",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_conflicts",
+            "Commits to the shared store that lost a race and ran again",
+            m.store_conflicts.clone(),
+        );
+        r.register(
+            "reaped_devices",
+            "Devices of nodes whose lease ran out, detached by this node",
+            m.reaped_devices.clone(),
         );
         Self {
             registry: Arc::new(r),

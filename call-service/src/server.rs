@@ -20,10 +20,16 @@ use videocall_proto::v1::call_service_server::{self, CallServiceServer};
 use crate::api::{AdminApi, ClientApi};
 use crate::auth::{AdminGuard, Authenticator, JwtVerifier};
 use crate::business::{Business, BusinessConfig, BusinessUrlError, Clock};
+use crate::cluster::{ClusterConfig, ClusterSwitchboard};
 use crate::config::{Config, Limits};
+use crate::domain::{CallId, ConnId, Control, ForceFinish, Outcome, UserId};
 use crate::machine::MachineConfig;
+use crate::machine::{CallSummary, UserSummary};
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::switchboard::{LocalSwitchboard, Switchboard, SwitchboardLimits};
+use crate::switchboard::{
+    Attached, ConnectError, LocalSwitchboard, ShuttingDown, Stats, Switchboard, SwitchboardLimits,
+    Unavailable,
+};
 use videocall_telemetry::accept::{AcceptLimits, AuxLimit, incoming};
 
 /// Why the service stopped with an error.
@@ -42,6 +48,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("could not join the cluster in redis: {0}")]
+    Cluster(#[from] crate::shared::SharedError),
 }
 
 /// The listeners the service runs on, bound by the caller.
@@ -88,7 +96,7 @@ pub async fn serve(
     let tls = tls(&config)?;
     let limits = &config.limits;
     let switchboard =
-        start_switchboard(&config, clock, business.as_ref(), &metrics, &tasks, &token);
+        start_switchboard(&config, clock, business.as_ref(), &metrics, &tasks, &token).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let aux = AuxLimit::new(
@@ -101,6 +109,10 @@ pub async fn serve(
         handshake_timeout: limits.handshake_timeout,
     };
     set_health(&health, ServingStatus::Serving).await;
+    if let Board::Cluster(c) = &switchboard {
+        // A node that cannot reach the store says so to load balancers.
+        tasks.spawn(follow_store(c.serving(), health.clone(), token.clone()));
+    }
     let reflection_v1 = videocall_telemetry::reflection().build_v1()?;
     let reflection_v1alpha = videocall_telemetry::reflection().build_v1alpha()?;
 
@@ -189,33 +201,155 @@ pub async fn serve(
     client_res.and(admin_res).and(metrics_res)
 }
 
-/// The switchboard actor (and its observer) on `tasks`, until `token`.
-fn start_switchboard(
+/// The switchboard on `tasks`, until `token`: the in-memory actor, or
+/// with `--redis-url` this node of a cluster.
+async fn start_switchboard(
     config: &Config,
     clock: Clock,
     business: Option<&Business>,
     metrics: &Metrics,
     tasks: &TaskTracker,
     token: &CancellationToken,
-) -> LocalSwitchboard {
+) -> Result<Board, ServeError> {
     let limits = &config.limits;
-    LocalSwitchboard::start(
-        MachineConfig {
-            ring_timeout: config.ring_timeout,
-        },
-        SwitchboardLimits {
-            max_devices_per_user: limits.max_devices_per_user,
-            max_pending_approvals: limits.max_pending_approvals,
-            resume_grace: limits.resume_grace,
-        },
+    let machine = MachineConfig {
+        ring_timeout: config.ring_timeout,
+    };
+    let limits = SwitchboardLimits {
+        max_devices_per_user: limits.max_devices_per_user,
+        max_pending_approvals: limits.max_pending_approvals,
+        resume_grace: limits.resume_grace,
+    };
+    let hook = business
+        .cloned()
+        .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>);
+    let Some(url) = &config.redis_url else {
+        return Ok(Board::Local(LocalSwitchboard::start(
+            machine,
+            limits,
+            clock,
+            hook,
+            metrics.clone(),
+            tasks,
+            token.clone(),
+        )));
+    };
+    let cluster = ClusterConfig {
+        redis_url: url.clone(),
+        prefix: config.redis_prefix.clone(),
+        lease: config.node_lease,
+    };
+    let board = ClusterSwitchboard::start(
+        cluster,
+        machine,
+        limits,
         clock,
-        business
-            .cloned()
-            .map(|b| Arc::new(b) as Arc<dyn crate::hook::Hook>),
+        hook,
         metrics.clone(),
         tasks,
         token.clone(),
     )
+    .await?;
+    info!(
+        node = board.node().0,
+        "a node of a cluster: call state in redis"
+    );
+    Ok(Board::Cluster(board))
+}
+
+/// Mirrors a cluster node's view of the store into its health: NOT_SERVING
+/// while the store fails or the lease is not held.
+async fn follow_store(
+    mut serving: tokio::sync::watch::Receiver<bool>,
+    health: HealthReporter,
+    token: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            changed = serving.changed() => if changed.is_err() { return },
+        }
+        let up = *serving.borrow_and_update();
+        if up {
+            info!("the shared store answers again: SERVING");
+            set_health(&health, ServingStatus::Serving).await;
+        } else {
+            warn!("the shared store fails: NOT_SERVING");
+            set_health(&health, ServingStatus::NotServing).await;
+        }
+    }
+}
+
+/// The switchboard this node runs.
+#[derive(Clone, Debug)]
+enum Board {
+    Local(LocalSwitchboard),
+    Cluster(ClusterSwitchboard),
+}
+
+impl Switchboard for Board {
+    async fn connect(
+        &self,
+        user: UserId,
+        resume: Option<String>,
+    ) -> Result<Attached, ConnectError> {
+        match self {
+            Board::Local(b) => b.connect(user, resume).await,
+            Board::Cluster(b) => b.connect(user, resume).await,
+        }
+    }
+
+    async fn control(
+        &self,
+        conn: ConnId,
+        epoch: u64,
+        seq: u64,
+        control: Control,
+    ) -> Result<(), ShuttingDown> {
+        match self {
+            Board::Local(b) => b.control(conn, epoch, seq, control).await,
+            Board::Cluster(b) => b.control(conn, epoch, seq, control).await,
+        }
+    }
+
+    async fn disconnect(&self, conn: ConnId, epoch: u64, lost: bool) {
+        match self {
+            Board::Local(b) => b.disconnect(conn, epoch, lost).await,
+            Board::Cluster(b) => b.disconnect(conn, epoch, lost).await,
+        }
+    }
+
+    async fn force_finish(&self, f: ForceFinish) -> Result<Outcome, ShuttingDown> {
+        match self {
+            Board::Local(b) => b.force_finish(f).await,
+            Board::Cluster(b) => b.force_finish(f).await,
+        }
+    }
+
+    async fn list_calls(
+        &self,
+        after: Option<CallId>,
+        limit: usize,
+    ) -> Result<(Vec<CallSummary>, bool), Unavailable> {
+        match self {
+            Board::Local(b) => b.list_calls(after, limit).await,
+            Board::Cluster(b) => b.list_calls(after, limit).await,
+        }
+    }
+
+    async fn stats(&self) -> Result<Stats, Unavailable> {
+        match self {
+            Board::Local(b) => b.stats().await,
+            Board::Cluster(b) => b.stats().await,
+        }
+    }
+
+    async fn user_state(&self, user: UserId) -> Result<UserSummary, Unavailable> {
+        match self {
+            Board::Local(b) => b.user_state(user).await,
+            Board::Cluster(b) => b.user_state(user).await,
+        }
+    }
 }
 
 /// On `shutdown`: NOT_SERVING for `drain`, then the listeners close
@@ -433,7 +567,7 @@ fn tls(config: &Config) -> Result<Tls, ServeError> {
 
 /// Reads the scrape-time gauges.
 struct Refresh {
-    switchboard: LocalSwitchboard,
+    switchboard: Board,
     business: Option<Business>,
     metrics: Metrics,
 }

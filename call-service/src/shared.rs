@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use redis::aio::ConnectionManager;
 
 use crate::device::Outgoing;
-use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Time};
+use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Phase, Time};
 use crate::domain::{ForceFinish, UserId, Verdict};
 use crate::machine::{CONTENDED, Step};
 use crate::store::{
@@ -53,7 +53,13 @@ use crate::store::{
     ring_deadline, room,
 };
 
-/// A Redis failure: the input it belonged to changed nothing.
+/// The longest wait for one reply from Redis.
+pub const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A Redis failure. The input it belonged to changed nothing, unless the
+/// failure was the commit's own reply lost (a timeout after the script
+/// ran): then the transition did happen, and its events and notices go on
+/// through the inboxes; only its caller is told it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
     #[error("redis: {0}")]
@@ -67,22 +73,27 @@ pub enum SharedError {
     },
     #[error("a record could not be encoded: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("redis did not answer in time")]
+    Timeout,
 }
 
-/// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, then the
-/// records (n), then the other keys it writes (inboxes, nodes' device
-/// sets). ARGV: n, then per record its expected version, `k` (only read),
-/// `w` (write, with its JSON) or `d` (delete), and the JSON (or empty);
-/// then counted lists: rooms claimed, rooms freed, timers cleared, timers
-/// set (score, member), tokens dropped, tokens set (token, device), inbox
-/// entries (key index, device, event JSON), set members (key index, `a`dd
-/// or `r`emove, device). Returns `{1, version}` or `{0, what conflicted}`.
+/// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, `calls`,
+/// `phases`, then the records (n), then the other keys it writes (inboxes,
+/// nodes' device sets). ARGV: n, then per record its expected version, `k`
+/// (only read), `w` (write, with its JSON) or `d` (delete), and the JSON (or
+/// empty); then counted lists: rooms claimed, rooms freed, timers cleared,
+/// timers set (score, member), tokens dropped, tokens set (token, device),
+/// inbox entries (key index, device or empty for a notice, epoch, JSON),
+/// set members (key index, `a`dd or `r`emove, device), live calls listed
+/// (`a` or `r`, call id), phase counts (phase, delta). Returns
+/// `{1, version}` or `{0, what conflicted}`.
 const COMMIT: &str = r#"
+local base = 6
 local n = tonumber(ARGV[1])
 local a = 2
 for i = 1, n do
-  local have = redis.call('HGET', KEYS[4 + i], 'v') or '0'
-  if have ~= ARGV[a] then return {0, KEYS[4 + i]} end
+  local have = redis.call('HGET', KEYS[base + i], 'v') or '0'
+  if have ~= ARGV[a] then return {0, KEYS[base + i]} end
   a = a + 3
 end
 local claims = tonumber(ARGV[a]); a = a + 1
@@ -94,9 +105,9 @@ local r = 2
 for i = 1, n do
   local op = ARGV[r + 1]
   if op == 'w' then
-    redis.call('HSET', KEYS[4 + i], 'v', v, 'r', ARGV[r + 2])
+    redis.call('HSET', KEYS[base + i], 'v', v, 'r', ARGV[r + 2])
   elseif op == 'd' then
-    redis.call('DEL', KEYS[4 + i])
+    redis.call('DEL', KEYS[base + i])
   end
   r = r + 3
 end
@@ -119,16 +130,30 @@ for i = 0, tokens - 1 do redis.call('HSET', KEYS[4], ARGV[a + 2 * i], ARGV[a + 2
 a = a + 2 * tokens
 local sent = tonumber(ARGV[a]); a = a + 1
 for i = 0, sent - 1 do
-  local j = a + 3 * i
-  redis.call('XADD', KEYS[4 + n + tonumber(ARGV[j])], 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'e', ARGV[j + 2])
+  local j = a + 4 * i
+  local inbox = KEYS[base + n + tonumber(ARGV[j])]
+  if ARGV[j + 1] == '' then
+    redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'n', ARGV[j + 3])
+  else
+    redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'p', ARGV[j + 2], 'e', ARGV[j + 3])
+  end
 end
-a = a + 3 * sent
+a = a + 4 * sent
 local moves = tonumber(ARGV[a]); a = a + 1
 for i = 0, moves - 1 do
   local j = a + 3 * i
-  local set = KEYS[4 + n + tonumber(ARGV[j])]
+  local set = KEYS[base + n + tonumber(ARGV[j])]
   if ARGV[j + 1] == 'a' then redis.call('SADD', set, ARGV[j + 2]) else redis.call('SREM', set, ARGV[j + 2]) end
 end
+a = a + 3 * moves
+local listed = tonumber(ARGV[a]); a = a + 1
+for i = 0, listed - 1 do
+  local j = a + 2 * i
+  if ARGV[j] == 'a' then redis.call('ZADD', KEYS[5], 0, ARGV[j + 1]) else redis.call('ZREM', KEYS[5], ARGV[j + 1]) end
+end
+a = a + 2 * listed
+local phases = tonumber(ARGV[a]); a = a + 1
+for i = 0, phases - 1 do redis.call('HINCRBY', KEYS[6], ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) end
 return {1, v}
 "#;
 
@@ -262,6 +287,27 @@ impl Records for Snapshot {
     }
 }
 
+/// Where a transition's effects go besides `out` (see
+/// [`SharedStore::route`]).
+#[derive(Default)]
+struct Routed {
+    /// Events for attached devices: their node, device, epoch.
+    events: Vec<(NodeId, ConnId, u64, Event)>,
+    /// Notices for the business service, in order.
+    notices: Vec<Notice>,
+    /// Detached devices that parked past their limit.
+    overflowed: Vec<ConnId>,
+}
+
+/// The phase a call is counted under (`phases`).
+fn phase_name(c: &Call) -> &'static str {
+    match c.phase {
+        Phase::Approving => "approving",
+        Phase::Ringing { .. } => "ringing",
+        Phase::Talking { .. } => "talking",
+    }
+}
+
 /// How a commit went.
 enum Committed {
     Yes,
@@ -308,8 +354,13 @@ struct Args {
     tokens: Vec<(String, u64)>,
     /// Keys after the records: inboxes and nodes' device sets.
     extra: Vec<String>,
-    sent: Vec<(usize, u64, String)>,
+    /// Inbox entries: key index, device (empty for a notice), epoch, JSON.
+    sent: Vec<(usize, String, u64, String)>,
     moves: Vec<(usize, &'static str, u64)>,
+    /// Live calls added to (`a`) or removed from (`r`) the listing.
+    listed: Vec<(&'static str, String)>,
+    /// Calls per phase, changed by this commit.
+    phases: Vec<(&'static str, i64)>,
 }
 
 impl Args {
@@ -342,7 +393,16 @@ impl SharedStore {
     /// A node's handle: `prefix` names the cluster's keys (`vc:`).
     pub async fn connect(url: &str, prefix: &str, node: NodeId) -> Result<Self, SharedError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        // Every reply within the store's bound (a command that takes longer
+        // fails, and its input is answered STORE_UNAVAILABLE); reconnects
+        // are tried on the next command, so a Redis that comes back is used
+        // again without a restart.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(STORE_TIMEOUT))
+            .set_connection_timeout(Some(STORE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(STORE_TIMEOUT);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
             conn,
             prefix: Arc::from(prefix),
@@ -353,8 +413,34 @@ impl SharedStore {
         })
     }
 
+    /// A handle for a new node of the cluster: its id is the next of the
+    /// cluster's counter (24 bits, never 0), so no two processes share one.
+    pub async fn join(url: &str, prefix: &str) -> Result<Self, SharedError> {
+        let mut store = Self::connect(url, prefix, NodeId(0)).await?;
+        let n: u64 = redis::cmd("INCR")
+            .arg(format!("{prefix}node-ids"))
+            .query_async(&mut store.conn)
+            .await?;
+        let id = u32::try_from(n % ((1 << 24) - 1)).unwrap_or(0) + 1;
+        store.node = NodeId(id);
+        store.rooms = Arc::new(AtomicU32::new(id.wrapping_mul(0x9E37_79B9)));
+        Ok(store)
+    }
+
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Leaves the cluster on shutdown: the lease is dropped at once (this
+    /// node's devices were detached by the node itself), rather than
+    /// waiting to run out.
+    pub async fn leave(&mut self) -> Result<(), SharedError> {
+        let _: u64 = redis::cmd("ZREM")
+            .arg(format!("{}leases", self.prefix))
+            .arg(self.node.0)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
     }
 
     /// Takes (`join`) or renews this node's lease until `now + ttl`
@@ -511,26 +597,27 @@ impl SharedStore {
                 hint: self.rooms.fetch_add(1, Ordering::Relaxed),
                 ..Snapshot::default()
             };
-            let (value, t, remote, overflowed) = loop {
+            let (value, t, routed) = loop {
                 // The transaction ends before any await: it borrows the
                 // snapshot, which the load then fills.
                 let run = {
                     out.truncate(from);
                     let mut txn = Txn::new(&snap);
                     let value = rule(&mut txn, out);
-                    let (remote, overflowed) = self.route(&mut txn, out, from);
+                    let routed = self.route(&mut txn, out, from);
                     let t = txn.finish();
                     snap.misses
                         .borrow()
                         .is_empty()
-                        .then_some((value, t, remote, overflowed))
+                        .then_some((value, t, routed))
                 };
                 match run {
                     Some(run) => break run,
                     None => self.load(&mut snap).await?,
                 }
             };
-            let args = self.args(&snap, &t, remote)?;
+            let overflowed = routed.overflowed.clone();
+            let args = self.args(&snap, &t, routed)?;
             match self.commit(args).await? {
                 Committed::Yes => return Ok(Some((value, overflowed))),
                 Committed::Conflict => {
@@ -562,55 +649,50 @@ impl SharedStore {
         }
     }
 
-    /// Routes the events in `out[from..]` through the transition: parked in
-    /// detached devices' records, taken out for devices on other nodes
-    /// (returned, for their inboxes), left for this node's own.
-    fn route(
-        &self,
-        txn: &mut Txn<'_>,
-        out: &mut Vec<Effect>,
-        from: usize,
-    ) -> (Vec<(NodeId, ConnId, Event)>, Vec<ConnId>) {
-        let mut remote = Vec::new();
-        let mut overflowed = Vec::new();
+    /// Routes the effects in `out[from..]` through the transition: events
+    /// for detached devices are parked in their records, events for
+    /// attached devices (on any node, this one too) go to their node's
+    /// inbox, and notices for the business service to this node's inbox, so
+    /// that each node hands them on in commit order (see [`InboxReader`]).
+    /// Approvals stay in `out`.
+    fn route(&self, txn: &mut Txn<'_>, out: &mut Vec<Effect>, from: usize) -> Routed {
+        let mut routed = Routed::default();
         let mut i = 0;
         out.retain(|e| {
             i += 1;
-            let Effect::Send { conn, event } = e else {
-                return true;
-            };
             if i <= from {
                 return true;
             }
-            match txn.device(conn).map(|d| (d.attached, d.node)) {
-                Some((true, node)) if node == self.node => true,
-                Some((true, node)) => {
-                    remote.push((node, *conn, event.clone()));
-                    false
+            let (conn, event) = match e {
+                Effect::Send { conn, event } => (conn, event),
+                Effect::Notify(n) => {
+                    routed.notices.push(n.clone());
+                    return false;
                 }
-                Some((false, _)) => {
+                Effect::Approve(_) => return true,
+            };
+            match txn.device(conn).map(|d| (d.attached, d.node, d.epoch)) {
+                Some((true, node, epoch)) => {
+                    routed.events.push((node, *conn, epoch, event.clone()));
+                }
+                Some((false, _, _)) => {
                     if let Some(d) = txn.device_mut(conn) {
                         d.parked.push_back(Outgoing::Event(event.clone()));
                         if d.parked.len() == PARK_LIMIT + 1 {
-                            overflowed.push(*conn);
+                            routed.overflowed.push(*conn);
                         }
                     }
-                    false
                 }
-                None => false,
+                None => {}
             }
+            false
         });
-        (remote, overflowed)
+        routed
     }
 
     /// The commit script's arguments for a transition run over `snap`: the
     /// versions to check, the writes, and the indexes its records imply.
-    fn args(
-        &self,
-        snap: &Snapshot,
-        t: &Transition,
-        remote: Vec<(NodeId, ConnId, Event)>,
-    ) -> Result<Args, SharedError> {
+    fn args(&self, snap: &Snapshot, t: &Transition, routed: Routed) -> Result<Args, SharedError> {
         let mut a = Args::default();
         for s in t.users_slots() {
             a.keys.push(self.key("u", &s.key));
@@ -640,6 +722,16 @@ impl SharedStore {
                 old.and_then(ring_deadline),
                 new.and_then(ring_deadline),
             );
+            match (old.is_some(), new.is_some()) {
+                (false, true) => a.listed.push(("a", s.key.to_string())),
+                (true, false) => a.listed.push(("r", s.key.to_string())),
+                _ => {}
+            }
+            let (was, is) = (old.map(phase_name), new.map(phase_name));
+            if was != is {
+                a.phases.extend(was.map(|p| (p, -1)));
+                a.phases.extend(is.map(|p| (p, 1)));
+            }
             if let Some(r) = old.and_then(room)
                 && new.and_then(room) != Some(r)
             {
@@ -687,10 +779,15 @@ impl SharedStore {
             }
         }
         a.claims.extend(t.claimed_rooms());
-        for (node, conn, event) in remote {
+        for (node, conn, epoch, event) in routed.events {
             let i = a.extra(format!("{}inbox:{}", self.prefix, node.0));
-            let e = serde_json::to_string(&event).map_err(SharedError::Encode)?;
-            a.sent.push((i, conn.0, e));
+            a.sent.push((i, conn.0.to_string(), epoch, json(&event)?));
+        }
+        if !routed.notices.is_empty() {
+            let i = a.extra(format!("{}inbox:{}", self.prefix, self.node.0));
+            for n in routed.notices {
+                a.sent.push((i, String::new(), 0, json(&n)?));
+            }
         }
         Ok(a)
     }
@@ -701,7 +798,9 @@ impl SharedStore {
         inv.key(format!("{}seq", self.prefix))
             .key(format!("{}timers", self.prefix))
             .key(format!("{}rooms", self.prefix))
-            .key(format!("{}tokens", self.prefix));
+            .key(format!("{}tokens", self.prefix))
+            .key(format!("{}calls", self.prefix))
+            .key(format!("{}phases", self.prefix));
         for k in &a.keys {
             inv.key(k);
         }
@@ -725,12 +824,20 @@ impl SharedStore {
             inv.arg(tok).arg(*d);
         }
         inv.arg(a.sent.len());
-        for (i, d, e) in &a.sent {
-            inv.arg(*i).arg(*d).arg(e);
+        for (i, d, epoch, e) in &a.sent {
+            inv.arg(*i).arg(d).arg(*epoch).arg(e);
         }
         inv.arg(a.moves.len());
         for (i, op, d) in &a.moves {
             inv.arg(*i).arg(*op).arg(*d);
+        }
+        inv.arg(a.listed.len());
+        for (op, id) in &a.listed {
+            inv.arg(*op).arg(id);
+        }
+        inv.arg(a.phases.len());
+        for (p, d) in &a.phases {
+            inv.arg(*p).arg(*d);
         }
         let (ok, _what): (u8, redis::Value) = inv.invoke_async(&mut self.conn).await?;
         Ok(if ok == 1 {
@@ -755,16 +862,17 @@ impl SharedStore {
         Ok(members.iter().filter_map(|m| parse_timer(m)).collect())
     }
 
-    /// Events other nodes committed for this node's devices, after the
-    /// entry `after` (`0-0` at first): each with its entry id, to read on
-    /// from.
+    /// The entries of `node`'s inbox after `after` (`0-0` at first), at
+    /// most `count`, each with its entry id to read on from.
     pub async fn inbox(
         &mut self,
+        node: NodeId,
         after: &str,
         count: usize,
-    ) -> Result<Vec<(String, ConnId, Event)>, SharedError> {
+    ) -> Result<Vec<(String, Inbound)>, SharedError> {
+        let key = format!("{}inbox:{}", self.prefix, node.0);
         let reply: redis::Value = redis::cmd("XRANGE")
-            .arg(format!("{}inbox:{}", self.prefix, self.node.0))
+            .arg(&key)
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")
@@ -774,18 +882,112 @@ impl SharedStore {
         let entries: Vec<(String, HashMap<String, String>)> = redis::from_redis_value(reply)?;
         let mut out = Vec::new();
         for (id, fields) in entries {
-            let (Some(d), Some(e)) = (fields.get("d"), fields.get("e")) else {
-                continue;
-            };
-            let Ok(d) = d.parse() else { continue };
-            let event = serde_json::from_str(e).map_err(|source| SharedError::Corrupt {
-                key: format!("inbox entry {id}"),
-                source,
-            })?;
-            out.push((id, ConnId(d), event));
+            if let Some(e) = inbound(&key, &id, &fields)? {
+                out.push((id, e));
+            }
         }
         Ok(out)
     }
+
+    /// Drops the entries of `node`'s inbox up to `upto` (handed on).
+    pub async fn trim_inbox(&mut self, node: NodeId, upto: &str) -> Result<(), SharedError> {
+        let Some(next) = next_entry(upto) else {
+            return Ok(());
+        };
+        let _: u64 = redis::cmd("XTRIM")
+            .arg(format!("{}inbox:{}", self.prefix, node.0))
+            .arg("MINID")
+            .arg(next)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Live calls by phase, over the cluster: (approving, ringing, talking).
+    pub async fn phase_counts(&mut self) -> Result<(usize, usize, usize), SharedError> {
+        let counts: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(format!("{}phases", self.prefix))
+            .query_async(&mut self.conn)
+            .await?;
+        let get = |p: &str| usize::try_from(counts.get(p).copied().unwrap_or(0)).unwrap_or(0);
+        Ok((get("approving"), get("ringing"), get("talking")))
+    }
+
+    /// Up to `limit` ids of live calls above `after`, in id order.
+    pub async fn call_ids(
+        &mut self,
+        after: Option<CallId>,
+        limit: usize,
+    ) -> Result<Vec<CallId>, SharedError> {
+        let from = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{}calls", self.prefix))
+            .arg(from)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(ids
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .map(CallId)
+            .collect())
+    }
+}
+
+/// What a node's inbox carries.
+#[derive(Clone, Debug)]
+pub enum Inbound {
+    /// An event for a device of the node, sent to the attachment `epoch`.
+    Event {
+        conn: ConnId,
+        epoch: u64,
+        event: Event,
+    },
+    /// A notice for the business service, committed by the node itself.
+    Notice(Notice),
+}
+
+/// An inbox entry's fields read back (`None`: not one of ours).
+fn inbound(
+    key: &str,
+    id: &str,
+    fields: &HashMap<String, String>,
+) -> Result<Option<Inbound>, SharedError> {
+    let corrupt = |source| SharedError::Corrupt {
+        key: format!("{key} entry {id}"),
+        source,
+    };
+    if let Some(n) = fields.get("n") {
+        return Ok(Some(Inbound::Notice(
+            serde_json::from_str(n).map_err(corrupt)?,
+        )));
+    }
+    let (Some(d), Some(e)) = (
+        fields.get("d").and_then(|d| d.parse().ok()),
+        fields.get("e"),
+    ) else {
+        return Ok(None);
+    };
+    let epoch = fields.get("p").and_then(|p| p.parse().ok()).unwrap_or(0);
+    Ok(Some(Inbound::Event {
+        conn: ConnId(d),
+        epoch,
+        event: serde_json::from_str(e).map_err(corrupt)?,
+    }))
+}
+
+/// The least stream entry id after `id` (`ms-seq`).
+fn next_entry(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
+    Some(match seq.checked_add(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-0", ms.checked_add(1)?),
+    })
 }
 
 /// A node's reader of its own inbox: the events other nodes committed for
@@ -845,7 +1047,7 @@ impl InboxReader {
         &mut self,
         block: std::time::Duration,
         count: usize,
-    ) -> Result<Vec<(ConnId, Event)>, SharedError> {
+    ) -> Result<Vec<Inbound>, SharedError> {
         let reply: XRead = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(count)
@@ -859,17 +1061,7 @@ impl InboxReader {
         let mut out = Vec::new();
         for (_, entries) in reply.unwrap_or_default() {
             for (id, fields) in entries {
-                let parsed = fields
-                    .get("d")
-                    .and_then(|d| d.parse().ok())
-                    .zip(fields.get("e"));
-                if let Some((d, e)) = parsed {
-                    let event = serde_json::from_str(e).map_err(|source| SharedError::Corrupt {
-                        key: format!("{} entry {id}", self.key),
-                        source,
-                    })?;
-                    out.push((ConnId(d), event));
-                }
+                out.extend(inbound(&self.key, &id, &fields)?);
                 self.last = id;
             }
         }
@@ -975,21 +1167,22 @@ impl Node {
     }
 
     /// A control from a device (see [`crate::machine::Machine::control`]).
+    /// `None`: from a stream that no longer holds the device (`epoch`).
     pub async fn control(
         &mut self,
         conn: ConnId,
+        epoch: Option<u64>,
         ctl: &Control,
         new_call_id: CallId,
         now: Time,
         out: &mut Vec<Effect>,
-    ) -> Result<Outcome, SharedError> {
+    ) -> Result<Option<Outcome>, SharedError> {
         Ok(self
             .run(Some(now), out, |s, o| {
-                s.control(conn, None, ctl, new_call_id, now, o)
+                s.control(conn, epoch, ctl, new_call_id, now, o)
             })
             .await?
-            .flatten()
-            .unwrap_or(CONTENDED))
+            .unwrap_or(Some(CONTENDED)))
     }
 
     /// The verdict on a call's REQUEST.
@@ -1075,8 +1268,11 @@ impl Node {
     /// Reaps the nodes whose lease ran out before `now`: each of their
     /// attached devices becomes detached until `now + grace`, as if its
     /// stream had broken, so its user's call goes on if the client resumes
-    /// in time (through any node). A node is forgotten once none of its
-    /// devices is left. Returns the devices detached.
+    /// in time (through any node). What the dead node had not read of its
+    /// inbox is taken over: its devices' events are parked for them, its
+    /// notices go to this node's inbox, so nothing committed is lost. A node
+    /// is forgotten once none of its devices is left. Returns the devices
+    /// detached.
     pub async fn reap(
         &mut self,
         now: Time,
@@ -1088,7 +1284,26 @@ impl Node {
             if dead == self.store.node {
                 continue;
             }
+            let unread = self.store.inbox(dead, "0-0", 100_000).await?;
+            let last = unread.last().map(|(id, _)| id.clone());
+            let mut events: HashMap<ConnId, Vec<(u64, Event)>> = HashMap::new();
+            let mut notices = Vec::new();
+            for (_, entry) in unread {
+                match entry {
+                    Inbound::Event { conn, epoch, event } => {
+                        events.entry(conn).or_default().push((epoch, event));
+                    }
+                    Inbound::Notice(n) => notices.push(n),
+                }
+            }
+            if !notices.is_empty() {
+                self.run(Some(now), out, |_, o| {
+                    o.extend(notices.iter().cloned().map(Effect::Notify));
+                })
+                .await?;
+            }
             for conn in self.store.node_devices(dead).await? {
+                let pending = events.remove(&conn).unwrap_or_default();
                 let done = self
                     .run(Some(now), out, |s, o| {
                         let epoch =
@@ -1097,11 +1312,19 @@ impl Node {
                                 .map(|d| d.epoch);
                         if let Some(epoch) = epoch {
                             s.stream_ended(conn, epoch, Some(now + grace), now, o);
+                            if let Some(d) = s.t.device_mut(&conn) {
+                                let sent = pending.iter().filter(|(e, _)| *e == epoch);
+                                d.parked
+                                    .extend(sent.map(|(_, ev)| Outgoing::Event(ev.clone())));
+                            }
                         }
                         epoch.is_some()
                     })
                     .await?;
                 detached += usize::from(done == Some(true));
+            }
+            if let Some(last) = last {
+                self.store.trim_inbox(dead, &last).await?;
             }
             self.store.forget(dead).await?;
         }

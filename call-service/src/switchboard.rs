@@ -107,12 +107,25 @@ pub enum ConnectError {
     TooManyDevices(usize),
     #[error(transparent)]
     ShuttingDown(#[from] ShuttingDown),
+    /// The shared call state could not be reached (a node of a cluster).
+    #[error("the shared call state is unavailable; try again")]
+    StoreUnavailable,
 }
 
 /// The switchboard is gone (the node is shutting down).
 #[derive(Debug, thiserror::Error)]
 #[error("the call service is shutting down")]
 pub struct ShuttingDown;
+
+/// A query could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error(transparent)]
+    ShuttingDown(#[from] ShuttingDown),
+    /// The shared call state could not be reached (a node of a cluster).
+    #[error("the shared call state is unavailable; try again")]
+    Store,
+}
 
 /// Counts for metrics, read at scrape time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,13 +179,13 @@ pub trait Switchboard: Clone + Send + Sync + 'static {
         &self,
         after: Option<CallId>,
         limit: usize,
-    ) -> impl Future<Output = Result<(Vec<CallSummary>, bool), ShuttingDown>> + Send;
+    ) -> impl Future<Output = Result<(Vec<CallSummary>, bool), Unavailable>> + Send;
     /// Counts for metrics.
-    fn stats(&self) -> impl Future<Output = Result<Stats, ShuttingDown>> + Send;
+    fn stats(&self) -> impl Future<Output = Result<Stats, Unavailable>> + Send;
     fn user_state(
         &self,
         user: UserId,
-    ) -> impl Future<Output = Result<UserSummary, ShuttingDown>> + Send;
+    ) -> impl Future<Output = Result<UserSummary, Unavailable>> + Send;
 }
 
 enum Command {
@@ -335,21 +348,22 @@ impl Switchboard for LocalSwitchboard {
         &self,
         after: Option<CallId>,
         limit: usize,
-    ) -> Result<(Vec<CallSummary>, bool), ShuttingDown> {
-        self.ask(|reply| Command::ListCalls {
-            after,
-            limit,
-            reply,
-        })
-        .await
+    ) -> Result<(Vec<CallSummary>, bool), Unavailable> {
+        Ok(self
+            .ask(|reply| Command::ListCalls {
+                after,
+                limit,
+                reply,
+            })
+            .await?)
     }
 
-    async fn stats(&self) -> Result<Stats, ShuttingDown> {
-        self.ask(|reply| Command::Stats { reply }).await
+    async fn stats(&self) -> Result<Stats, Unavailable> {
+        Ok(self.ask(|reply| Command::Stats { reply }).await?)
     }
 
-    async fn user_state(&self, user: UserId) -> Result<UserSummary, ShuttingDown> {
-        self.ask(|reply| Command::UserState { user, reply }).await
+    async fn user_state(&self, user: UserId) -> Result<UserSummary, Unavailable> {
+        Ok(self.ask(|reply| Command::UserState { user, reply }).await?)
     }
 }
 
@@ -363,13 +377,13 @@ struct Stream {
 }
 
 /// Observer messages waiting; beyond, they are dropped and counted.
-const OBSERVER_QUEUE: usize = 8192;
+pub(crate) const OBSERVER_QUEUE: usize = 8192;
 
 /// What the actor saw, for logs and metrics. Recorded by the observer task
 /// ([`observer`]), so that formatting log lines and looking up labelled
 /// metrics do not run on the actor's core.
 #[derive(Debug)]
-enum Observed {
+pub(crate) enum Observed {
     /// A call event, with the call id, both users and the code.
     Event(Notice),
     /// A control's result.
@@ -391,7 +405,7 @@ enum Observed {
 
 /// Records what the actor saw, a batch at a time; ends with the actor (the
 /// channel's only sender).
-async fn observer(mut rx: mpsc::Receiver<Observed>, metrics: Metrics) {
+pub(crate) async fn observer(mut rx: mpsc::Receiver<Observed>, metrics: Metrics) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, 64).await > 0 {
         for o in batch.drain(..) {
@@ -919,7 +933,7 @@ impl Actor {
     }
 }
 
-fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> Outgoing {
+pub(crate) fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> Outgoing {
     Outgoing::Connected {
         user: user.clone(),
         conn,

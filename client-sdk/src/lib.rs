@@ -87,6 +87,7 @@ impl Code {
     pub const NOT_ALLOWED: Code = Code(pb::ResultCode::NotAllowed as u32);
     pub const TERMINATED: Code = Code(pb::ResultCode::Terminated as u32);
     pub const OVERLOADED: Code = Code(pb::ResultCode::Overloaded as u32);
+    pub const STORE_UNAVAILABLE: Code = Code(pb::ResultCode::StoreUnavailable as u32);
 
     pub fn is_ok(self) -> bool {
         self == Code::OK
@@ -112,6 +113,7 @@ impl Code {
             pb::ResultCode::NotAllowed => "not allowed now",
             pb::ResultCode::Terminated => "ended by the service",
             pb::ResultCode::Overloaded => "the service is overloaded",
+            pb::ResultCode::StoreUnavailable => "the shared call state is unavailable",
         })
     }
 }

@@ -99,11 +99,22 @@ async fn alice_and_bob(redis: &Redis) -> (Node, Node, ConnId, ConnId) {
     (n1, n2, a, b)
 }
 
-fn sent(out: &[Effect]) -> impl Iterator<Item = (ConnId, Event)> + '_ {
-    out.iter().filter_map(|e| match e {
-        Effect::Send { conn, event } => Some((*conn, event.clone())),
-        _ => None,
-    })
+/// What a node's inbox holds, taken as the node's reader would (read,
+/// then trimmed): the events for its devices and its notices.
+async fn drain(n: &mut Node) -> (Vec<(ConnId, Event)>, Vec<Notice>) {
+    let node = n.store().node();
+    let entries = n.store().inbox(node, "0-0", 100_000).await.unwrap();
+    if let Some((last, _)) = entries.last() {
+        n.store().trim_inbox(node, last).await.unwrap();
+    }
+    let (mut events, mut notices) = (Vec::new(), Vec::new());
+    for (_, e) in entries {
+        match e {
+            Inbound::Event { conn, event, .. } => events.push((conn, event)),
+            Inbound::Notice(n) => notices.push(n),
+        }
+    }
+    (events, notices)
 }
 
 /// Two users on two nodes call each other at the same moment, 1,000 times:
@@ -123,10 +134,10 @@ async fn glare_across_two_nodes_makes_exactly_one_call() {
             ctl(ControlKind::Request, "alice", 0),
         );
         let (ra, rb) = tokio::join!(
-            n1.control(a, &to_bob, ida, now, &mut oa),
-            n2.control(b, &to_alice, idb, now, &mut ob),
+            n1.control(a, None, &to_bob, ida, now, &mut oa),
+            n2.control(b, None, &to_alice, idb, now, &mut ob),
         );
-        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let (ra, rb) = (ra.unwrap().unwrap(), rb.unwrap().unwrap());
         conflicts_seen += n1.store().conflicts() + n2.store().conflicts() - before;
         // Both controls are taken (the contract's glare: the crossing
         // REQUEST is answered with REPLY 100103), and one call is live.
@@ -137,12 +148,14 @@ async fn glare_across_two_nodes_makes_exactly_one_call() {
             n2.user_call("bob").await.unwrap().map(|c| c.id),
             "round {round}"
         );
-        let (id, caller, node, lost, loser, loser_out) = match live {
-            Some(id) if id == ida => (ida, a, &mut n1, idb, b, &ob),
-            Some(id) if id == idb => (idb, b, &mut n2, ida, a, &oa),
+        let (e1, e2) = (drain(&mut n1).await.0, drain(&mut n2).await.0);
+        let (id, caller, node, lost, loser, loser_in) = match live {
+            Some(id) if id == ida => (ida, a, &mut n1, idb, b, &e2),
+            Some(id) if id == idb => (idb, b, &mut n2, ida, a, &e1),
             other => panic!("round {round}: the live call is {other:?}"),
         };
-        let busy = sent(loser_out)
+        let busy = loser_in
+            .iter()
             .filter(|(c, e)| {
                 *c == loser
                     && e.kind == EventKind::Reply
@@ -160,13 +173,15 @@ async fn glare_across_two_nodes_makes_exactly_one_call() {
         let r = node
             .control(
                 caller,
+                None,
                 &ctl(ControlKind::Finish, peer, 0),
                 id,
                 now,
                 &mut Vec::new(),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("from the current stream");
         assert_eq!(r.code, codes::OK, "round {round}: cancel");
         node.approval_done(id, Verdict::Allow, now, &mut Vec::new())
             .await
@@ -205,11 +220,6 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
         // A handle of the device's node with a connection of its own.
         bobs.push((conn, redis.node(n as u32 + 1).await));
     }
-    let mut inbox_from = [
-        String::from("0-0"),
-        String::from("0-0"),
-        String::from("0-0"),
-    ];
     let mut conflicts = 0;
     for round in 0..100u64 {
         let id = CallId(uuid::Uuid::now_v7());
@@ -218,19 +228,21 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
         let r = nodes[0]
             .control(
                 alice,
+                None,
                 &ctl(ControlKind::Request, "bob", 0),
                 id,
                 now,
                 &mut out,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("from the current stream");
         assert_eq!(r.code, codes::OK);
         nodes[0]
             .approval_done(id, Verdict::Allow, now, &mut out)
             .await
             .unwrap();
-        let mut events: Vec<(ConnId, Event)> = sent(&out).collect();
+        let mut events: Vec<(ConnId, Event)> = Vec::new();
         let before: u64 = bobs
             .iter()
             .map(|(_, n)| n.clone().store().conflicts())
@@ -243,9 +255,10 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
                     let mut out = Vec::new();
                     let answer = ctl(ControlKind::Reply, "alice", 0);
                     let r = node
-                        .control(conn, &answer, id, now, &mut out)
+                        .control(conn, None, &answer, id, now, &mut out)
                         .await
-                        .unwrap();
+                        .unwrap()
+                        .expect("from the current stream");
                     (conn, r, out)
                 })
             })
@@ -256,7 +269,7 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
             if r.code == codes::OK {
                 winners.push(conn);
             }
-            events.extend(sent(&out));
+            assert!(out.is_empty(), "only approvals stay in out: {out:?}");
         }
         conflicts += bobs
             .iter()
@@ -265,11 +278,8 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
             - before;
         assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
         let winner = winners[0];
-        for (n, from) in nodes.iter_mut().zip(inbox_from.iter_mut()) {
-            for (entry, conn, e) in n.store().inbox(from, 10_000).await.unwrap() {
-                events.push((conn, e));
-                *from = entry;
-            }
+        for n in nodes.iter_mut() {
+            events.extend(drain(n).await.0);
         }
         let call = nodes[0].user_call("bob").await.unwrap().expect("a call");
         assert!(matches!(call.phase, Phase::Talking { callee_conn, .. } if callee_conn == winner));
@@ -306,13 +316,15 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
         let r = nodes[0]
             .control(
                 alice,
+                None,
                 &ctl(ControlKind::Finish, "bob", 0),
                 id,
                 now,
                 &mut Vec::new(),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("from the current stream");
         assert_eq!(r.code, codes::OK);
     }
     println!("100 rounds of 8 answers at once: one winner each; {conflicts} commits lost a race");
@@ -326,15 +338,22 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
 async fn a_timer_fired_twice_and_late_acts_once() {
     let redis = Redis::start();
     let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
-    let mut inbox_from = [String::from("0-0"), String::from("0-0")];
     let mut conflicts = 0;
     for round in 0..200u64 {
         let id = CallId(uuid::Uuid::now_v7());
         let now = T0 + Duration::from_secs(100 * round);
         let mut out = Vec::new();
-        n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
-            .await
-            .unwrap();
+        n1.control(
+            a,
+            None,
+            &ctl(ControlKind::Request, "bob", 0),
+            id,
+            now,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .expect("from the current stream");
         n1.approval_done(id, Verdict::Allow, now, &mut out)
             .await
             .unwrap();
@@ -355,13 +374,11 @@ async fn a_timer_fired_twice_and_late_acts_once() {
         n2.tick(late + Duration::from_secs(60), &mut again)
             .await
             .unwrap();
-        let mut events: Vec<_> = sent(&o1).chain(sent(&o2)).chain(sent(&again)).collect();
-        for (n, from) in [&mut n1, &mut n2].into_iter().zip(inbox_from.iter_mut()) {
-            for (entry, conn, e) in n.store().inbox(from, 10_000).await.unwrap() {
-                events.push((conn, e));
-                *from = entry;
-            }
-        }
+        assert!(o1.is_empty() && o2.is_empty() && again.is_empty());
+        let (mut events, mut notices) = drain(&mut n1).await;
+        let (more_events, more_notices) = drain(&mut n2).await;
+        events.extend(more_events);
+        notices.extend(more_notices);
         let timed_out = |conn, kind| {
             events
                 .iter()
@@ -380,13 +397,10 @@ async fn a_timer_fired_twice_and_late_acts_once() {
             1,
             "round {round}: the callee's FINISH 100105"
         );
-        let notices = o1
+        let notices = notices
             .iter()
-            .chain(&o2)
-            .chain(&again)
-            .filter(|e| {
-                matches!(e, Effect::Notify(n) if n.call_id == id
-                    && n.code == codes::NO_ANSWER && n.initiator == Initiator::Service)
+            .filter(|n| {
+                n.call_id == id && n.code == codes::NO_ANSWER && n.initiator == Initiator::Service
             })
             .count();
         assert_eq!(notices, 1, "round {round}: one notice of the timeout");
@@ -414,20 +428,39 @@ async fn talking(n1: &mut Node, n2: &mut Node, id: CallId, now: Time) -> ConnId 
     attach(n2, b, "bob").await;
     let mut out = Vec::new();
     let r = n1
-        .control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
+        .control(
+            a,
+            None,
+            &ctl(ControlKind::Request, "bob", 0),
+            id,
+            now,
+            &mut out,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("from the current stream");
     assert_eq!(r.code, codes::OK);
     n1.approval_done(id, Verdict::Allow, now, &mut out)
         .await
         .unwrap();
     let r = n2
-        .control(b, &ctl(ControlKind::Reply, "alice", 0), id, now, &mut out)
+        .control(
+            b,
+            None,
+            &ctl(ControlKind::Reply, "alice", 0),
+            id,
+            now,
+            &mut out,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("from the current stream");
     assert_eq!(r.code, codes::OK);
     let call = n1.user_call("alice").await.unwrap().expect("a call");
     assert!(matches!(call.phase, Phase::Talking { callee_conn, .. } if callee_conn == b));
+    // Both nodes alive so far: they have handed on what they were sent.
+    drain(n1).await;
+    drain(n2).await;
     b
 }
 
@@ -470,7 +503,12 @@ async fn a_reaped_nodes_device_resumes_on_another_node_and_the_call_goes_on() {
         1,
         "bob's device reaped"
     );
-    assert!(out.is_empty(), "the peer sees nothing: {out:?}");
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(
+        drain(&mut n1).await,
+        (vec![], vec![]),
+        "the peer sees nothing"
+    );
     let call = n1
         .user_call("alice")
         .await
@@ -493,11 +531,22 @@ async fn a_reaped_nodes_device_resumes_on_another_node_and_the_call_goes_on() {
     assert_eq!((conn, parked.len()), (b, 0));
     // Now alice hangs up: bob hears FINISH on node 1, his new node.
     let r = n1
-        .control(a, &ctl(ControlKind::Finish, "bob", 0), id, t2, &mut out)
+        .control(
+            a,
+            None,
+            &ctl(ControlKind::Finish, "bob", 0),
+            id,
+            t2,
+            &mut out,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("from the current stream");
     assert_eq!(r.code, codes::OK);
-    let finish = sent(&out)
+    let finish = drain(&mut n1)
+        .await
+        .0
+        .into_iter()
         .filter(|(c, e)| *c == b && e.kind == EventKind::Finish && e.call_id == id)
         .count();
     assert_eq!(finish, 1, "bob's FINISH, delivered by node 1: {out:?}");
@@ -537,7 +586,10 @@ async fn a_reaped_nodes_client_that_never_returns_ends_the_call_at_the_window() 
     let mut out = Vec::new();
     n1.tick(t + GRACE, &mut out).await.unwrap();
     let a = ConnId::on(NodeId(1), 1);
-    let lost = sent(&out)
+    let lost = drain(&mut n1)
+        .await
+        .0
+        .into_iter()
         .filter(|(c, e)| {
             *c == a
                 && e.kind == EventKind::Finish
@@ -584,31 +636,50 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
         (reader, got)
     });
     let mut out = Vec::new();
-    n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, T0, &mut out)
-        .await
-        .unwrap();
+    n1.control(
+        a,
+        None,
+        &ctl(ControlKind::Request, "bob", 0),
+        id,
+        T0,
+        &mut out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream");
     n1.approval_done(id, Verdict::Allow, T0, &mut out)
         .await
         .unwrap();
     let (mut reader, got) = waiting.await.unwrap();
+    // Bob's REQUEST; the call's notices went to node 1's inbox.
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(
-        (got[0].0, got[0].1.kind, got[0].1.call_id),
-        (b, EventKind::Request, id)
+    assert!(
+        matches!(&got[0], Inbound::Event { conn, epoch: 1, event }
+            if *conn == b && event.kind == EventKind::Request && event.call_id == id),
+        "{got:?}"
     );
     // Alice cancels: bob's FINISH follows, and a reader reopened from the
     // last entry read gets it alone.
-    n1.control(a, &ctl(ControlKind::Finish, "bob", 0), id, T0, &mut out)
-        .await
-        .unwrap();
+    n1.control(
+        a,
+        None,
+        &ctl(ControlKind::Finish, "bob", 0),
+        id,
+        T0,
+        &mut out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream");
     let mut again = InboxReader::open(&redis.url, "vc:", NodeId(2), reader.last())
         .await
         .unwrap();
     let more = again.next(Duration::from_secs(30), 100).await.unwrap();
     assert_eq!(more.len(), 1, "{more:?}");
-    assert_eq!(
-        (more[0].0, more[0].1.kind, more[0].1.code),
-        (b, EventKind::Finish, codes::CANCELLED)
+    assert!(
+        matches!(&more[0], Inbound::Event { conn, event, .. }
+            if *conn == b && event.kind == EventKind::Finish && event.code == codes::CANCELLED),
+        "{more:?}"
     );
     assert_eq!(
         reader
@@ -657,17 +728,33 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
         assert!(round < 200, "never given up");
         let id = CallId(uuid::Uuid::now_v7());
         let now = T0 + Duration::from_secs(round);
-        n1.control(a, &ctl(ControlKind::Request, "bob", 0), id, now, &mut out)
-            .await
-            .unwrap();
+        n1.control(
+            a,
+            None,
+            &ctl(ControlKind::Request, "bob", 0),
+            id,
+            now,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .expect("from the current stream");
         n1.approval_done(id, Verdict::Allow, now, &mut out)
             .await
             .unwrap();
         if parked(&mut n1).await.is_some() {
             let r = n1
-                .control(a, &ctl(ControlKind::Finish, "bob", 0), id, now, &mut out)
+                .control(
+                    a,
+                    None,
+                    &ctl(ControlKind::Finish, "bob", 0),
+                    id,
+                    now,
+                    &mut out,
+                )
                 .await
-                .unwrap();
+                .unwrap()
+                .expect("from the current stream");
             assert_eq!(r.code, codes::OK, "round {round}");
         }
         if let Some(n) = parked(&mut n1).await {
@@ -677,13 +764,11 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
     }
     // Given up at the 257th message: in round 128 (its REQUEST).
     assert_eq!(round, 129);
-    let last = out
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            Effect::Notify(n) => Some(n.at),
-            _ => None,
-        })
+    let last = drain(&mut n1)
+        .await
+        .1
+        .last()
+        .map(|n| n.at)
         .expect("notices");
     assert_eq!(
         last,

@@ -1,0 +1,853 @@
+//! A node of a cluster: the [`Switchboard`] over the shared store
+//! ([`crate::shared`]), for `--redis-url`.
+//!
+//! **Who owns what.** The call state is in Redis; every input runs the
+//! rules over loaded records and commits with version checks, so inputs of
+//! this node run concurrently (each in the task that brought it: a device's
+//! stream, an approval, the timer task) and races between them, or with
+//! other nodes, are settled by the commit. What is node-local is the
+//! streams attached here, in [`Local`] behind a mutex that is never held
+//! across an `.await`.
+//!
+//! **Order.** A device's events, and the business service's notices, are
+//! not handed on by the task that committed them but through this node's
+//! inbox, which the commit script appends to: one reader task
+//! ([`inbox_loop`]) delivers them in commit order, whichever node
+//! committed. A control's result is queued by the device's own stream task
+//! once its commit is in, so results come in control order, before the
+//! events of their own transition (as on one node).
+//!
+//! **An attachment's first events.** A device's events may be read from
+//! the inbox before the task that attached it has registered its stream
+//! (the commit returns to both at once): they wait in [`Local::early`],
+//! by epoch, and follow `Connected` (and what was parked).
+//!
+//! **Leases.** A node renews its lease ([`lease_loop`]); a node whose lease
+//! ran out is reaped by the others ([`timer_loop`]): its devices become
+//! detached for the resume grace window, its unread inbox is taken over. A
+//! node that finds its own lease lost closes its streams (its clients
+//! resume elsewhere) and joins afresh. A node reaps only after its own
+//! lease has been renewed without a failure for a whole lease period, so
+//! nodes that come back from a Redis outage together do not reap each
+//! other.
+//!
+//! **Redis faults.** Every input is bounded by [`INPUT_TIMEOUT`]: past it,
+//! or on a Redis error, a control is answered STORE_UNAVAILABLE (100208)
+//! and health turns NOT_SERVING until the lease is renewed again. Streams
+//! stay open; talking calls are not touched.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::codes;
+use crate::device::{DeviceTx, Outgoing, Reason};
+use crate::domain::{
+    CallId, ConnId, Control, ControlKind, Effect, ForceFinish, Outcome, Time, UserId, Verdict,
+};
+use crate::hook::Hook;
+use crate::machine::{CallSummary, MachineConfig, UserSummary, state_of};
+use crate::metrics::Metrics;
+use crate::shared::{Inbound, InboxReader, Lease, Node, SharedError, SharedStore};
+use crate::store::NodeId;
+use crate::switchboard::{
+    Attached, ConnectError, DEVICE_QUEUE, OBSERVER_QUEUE, Observed, ShuttingDown, Stats,
+    Switchboard, SwitchboardLimits, Unavailable, connected, observer,
+};
+
+/// The longest an input may wait for the store before it is refused
+/// (STORE_UNAVAILABLE): a few round trips, each bounded by
+/// [`crate::shared::STORE_TIMEOUT`].
+pub const INPUT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often a node looks for due timers (ring timeouts, grace windows).
+/// Every node does, a little apart; a timer fired twice acts once.
+const TICK: Duration = Duration::from_millis(50);
+/// Attachments' first events held for a stream not yet registered, in all.
+const EARLY_LIMIT: usize = 4096;
+/// How long they are held.
+const EARLY_TTL: Duration = Duration::from_secs(5);
+
+/// Where the cluster's state is, and this node's lease.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `redis://host:port/`.
+    pub redis_url: String,
+    /// Prefix of every key (`vc:`): clusters may share a Redis.
+    pub prefix: String,
+    /// How long a node's lease lasts without renewal; a node silent for
+    /// longer is reaped.
+    pub lease: Duration,
+}
+
+/// Handle to this node. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterSwitchboard {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterSwitchboard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSwitchboard")
+            .field("node", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    id: NodeId,
+    /// Cloned for each input (its connection is shared, multiplexed).
+    node: Node,
+    cluster: ClusterConfig,
+    local: Mutex<Local>,
+    limits: SwitchboardLimits,
+    business: Option<Arc<dyn Hook>>,
+    clock: Clock,
+    metrics: Metrics,
+    observer: mpsc::Sender<Observed>,
+    next_conn: AtomicU64,
+    approvals: AtomicUsize,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Whether the store answers and the lease is held (health).
+    serving: watch::Sender<bool>,
+    /// Since when (ms) the lease has been renewed without a failure; 0:
+    /// it failed last.
+    healthy_since: AtomicU64,
+}
+
+/// The streams attached to this node.
+#[derive(Default)]
+struct Local {
+    streams: HashMap<ConnId, Entry>,
+    /// Events read for an attachment (device, epoch) whose stream is not
+    /// registered yet, with when the first came.
+    early: HashMap<ConnId, (u64, Time, Vec<Outgoing>)>,
+    early_count: usize,
+}
+
+struct Entry {
+    epoch: u64,
+    tx: DeviceTx,
+    superseded: CancellationToken,
+}
+
+impl ClusterSwitchboard {
+    /// Joins the cluster (a new node id, a lease) and starts this node's
+    /// tasks on `tasks`, until `shutdown`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        cluster: ClusterConfig,
+        config: MachineConfig,
+        limits: SwitchboardLimits,
+        clock: Clock,
+        business: Option<Arc<dyn Hook>>,
+        metrics: Metrics,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SharedError> {
+        let mut store = SharedStore::join(&cluster.redis_url, &cluster.prefix).await?;
+        let id = store.node();
+        store.lease(clock.time(), cluster.lease, true).await?;
+        // A new id's inbox is empty: read from its start.
+        let reader = InboxReader::open(&cluster.redis_url, &cluster.prefix, id, "0-0").await?;
+        let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
+        tasks.spawn(observer(observed_rx, metrics.clone()));
+        let (serving, _) = watch::channel(true);
+        let inner = Arc::new(Inner {
+            id,
+            node: Node::new(store, config.ring_timeout),
+            cluster,
+            local: Mutex::new(Local::default()),
+            limits,
+            business,
+            clock,
+            metrics,
+            observer: observed,
+            next_conn: AtomicU64::new(1),
+            approvals: AtomicUsize::new(0),
+            tasks: tasks.clone(),
+            shutdown,
+            serving,
+            healthy_since: AtomicU64::new(millis(clock.time())),
+        });
+        info!(node = id.0, "joined the cluster");
+        tasks.spawn(inbox_loop(inner.clone(), reader));
+        tasks.spawn(timer_loop(inner.clone()));
+        tasks.spawn(lease_loop(inner.clone()));
+        Ok(Self { inner })
+    }
+
+    /// This node's id in the cluster.
+    pub fn node(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// Whether this node can serve: the store answers and the lease is held.
+    pub fn serving(&self) -> watch::Receiver<bool> {
+        self.inner.serving.subscribe()
+    }
+}
+
+fn millis(t: Time) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs an input against the store within [`INPUT_TIMEOUT`].
+async fn bounded<T>(
+    inner: &Inner,
+    f: impl Future<Output = Result<T, SharedError>>,
+) -> Result<T, SharedError> {
+    let r = match tokio::time::timeout(INPUT_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(SharedError::Timeout),
+    };
+    if let Err(e) = &r {
+        inner.unhealthy(e);
+    }
+    r
+}
+
+const UNAVAILABLE: Outcome = Outcome {
+    code: codes::STORE_UNAVAILABLE,
+    call_id: None,
+    reason: "the shared call state is unavailable; nothing changed, try again",
+};
+
+impl Inner {
+    fn now(&self) -> Time {
+        self.clock.time()
+    }
+
+    fn unhealthy(&self, e: &SharedError) {
+        warn!(error = %e, "the shared store failed");
+        self.metrics.store_errors.inc();
+        self.healthy_since.store(0, Ordering::Relaxed);
+        self.serving
+            .send_if_modified(|s| std::mem::replace(s, false));
+    }
+
+    fn report(&self, o: Observed) {
+        if self.observer.try_send(o).is_err() {
+            self.metrics.observations_dropped.inc();
+        }
+    }
+
+    /// Performs what a commit left in `out`: approvals (events and notices
+    /// went through the inboxes).
+    fn perform(self: &Arc<Self>, out: Vec<Effect>) {
+        for effect in out {
+            let Effect::Approve(notice) = effect else {
+                continue;
+            };
+            self.report(Observed::Event(notice.clone()));
+            let this = self.clone();
+            self.approvals.fetch_add(1, Ordering::Relaxed);
+            self.tasks.spawn(async move {
+                let call_id = notice.call_id;
+                let verdict = match &this.business {
+                    Some(b) => b.approve(notice).await,
+                    None => Verdict::Allow,
+                };
+                this.approved(call_id, verdict).await;
+                this.approvals.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    /// Commits a verdict, retrying while the store is unavailable (the call
+    /// would otherwise wait in approval), until shutdown.
+    async fn approved(self: &Arc<Self>, call_id: CallId, verdict: Verdict) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let mut node = self.node.clone();
+            let mut out = Vec::new();
+            let now = self.now();
+            let done = bounded(self, node.approval_done(call_id, verdict, now, &mut out)).await;
+            if done.is_ok() {
+                self.perform(out);
+                return;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Queues a message on a stream of this node; a full queue is a slow
+    /// consumer: its stream ends and the device is dropped (its calls end
+    /// as "connection lost"), as on one node.
+    fn push(self: &Arc<Self>, local: &mut Local, conn: ConnId, msg: Outgoing) {
+        let Some(entry) = local.streams.get(&conn) else {
+            return;
+        };
+        if entry.tx.try_send(Box::new(msg)).is_ok() {
+            return;
+        }
+        warn!(
+            conn = conn.0,
+            queue = DEVICE_QUEUE,
+            "device not reading its stream: disconnecting it"
+        );
+        self.metrics.slow_consumers.inc();
+        if let Some(entry) = local.streams.remove(&conn) {
+            self.end_stream(conn, entry.epoch, None);
+        }
+    }
+
+    /// Commits a stream's end in a task of its own (retried while the store
+    /// is unavailable, so no device stays attached to a stream that is
+    /// gone).
+    fn end_stream(self: &Arc<Self>, conn: ConnId, epoch: u64, keep: Option<Time>) {
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.stream_ended(conn, epoch, keep).await });
+    }
+
+    async fn stream_ended(self: &Arc<Self>, conn: ConnId, epoch: u64, keep: Option<Time>) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let mut node = self.node.clone();
+            let mut out = Vec::new();
+            let now = self.now();
+            let r = bounded(self, node.stream_ended(conn, epoch, keep, now, &mut out)).await;
+            if r.is_ok() {
+                self.perform(out);
+                return;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Registers a stream the store now names for `conn` at `epoch`: its
+    /// `Connected` first, then what was parked, then what the inbox
+    /// brought meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        self: &Arc<Self>,
+        conn: ConnId,
+        epoch: u64,
+        user: &UserId,
+        token: &Arc<str>,
+        resumed: bool,
+        parked: impl IntoIterator<Item = Outgoing>,
+        tx: DeviceTx,
+        superseded: CancellationToken,
+    ) {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.try_send(Box::new(connected(user, conn, token, resumed)));
+        if let Some(old) = local.streams.insert(
+            conn,
+            Entry {
+                epoch,
+                tx,
+                superseded,
+            },
+        ) {
+            old.superseded.cancel();
+        }
+        let early = local.early.remove(&conn);
+        if let Some((_, _, msgs)) = &early {
+            local.early_count -= msgs.len();
+        }
+        for msg in parked {
+            self.push(&mut local, conn, msg);
+        }
+        if let Some((e, _, msgs)) = early
+            && e == epoch
+        {
+            for msg in msgs {
+                self.push(&mut local, conn, msg);
+            }
+        }
+    }
+
+    /// Hands on what the inbox brought.
+    fn deliver(self: &Arc<Self>, entries: Vec<Inbound>) {
+        let now = self.now();
+        let mut notices = Vec::new();
+        {
+            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                match entry {
+                    Inbound::Notice(n) => notices.push(n),
+                    Inbound::Event { conn, epoch, event } => {
+                        let msg = Outgoing::Event(event);
+                        match local.streams.get(&conn).map(|e| e.epoch) {
+                            Some(e) if e == epoch => self.push(&mut local, conn, msg),
+                            // Sent to an attachment that was taken over.
+                            Some(e) if e > epoch => {}
+                            _ => hold_early(&mut local, conn, epoch, now, msg),
+                        }
+                    }
+                }
+            }
+        }
+        for n in notices {
+            self.report(Observed::Event(n.clone()));
+            if let Some(b) = &self.business {
+                b.notify(n);
+            }
+        }
+    }
+
+    /// Ends every stream of this node: with `grace`, its devices are kept
+    /// for their clients to resume elsewhere.
+    async fn detach_all(self: &Arc<Self>, grace: Option<Duration>) {
+        let streams: Vec<(ConnId, Entry)> = {
+            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            local.early.clear();
+            local.early_count = 0;
+            local.streams.drain().collect()
+        };
+        let now = self.now();
+        let keep = grace.filter(|g| !g.is_zero()).map(|g| now + g);
+        for (conn, entry) in streams {
+            entry.superseded.cancel();
+            drop(entry.tx);
+            let mut node = self.node.clone();
+            let mut out = Vec::new();
+            if bounded(
+                self,
+                node.stream_ended(conn, entry.epoch, keep, now, &mut out),
+            )
+            .await
+            .is_ok()
+            {
+                self.perform(out);
+            }
+        }
+    }
+}
+
+fn hold_early(local: &mut Local, conn: ConnId, epoch: u64, now: Time, msg: Outgoing) {
+    if local.early_count >= EARLY_LIMIT {
+        debug!(
+            conn = conn.0,
+            "too many events for streams not registered: dropped"
+        );
+        return;
+    }
+    let slot = local
+        .early
+        .entry(conn)
+        .or_insert_with(|| (epoch, now, Vec::new()));
+    if slot.0 < epoch {
+        local.early_count -= slot.2.len();
+        *slot = (epoch, now, Vec::new());
+    }
+    if slot.0 == epoch && slot.2.len() < DEVICE_QUEUE {
+        slot.2.push(msg);
+        local.early_count += 1;
+    }
+}
+
+/// Reads this node's inbox and hands on what it brings, in commit order,
+/// then drops it from the inbox (what a node leaves unread when it dies is
+/// taken over by the one that reaps it). On shutdown: this node's devices
+/// are detached for their clients to resume on another node, the notices
+/// committed until then are handed on, and the node leaves.
+async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let read = tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            r = reader.next(Duration::from_secs(1), 512) => r,
+        };
+        match read {
+            Ok(entries) => {
+                wait = Duration::from_millis(50);
+                if entries.is_empty() {
+                    continue;
+                }
+                inner.deliver(entries);
+                let mut node = inner.node.clone();
+                let last = reader.last().to_owned();
+                let _ = bounded(&inner, node.store().trim_inbox(inner.id, &last)).await;
+            }
+            Err(e) => {
+                inner.unhealthy(&e);
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(1));
+                let c = &inner.cluster;
+                match InboxReader::open(&c.redis_url, &c.prefix, inner.id, reader.last()).await {
+                    Ok(r) => reader = r,
+                    Err(e) => debug!(error = %e, "inbox reader: not reconnected yet"),
+                }
+            }
+        }
+    }
+    inner.detach_all(Some(inner.limits.resume_grace)).await;
+    // What the last transitions committed for the business service.
+    while let Ok(entries) = reader.next(Duration::from_millis(1), 512).await {
+        if entries.is_empty() {
+            break;
+        }
+        inner.deliver(entries);
+    }
+    if let Some(b) = &inner.business {
+        b.close();
+    }
+    let mut node = inner.node.clone();
+    let _ = bounded(&inner, node.store().leave()).await;
+    info!(node = inner.id.0, "left the cluster");
+}
+
+/// Fires due timers and reaps nodes whose lease ran out, every [`TICK`]
+/// (a little jittered, so nodes do not all poll at once).
+async fn timer_loop(inner: Arc<Inner>) {
+    let mut node = inner.node.clone();
+    let mut last_reap = Time::ZERO;
+    loop {
+        let jitter = Duration::from_millis(u64::from(rand_u8() % 20));
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = tokio::time::sleep(TICK - Duration::from_millis(10) + jitter) => {}
+        }
+        let now = inner.now();
+        let mut out = Vec::new();
+        if bounded(&inner, node.tick(now, &mut out)).await.is_ok() {
+            inner.perform(std::mem::take(&mut out));
+        }
+        let lease = inner.cluster.lease;
+        let since = inner.healthy_since.load(Ordering::Relaxed);
+        let settled = since != 0 && millis(now) >= since + millis(lease);
+        if settled && now >= last_reap + lease / 2 {
+            last_reap = now;
+            let grace = inner.limits.resume_grace;
+            match bounded(&inner, node.reap(now, grace, &mut out)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(devices = n, "reaped a node whose lease ran out");
+                    inner.metrics.reaped_devices.inc_by(n as u64);
+                }
+                Err(_) => {}
+            }
+            inner.perform(out);
+        }
+        {
+            let mut local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
+            let before = local.early.len();
+            local.early.retain(|_, (_, at, _)| now < *at + EARLY_TTL);
+            if local.early.len() != before {
+                local.early_count = local.early.values().map(|(_, _, m)| m.len()).sum();
+            }
+        }
+    }
+}
+
+fn rand_u8() -> u8 {
+    uuid::Uuid::new_v4().as_bytes()[0]
+}
+
+/// Renews this node's lease every third of it. A lease found lost: this
+/// node was reaped (cut off from Redis for longer than its lease), so its
+/// streams are closed (their clients resume elsewhere) and it joins again.
+async fn lease_loop(inner: Arc<Inner>) {
+    let mut node = inner.node.clone();
+    let lease = inner.cluster.lease;
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = tokio::time::sleep(lease / 3) => {}
+        }
+        let now = inner.now();
+        match bounded(&inner, node.store().lease(now, lease, false)).await {
+            Ok(Lease::Held) => {
+                let _ = inner.healthy_since.compare_exchange(
+                    0,
+                    millis(now),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                inner
+                    .serving
+                    .send_if_modified(|s| !std::mem::replace(s, true));
+            }
+            Ok(Lease::Lost) => {
+                warn!(
+                    node = inner.id.0,
+                    "this node's lease ran out (it was reaped): closing its streams"
+                );
+                inner.detach_all(Some(inner.limits.resume_grace)).await;
+                let now = inner.now();
+                if bounded(&inner, node.store().lease(now, lease, true))
+                    .await
+                    .is_ok()
+                {
+                    inner.healthy_since.store(millis(now), Ordering::Relaxed);
+                    inner
+                        .serving
+                        .send_if_modified(|s| !std::mem::replace(s, true));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl Switchboard for ClusterSwitchboard {
+    async fn connect(
+        &self,
+        user: UserId,
+        resume: Option<String>,
+    ) -> Result<Attached, ConnectError> {
+        let inner = &self.inner;
+        if inner.shutdown.is_cancelled() {
+            return Err(ShuttingDown.into());
+        }
+        let (tx, rx) = mpsc::channel(DEVICE_QUEUE + 1);
+        let superseded = CancellationToken::new();
+        let token: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+        let mut node = inner.node.clone();
+        if let Some(old) = resume.as_deref() {
+            let resumed = bounded(inner, node.resume(&user, old, token.clone()))
+                .await
+                .map_err(|_| ConnectError::StoreUnavailable)?;
+            if let Some((conn, epoch, parked)) = resumed {
+                info!(user = %user, conn = conn.0, epoch, parked = parked.len(), "device resumed");
+                inner.register(
+                    conn,
+                    epoch,
+                    &user,
+                    &token,
+                    true,
+                    parked,
+                    tx,
+                    superseded.clone(),
+                );
+                return Ok(Attached {
+                    conn,
+                    epoch,
+                    rx,
+                    superseded,
+                });
+            }
+        }
+        let conn = ConnId::on(inner.id, inner.next_conn.fetch_add(1, Ordering::Relaxed));
+        let max = inner.limits.max_devices_per_user;
+        let mut out = Vec::new();
+        let attached = bounded(
+            inner,
+            node.attach(conn, user.clone(), token.clone(), max, &mut out),
+        )
+        .await
+        .map_err(|_| ConnectError::StoreUnavailable)?;
+        if let Err(devices) = attached {
+            return Err(ConnectError::TooManyDevices(devices));
+        }
+        inner.register(conn, 1, &user, &token, false, [], tx, superseded.clone());
+        inner.perform(out);
+        info!(user = %user, conn = conn.0, "device connected");
+        Ok(Attached {
+            conn,
+            epoch: 1,
+            rx,
+            superseded,
+        })
+    }
+
+    async fn control(
+        &self,
+        conn: ConnId,
+        epoch: u64,
+        seq: u64,
+        ctl: Control,
+    ) -> Result<(), ShuttingDown> {
+        let inner = &self.inner;
+        let request = ctl.kind == ControlKind::Request;
+        let outcome = if request
+            && inner.business.is_some()
+            && inner.approvals.load(Ordering::Relaxed) >= inner.limits.max_pending_approvals
+        {
+            Outcome {
+                code: codes::OVERLOADED,
+                call_id: None,
+                reason: "too many calls are waiting for approval; try again",
+            }
+        } else {
+            // See the single node's switchboard: only a REQUEST names a call.
+            let call_id = CallId(if request {
+                uuid::Uuid::now_v7()
+            } else {
+                uuid::Uuid::nil()
+            });
+            let mut node = inner.node.clone();
+            let mut out = Vec::new();
+            let now = inner.now();
+            match bounded(
+                inner,
+                node.control(conn, Some(epoch), &ctl, call_id, now, &mut out),
+            )
+            .await
+            {
+                Ok(Some(outcome)) => {
+                    inner.perform(out);
+                    outcome
+                }
+                // From a stream that no longer holds the device.
+                Ok(None) => return Ok(()),
+                Err(_) => UNAVAILABLE,
+            }
+        };
+        inner.report(Observed::Control {
+            conn,
+            seq,
+            code: outcome.code,
+            reason: outcome.reason,
+        });
+        let msg = Outgoing::Result {
+            seq,
+            code: outcome.code,
+            call_id: outcome.call_id,
+            reason: Reason(outcome.reason),
+        };
+        let mut local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        if local.streams.get(&conn).is_some_and(|e| e.epoch == epoch) {
+            inner.push(&mut local, conn, msg);
+        }
+        Ok(())
+    }
+
+    async fn disconnect(&self, conn: ConnId, epoch: u64, lost: bool) {
+        let inner = &self.inner;
+        let mine = {
+            let mut local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
+            local.early.remove(&conn);
+            match local.streams.get(&conn) {
+                Some(e) if e.epoch == epoch => local.streams.remove(&conn).is_some(),
+                _ => false,
+            }
+        };
+        if !mine || inner.shutdown.is_cancelled() {
+            // Resumed elsewhere (or here, by a newer stream), or the node is
+            // stopping and detaches every device itself.
+            return;
+        }
+        let grace = inner.limits.resume_grace;
+        let keep = (lost && !grace.is_zero()).then(|| inner.now() + grace);
+        if keep.is_some() {
+            info!(
+                conn = conn.0,
+                ?grace,
+                "device stream lost: kept for it to resume"
+            );
+        } else {
+            info!(conn = conn.0, "device disconnected");
+        }
+        inner.stream_ended(conn, epoch, keep).await;
+    }
+
+    async fn force_finish(&self, f: ForceFinish) -> Result<Outcome, ShuttingDown> {
+        let inner = &self.inner;
+        let mut node = inner.node.clone();
+        let mut out = Vec::new();
+        let now = inner.now();
+        let o = match bounded(inner, node.force_finish(&f, now, &mut out)).await {
+            Ok(o) => {
+                inner.perform(out);
+                o
+            }
+            Err(_) => UNAVAILABLE,
+        };
+        inner.report(Observed::Forced {
+            user: f.user.clone(),
+            code: f.code,
+            result: o.code,
+        });
+        Ok(o)
+    }
+
+    async fn list_calls(
+        &self,
+        after: Option<CallId>,
+        limit: usize,
+    ) -> Result<(Vec<CallSummary>, bool), Unavailable> {
+        let inner = &self.inner;
+        let limit = limit.max(1);
+        let mut node = inner.node.clone();
+        let page = bounded(inner, async {
+            let ids = node.store().call_ids(after, limit + 1).await?;
+            node.store()
+                .read(|t| {
+                    ids.iter()
+                        .filter_map(|id| t.call(id).cloned())
+                        .collect::<Vec<_>>()
+                })
+                .await
+        })
+        .await
+        .map_err(|_| Unavailable::Store)?;
+        let now = inner.now();
+        let more = page.len() > limit;
+        let calls = page.iter().take(limit).map(|c| c.summary(now)).collect();
+        Ok((calls, more))
+    }
+
+    async fn stats(&self) -> Result<Stats, Unavailable> {
+        let inner = &self.inner;
+        let connections = inner
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .streams
+            .len();
+        let mut node = inner.node.clone();
+        let (approving, ringing, talking) = bounded(inner, node.store().phase_counts())
+            .await
+            .map_err(|_| Unavailable::Store)?;
+        Ok(Stats {
+            connections,
+            approving,
+            ringing,
+            talking,
+        })
+    }
+
+    async fn user_state(&self, user: UserId) -> Result<UserSummary, Unavailable> {
+        let inner = &self.inner;
+        let mut node = inner.node.clone();
+        let read = bounded(
+            inner,
+            node.store().read(|t| {
+                let u = t.user(&user).cloned();
+                let call = u
+                    .as_ref()
+                    .and_then(|u| u.call)
+                    .and_then(|id| t.call(&id).cloned());
+                (u, call)
+            }),
+        )
+        .await
+        .map_err(|_| Unavailable::Store)?;
+        let now = inner.now();
+        Ok(match read {
+            (Some(u), call) => UserSummary {
+                state: state_of(&user, &u, call.as_ref()),
+                connections: u.devices.len(),
+                call: call.map(|c| c.summary(now)),
+            },
+            (None, _) => UserSummary {
+                state: crate::machine::UserState::Offline,
+                connections: 0,
+                call: None,
+            },
+        })
+    }
+}
