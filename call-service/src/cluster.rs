@@ -116,6 +116,8 @@ struct Inner {
     approvals: AtomicUsize,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Cancelled once the node has made its last transition (on shutdown).
+    closed: CancellationToken,
     /// Whether the store answers and the lease is held (health).
     serving: watch::Sender<bool>,
     /// Since when (ms) the lease has been renewed without a failure; 0:
@@ -134,6 +136,7 @@ struct Local {
 }
 
 struct Entry {
+    user: UserId,
     epoch: u64,
     tx: DeviceTx,
     superseded: CancellationToken,
@@ -159,7 +162,18 @@ impl ClusterSwitchboard {
         // A new id's inbox is empty: read from its start.
         let reader = InboxReader::open(&cluster.redis_url, &cluster.prefix, id, "0-0").await?;
         let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
-        tasks.spawn(observer(observed_rx, metrics.clone()));
+        // The handle (and with it the observer's sender) lives as long as
+        // the servers that hold it: the observer ends with the node's last
+        // transition instead.
+        let closed = CancellationToken::new();
+        let observing = observer(observed_rx, metrics.clone());
+        let end = closed.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = observing => {}
+                () = end.cancelled() => {}
+            }
+        });
         let (serving, _) = watch::channel(true);
         let inner = Arc::new(Inner {
             id,
@@ -175,6 +189,7 @@ impl ClusterSwitchboard {
             approvals: AtomicUsize::new(0),
             tasks: tasks.clone(),
             shutdown,
+            closed,
             serving,
             healthy_since: AtomicU64::new(millis(clock.time())),
         });
@@ -226,6 +241,19 @@ impl Inner {
         self.clock.time()
     }
 
+    /// Backpressure on a caller whose calls' notices pile up at this node
+    /// (see `business`): its flood must not cost others theirs.
+    fn over_quota(&self, conn: ConnId) -> bool {
+        let Some(b) = &self.business else {
+            return false;
+        };
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local
+            .streams
+            .get(&conn)
+            .is_some_and(|e| b.caller_over_quota(&e.user))
+    }
+
     fn unhealthy(&self, e: &SharedError) {
         warn!(error = %e, "the shared store failed");
         self.metrics.store_errors.inc();
@@ -253,10 +281,17 @@ impl Inner {
             self.tasks.spawn(async move {
                 let call_id = notice.call_id;
                 let verdict = match &this.business {
-                    Some(b) => b.approve(notice).await,
-                    None => Verdict::Allow,
+                    // A node that stops drops the approvals it waits for,
+                    // as a single node does: the calls end with the node.
+                    Some(b) => tokio::select! {
+                        v = b.approve(notice) => Some(v),
+                        () = this.shutdown.cancelled() => None,
+                    },
+                    None => Some(Verdict::Allow),
                 };
-                this.approved(call_id, verdict).await;
+                if let Some(verdict) = verdict {
+                    this.approved(call_id, verdict).await;
+                }
                 this.approvals.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -352,6 +387,7 @@ impl Inner {
         if let Some(old) = local.streams.insert(
             conn,
             Entry {
+                user: user.clone(),
                 epoch,
                 tx,
                 superseded,
@@ -404,32 +440,40 @@ impl Inner {
         }
     }
 
-    /// Ends every stream of this node: with `grace`, its devices are kept
-    /// for their clients to resume elsewhere.
-    async fn detach_all(self: &Arc<Self>, grace: Option<Duration>) {
-        let streams: Vec<(ConnId, Entry)> = {
-            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-            local.early.clear();
-            local.early_count = 0;
-            local.streams.drain().collect()
+    /// Commits the end of every stream of this node: with a grace window
+    /// its devices are detached, for their clients to resume elsewhere;
+    /// without one, when the node stops, their calls end TERMINATED
+    /// (100206) as a single node's do. The streams stay registered, to
+    /// get what these commits send them ([`Inner::close_all`] ends them).
+    async fn detach_all(self: &Arc<Self>, stopping: bool) {
+        let streams: Vec<(ConnId, u64)> = {
+            let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            local.streams.iter().map(|(c, e)| (*c, e.epoch)).collect()
         };
         let now = self.now();
-        let keep = grace.filter(|g| !g.is_zero()).map(|g| now + g);
-        for (conn, entry) in streams {
-            entry.superseded.cancel();
-            drop(entry.tx);
+        let grace = self.limits.resume_grace;
+        let keep = (!grace.is_zero()).then(|| now + grace);
+        for (conn, epoch) in streams {
             let mut node = self.node.clone();
             let mut out = Vec::new();
-            if bounded(
-                self,
-                node.stream_ended(conn, entry.epoch, keep, now, &mut out),
-            )
-            .await
-            .is_ok()
-            {
+            let done = if keep.is_none() && stopping {
+                bounded(self, node.end_device(conn, epoch, now, &mut out)).await
+            } else {
+                bounded(self, node.stream_ended(conn, epoch, keep, now, &mut out)).await
+            };
+            if done.is_ok() {
                 self.perform(out);
             }
         }
+    }
+
+    /// Ends every stream of this node once it has sent what it holds.
+    fn close_all(&self) {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.early.clear();
+        local.early_count = 0;
+        // Dropping a queue's sender ends its response stream.
+        local.streams.clear();
     }
 }
 
@@ -493,20 +537,24 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
             }
         }
     }
-    inner.detach_all(Some(inner.limits.resume_grace)).await;
-    // What the last transitions committed for the business service.
-    while let Ok(entries) = reader.next(Duration::from_millis(1), 512).await {
-        if entries.is_empty() {
-            break;
-        }
-        inner.deliver(entries);
+    inner.detach_all(true).await;
+    // What the last transitions committed, for this node's streams and the
+    // business service. Read on the shared connection: the reader's may
+    // still wait for the blocking read this loop left.
+    let mut node = inner.node.clone();
+    let mut last = reader.last().to_owned();
+    while let Ok(entries) = bounded(&inner, node.store().inbox(inner.id, &last, 512)).await {
+        let Some((id, _)) = entries.last() else { break };
+        last = id.clone();
+        inner.deliver(entries.into_iter().map(|(_, e)| e).collect());
     }
+    inner.close_all();
     if let Some(b) = &inner.business {
         b.close();
     }
-    let mut node = inner.node.clone();
     let _ = bounded(&inner, node.store().leave()).await;
     info!(node = inner.id.0, "left the cluster");
+    inner.closed.cancel();
 }
 
 /// Fires due timers and reaps nodes whose lease ran out, every [`TICK`]
@@ -585,7 +633,8 @@ async fn lease_loop(inner: Arc<Inner>) {
                     node = inner.id.0,
                     "this node's lease ran out (it was reaped): closing its streams"
                 );
-                inner.detach_all(Some(inner.limits.resume_grace)).await;
+                inner.detach_all(false).await;
+                inner.close_all();
                 let now = inner.now();
                 if bounded(&inner, node.store().lease(now, lease, true))
                     .await
@@ -680,6 +729,12 @@ impl Switchboard for ClusterSwitchboard {
                 code: codes::OVERLOADED,
                 call_id: None,
                 reason: "too many calls are waiting for approval; try again",
+            }
+        } else if request && inner.over_quota(conn) {
+            Outcome {
+                code: codes::OVERLOADED,
+                call_id: None,
+                reason: "too many events of your calls wait for the business service; try again",
             }
         } else {
             // See the single node's switchboard: only a REQUEST names a call.

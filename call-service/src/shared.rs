@@ -1248,6 +1248,51 @@ impl Node {
         .map(drop)
     }
 
+    /// A device of this node goes with it (the node stops and no resume
+    /// window is kept): the call it is in ends TERMINATED (100206) for
+    /// both parties, as when a single node stops, and the device is
+    /// dropped.
+    pub async fn end_device(
+        &mut self,
+        conn: ConnId,
+        epoch: u64,
+        now: Time,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), SharedError> {
+        self.run(Some(now), out, |s, o| {
+            let Some(user) =
+                s.t.device(&conn)
+                    .filter(|d| d.epoch == epoch)
+                    .map(|d| d.user.clone())
+            else {
+                return;
+            };
+            let call = s.t.user(&user).and_then(|u| u.call);
+            let involved = call.and_then(|id| s.t.call(&id)).is_some_and(|c| {
+                c.caller_conn == conn
+                    || match &c.phase {
+                        Phase::Approving => false,
+                        Phase::Ringing { ringing, .. } => ringing.contains(&conn),
+                        Phase::Talking { callee_conn, .. } => *callee_conn == conn,
+                    }
+            });
+            if involved {
+                let f = ForceFinish {
+                    user,
+                    only: call,
+                    code: crate::codes::TERMINATED,
+                    flags: 0,
+                    param: 0,
+                    user_str: Arc::from("the call service is shutting down"),
+                };
+                s.force_finish(&f, now, o);
+            }
+            s.stream_ended(conn, epoch, None, now, o);
+        })
+        .await
+        .map(drop)
+    }
+
     /// A new stream on this node takes the device `token` names, wherever
     /// it was (see [`crate::machine::Machine::resume`]).
     pub async fn resume(

@@ -4,10 +4,20 @@
 //! Layout: [`CallService`] and [`Business`] start and stop the services
 //! in-process; [`Phone`] is an SDK client with expectations; [`HookLog`]
 //! collects what the business hook received; [`process`] runs the built
-//! binaries and example programs.
+//! binaries and example programs; [`redis`] a `redis-server` of a test's
+//! own.
+//!
+//! **Three ways.** [`CallService`] is one node with its state in memory,
+//! one node on Redis, or three nodes on one Redis with the test's phones
+//! and admin clients spread over them, as `VIDEOCALL_TEST_STORE` says
+//! (`memory`, the default; `redis`; `cluster`): `scripts/test.sh` runs the
+//! end-to-end suites all three ways.
 
 pub mod process;
+pub mod redis;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use business_service::{Hook, admin::Admin};
@@ -30,9 +40,52 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A call service running in this process.
+/// Where the call service under test keeps its state (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+impl StoreKind {
+    /// From `VIDEOCALL_TEST_STORE`; anything else than the three fails.
+    pub fn from_env() -> Self {
+        match std::env::var("VIDEOCALL_TEST_STORE").as_deref() {
+            Err(_) | Ok("") | Ok("memory") => Self::Memory,
+            Ok("redis") => Self::Redis,
+            Ok("cluster") => Self::Cluster,
+            Ok(other) => panic!("VIDEOCALL_TEST_STORE={other}: memory, redis or cluster"),
+        }
+    }
+
+    fn nodes(self) -> usize {
+        match self {
+            Self::Cluster => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// A call service running in this process: one node, or the nodes of a
+/// cluster (see [`StoreKind`]).
 #[derive(Debug)]
 pub struct CallService {
+    /// The first node's client API.
+    pub client_url: String,
+    /// The first node's admin API.
+    pub admin_url: String,
+    pub kind: StoreKind,
+    nodes: Vec<NodeProcess>,
+    /// Which node the next phone or admin client goes to.
+    next: AtomicUsize,
+    /// The cluster's Redis, if any.
+    pub redis: Option<Arc<redis::RedisServer>>,
+}
+
+/// One node serving in this process.
+#[derive(Debug)]
+pub struct NodeProcess {
     pub client_url: String,
     pub admin_url: String,
     stop: Option<oneshot::Sender<()>>,
@@ -41,21 +94,91 @@ pub struct CallService {
 
 impl CallService {
     /// Starts a call service with development identities, using `business`
-    /// as its hook (if any). `tweak` adjusts the configuration.
-    pub async fn start(business: Option<&str>, tweak: impl FnOnce(&mut Config)) -> Self {
-        Self::start_at("127.0.0.1:0", business, tweak).await
+    /// as its hook (if any). `tweak` adjusts the configuration (of every
+    /// node).
+    pub async fn start(business: Option<&str>, tweak: impl Fn(&mut Config)) -> Self {
+        Self::start_as(StoreKind::from_env(), business, tweak).await
     }
 
-    /// Like [`CallService::start`], with the client API on `client_addr`
-    /// (to restart a service where its clients expect it).
+    /// Like [`CallService::start`], with the (first node's) client API on
+    /// `client_addr` (to restart a service where its clients expect it).
     pub async fn start_at(
         client_addr: &str,
         business: Option<&str>,
-        tweak: impl FnOnce(&mut Config),
+        tweak: impl Fn(&mut Config),
+    ) -> Self {
+        Self::start_with(StoreKind::from_env(), client_addr, business, tweak).await
+    }
+
+    /// Like [`CallService::start`], with the state kept as `kind` says.
+    pub async fn start_as(
+        kind: StoreKind,
+        business: Option<&str>,
+        tweak: impl Fn(&mut Config),
+    ) -> Self {
+        Self::start_with(kind, "127.0.0.1:0", business, tweak).await
+    }
+
+    async fn start_with(
+        kind: StoreKind,
+        client_addr: &str,
+        business: Option<&str>,
+        tweak: impl Fn(&mut Config),
     ) -> Self {
         init_tracing();
-        let mut config = Config::for_tests(business.map(str::to_owned));
-        tweak(&mut config);
+        let redis = (kind != StoreKind::Memory).then(|| Arc::new(redis::RedisServer::start()));
+        let mut nodes = Vec::new();
+        for i in 0..kind.nodes() {
+            let mut config = Config::for_tests(business.map(str::to_owned));
+            config.redis_url = redis.as_ref().map(|r| r.url.clone());
+            tweak(&mut config);
+            let addr = if i == 0 { client_addr } else { "127.0.0.1:0" };
+            nodes.push(NodeProcess::start_at(addr, config).await);
+        }
+        Self {
+            client_url: nodes[0].client_url.clone(),
+            admin_url: nodes[0].admin_url.clone(),
+            kind,
+            nodes,
+            next: AtomicUsize::new(0),
+            redis,
+        }
+    }
+
+    /// The nodes serving.
+    pub fn nodes(&self) -> &[NodeProcess] {
+        &self.nodes
+    }
+
+    /// The client API of the node the next client goes to (in turn).
+    pub fn next_client_url(&self) -> String {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len();
+        self.nodes[i].client_url.clone()
+    }
+
+    /// Connects a device of `user`, to the nodes in turn.
+    pub async fn phone(&self, user: &str) -> Phone {
+        phone_at(&self.next_client_url(), user).await
+    }
+
+    /// An admin client, of the nodes in turn.
+    pub async fn admin(&self) -> Admin {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len();
+        Admin::connect(self.nodes[i].admin_url.clone())
+            .await
+            .expect("admin connect")
+    }
+
+    /// Stops every node and checks that each stopped cleanly.
+    pub async fn stop(self) {
+        futures_util::future::join_all(self.nodes.into_iter().map(NodeProcess::stop)).await;
+    }
+}
+
+impl NodeProcess {
+    /// Serves `config`, the client API on `client_addr`, the admin API on
+    /// a free port.
+    pub async fn start_at(client_addr: &str, config: Config) -> Self {
         let client = TcpListener::bind(client_addr)
             .await
             .expect("bind client port");
@@ -81,18 +204,7 @@ impl CallService {
         }
     }
 
-    /// Connects a device of `user`.
-    pub async fn phone(&self, user: &str) -> Phone {
-        phone_at(&self.client_url, user).await
-    }
-
-    pub async fn admin(&self) -> Admin {
-        Admin::connect(self.admin_url.clone())
-            .await
-            .expect("admin connect")
-    }
-
-    /// Stops the service and checks that it stopped cleanly.
+    /// Stops the node and checks that it stopped cleanly.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

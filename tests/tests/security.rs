@@ -36,7 +36,7 @@ fn token(user: &str) -> String {
 }
 
 /// A call service that verifies HS256 tokens and guards its admin API.
-async fn secured(tweak: impl FnOnce(&mut call_service::Config)) -> CallService {
+async fn secured(tweak: impl Fn(&mut call_service::Config)) -> CallService {
     CallService::start(None, |c| {
         c.dev_identity = false;
         c.jwt_secret = Some(SECRET.into());
