@@ -350,6 +350,11 @@ impl crate::hook::Hook for Business {
         self.caller_over_quota(caller)
     }
 
+    fn busy(&self) -> bool {
+        let capacity: usize = self.lanes.iter().map(|l| l.max_capacity()).sum();
+        self.backlog() * 2 >= capacity
+    }
+
     fn close(&self) {
         self.close();
     }

@@ -51,12 +51,13 @@ use crate::clock::Clock;
 use crate::codes;
 use crate::device::{DeviceTx, Outgoing, Reason};
 use crate::domain::{
-    CallId, ConnId, Control, ControlKind, Effect, ForceFinish, Outcome, Time, UserId, Verdict,
+    CallId, ConnId, Control, ControlKind, Effect, ForceFinish, Notice, Outcome, Time, UserId,
+    Verdict,
 };
 use crate::hook::Hook;
 use crate::machine::{CallSummary, MachineConfig, UserSummary, state_of};
 use crate::metrics::Metrics;
-use crate::shared::{Inbound, InboxReader, Lease, Node, SharedError, SharedStore};
+use crate::shared::{Inbound, InboxReader, LaneReader, Lease, Node, SharedError, SharedStore};
 use crate::store::NodeId;
 use crate::switchboard::{
     Attached, ConnectError, DEVICE_QUEUE, OBSERVER_QUEUE, Observed, ShuttingDown, Stats,
@@ -161,6 +162,7 @@ impl ClusterSwitchboard {
         store.lease(clock.time(), cluster.lease, true).await?;
         // A new id's inbox is empty: read from its start.
         let reader = InboxReader::open(&cluster.redis_url, &cluster.prefix, id, "0-0").await?;
+        let lanes = LaneReader::open(&cluster.redis_url, &cluster.prefix).await?;
         let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
         // The handle (and with it the observer's sender) lives as long as
         // the servers that hold it: the observer ends with the node's last
@@ -195,6 +197,7 @@ impl ClusterSwitchboard {
         });
         info!(node = id.0, "joined the cluster");
         tasks.spawn(inbox_loop(inner.clone(), reader));
+        tasks.spawn(lane_loop(inner.clone(), lanes));
         tasks.spawn(timer_loop(inner.clone()));
         tasks.spawn(lease_loop(inner.clone()));
         Ok(Self { inner })
@@ -241,17 +244,27 @@ impl Inner {
         self.clock.time()
     }
 
-    /// Backpressure on a caller whose calls' notices pile up at this node
-    /// (see `business`): its flood must not cost others theirs.
-    fn over_quota(&self, conn: ConnId) -> bool {
+    /// Backpressure on a caller whose calls' notices pile up (see
+    /// `business`): its flood must not cost others theirs. Counted over
+    /// the cluster: what waits in the notice lanes in Redis, and what
+    /// waits here if this node hands them on.
+    async fn over_quota(&self, conn: ConnId) -> Result<bool, SharedError> {
         let Some(b) = &self.business else {
-            return false;
+            return Ok(false);
         };
-        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        local
-            .streams
-            .get(&conn)
-            .is_some_and(|e| b.caller_over_quota(&e.user))
+        let user = {
+            let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            match local.streams.get(&conn) {
+                Some(e) => e.user.clone(),
+                None => return Ok(false),
+            }
+        };
+        if b.caller_over_quota(&user) {
+            return Ok(true);
+        }
+        let mut node = self.node.clone();
+        let waiting = bounded(self, node.store().pending(&user)).await?;
+        Ok(waiting >= self.limits.max_notices_per_caller)
     }
 
     fn unhealthy(&self, e: &SharedError) {
@@ -411,6 +424,14 @@ impl Inner {
         }
     }
 
+    /// Hands a notice from a lane this node owns to the business service.
+    fn notice(&self, n: Notice) {
+        self.report(Observed::Event(n.clone()));
+        if let Some(b) = &self.business {
+            b.notify(n);
+        }
+    }
+
     /// Hands on what the inbox brought.
     fn deliver(self: &Arc<Self>, entries: Vec<Inbound>) {
         let now = self.now();
@@ -419,6 +440,7 @@ impl Inner {
             let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
                 match entry {
+                    // Not in inboxes (see `shared`); handed on if found.
                     Inbound::Notice(n) => notices.push(n),
                     Inbound::Event { conn, epoch, event } => {
                         let msg = Outgoing::Event(event);
@@ -433,10 +455,7 @@ impl Inner {
             }
         }
         for n in notices {
-            self.report(Observed::Event(n.clone()));
-            if let Some(b) = &self.business {
-                b.notify(n);
-            }
+            self.notice(n);
         }
     }
 
@@ -549,12 +568,118 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
         inner.deliver(entries.into_iter().map(|(_, e)| e).collect());
     }
     inner.close_all();
+    // The notices of the lanes this node owns, to their end; then the
+    // lanes go to the other nodes.
+    if let Ok(lanes) = bounded(&inner, node.store().claim_lanes(inner.now())).await {
+        for (lane, mut after) in lanes {
+            while let Ok(notices) = bounded(&inner, node.store().lane(lane, &after, 512)).await {
+                let Some((id, _)) = notices.last() else { break };
+                after = id.clone();
+                let mut callers = HashMap::new();
+                for (_, n) in notices {
+                    *callers.entry(n.caller.clone()).or_insert(0) += 1;
+                    inner.notice(n);
+                }
+                let _ = bounded(&inner, node.store().lane_done(lane, &after, &callers)).await;
+            }
+        }
+    }
+    let _ = bounded(&inner, node.store().release_lanes()).await;
     if let Some(b) = &inner.business {
         b.close();
     }
     let _ = bounded(&inner, node.store().leave()).await;
     info!(node = inner.id.0, "left the cluster");
     inner.closed.cancel();
+}
+
+/// Hands the notices of the lanes this node owns to the business service,
+/// in commit order, and notes how far each lane went (its next owner goes
+/// on from there: a notice may then be delivered twice, never lost).
+/// Lanes are claimed every third of a lease: those of a node whose lease
+/// ran out go to whichever live node claims them first.
+async fn lane_loop(inner: Arc<Inner>, mut reader: LaneReader) {
+    let mut node = inner.node.clone();
+    let every = inner.cluster.lease / 3;
+    let mut owned: Vec<(u32, String)> = Vec::new();
+    let mut claimed: Option<tokio::time::Instant> = None;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if claimed.is_none_or(|t| t.elapsed() >= every) {
+            claimed = Some(tokio::time::Instant::now());
+            if let Ok(lanes) = bounded(&inner, node.store().claim_lanes(inner.now())).await {
+                // Where this node has got to is ahead of what it saved.
+                owned = lanes
+                    .into_iter()
+                    .map(
+                        |(lane, saved)| match owned.iter().find(|(l, _)| *l == lane) {
+                            Some((_, mine)) => (lane, mine.clone()),
+                            None => (lane, saved),
+                        },
+                    )
+                    .collect();
+                inner
+                    .metrics
+                    .lanes_owned
+                    .set(i64::try_from(owned.len()).unwrap_or(0));
+            }
+        }
+        if owned.is_empty() || inner.business.as_ref().is_some_and(|b| b.busy()) {
+            // Nothing to read, or the business service's queues are full:
+            // the notices wait in Redis (never dropped here).
+            let pause = if owned.is_empty() {
+                every
+            } else {
+                Duration::from_millis(10)
+            };
+            tokio::select! {
+                () = inner.shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => continue,
+            }
+        }
+        let read = tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            r = reader.next(&owned, every.min(Duration::from_secs(1)), 512) => r,
+        };
+        match read {
+            Ok(notices) => {
+                wait = Duration::from_millis(50);
+                let mut done: Vec<(u32, String, HashMap<UserId, i64>)> = Vec::new();
+                for (lane, id, n) in notices {
+                    let caller = n.caller.clone();
+                    inner.notice(n);
+                    let d = match done.iter().position(|(l, _, _)| *l == lane) {
+                        Some(i) => &mut done[i],
+                        None => {
+                            done.push((lane, String::new(), HashMap::new()));
+                            done.last_mut().expect("pushed")
+                        }
+                    };
+                    d.1 = id;
+                    *d.2.entry(caller).or_insert(0) += 1;
+                }
+                for (lane, id, callers) in done {
+                    if let Some(o) = owned.iter_mut().find(|(l, _)| *l == lane) {
+                        o.1 = id.clone();
+                    }
+                    let _ = bounded(&inner, node.store().lane_done(lane, &id, &callers)).await;
+                }
+            }
+            Err(e) => {
+                inner.unhealthy(&e);
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(1));
+                let c = &inner.cluster;
+                match LaneReader::open(&c.redis_url, &c.prefix).await {
+                    Ok(r) => reader = r,
+                    Err(e) => debug!(error = %e, "lane reader: not reconnected yet"),
+                }
+            }
+        }
+    }
 }
 
 /// Fires due timers and reaps nodes whose lease ran out, every [`TICK`]
@@ -730,7 +855,7 @@ impl Switchboard for ClusterSwitchboard {
                 call_id: None,
                 reason: "too many calls are waiting for approval; try again",
             }
-        } else if request && inner.over_quota(conn) {
+        } else if request && inner.over_quota(conn).await.unwrap_or(false) {
             Outcome {
                 code: codes::OVERLOADED,
                 call_id: None,

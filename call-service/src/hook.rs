@@ -18,6 +18,10 @@ pub trait Hook: Send + Sync + 'static {
     /// Whether `caller` has as many notices waiting as it may: its next
     /// REQUEST is refused OVERLOADED until they drain.
     fn caller_over_quota(&self, caller: &UserId) -> bool;
+    /// Whether its notice queues are over half full: a source of notices
+    /// that can wait (a cluster's notice lanes, durable in Redis) holds
+    /// off rather than have notices dropped.
+    fn busy(&self) -> bool;
     /// No more notices will come: deliver what is held, then stop.
     fn close(&self);
 }

@@ -21,6 +21,7 @@
 //! | `videocall_store_errors_total` | counter | a node of a cluster: inputs and reads the shared store failed or timed out |
 //! | `videocall_store_conflicts_total` | counter | a node of a cluster: commits that lost a race and ran again |
 //! | `videocall_reaped_devices_total` | counter | a node of a cluster: devices of dead nodes it detached |
+//! | `videocall_notice_lanes_owned` | gauge | a node of a cluster: notice lanes it delivers |
 //!
 //! The gauges of calls and devices are read from the switchboard at scrape
 //! time, so keeping them costs nothing on the call path.
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub store_conflicts: Counter,
     pub reaped_devices: Counter,
+    pub lanes_owned: Gauge,
 }
 
 /// Latency buckets from 100 µs to about 6.5 s.
@@ -137,6 +139,7 @@ impl Default for Metrics {
             store_errors: Counter::default(),
             store_conflicts: Counter::default(),
             reaped_devices: Counter::default(),
+            lanes_owned: Gauge::default(),
         };
         r.register(
             "connected_devices",
@@ -223,6 +226,11 @@ impl Default for Metrics {
             "reaped_devices",
             "Devices of nodes whose lease ran out, detached by this node",
             m.reaped_devices.clone(),
+        );
+        r.register(
+            "notice_lanes_owned",
+            "Notice lanes of the cluster this node hands to the business service",
+            m.lanes_owned.clone(),
         );
         Self {
             registry: Arc::new(r),

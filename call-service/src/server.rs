@@ -219,6 +219,7 @@ async fn start_switchboard(
         max_devices_per_user: limits.max_devices_per_user,
         max_pending_approvals: limits.max_pending_approvals,
         resume_grace: limits.resume_grace,
+        max_notices_per_caller: limits.max_notices_per_caller,
     };
     let hook = business
         .cloned()

@@ -78,17 +78,18 @@ pub enum SharedError {
 }
 
 /// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, `calls`,
-/// `phases`, then the records (n), then the other keys it writes (inboxes,
-/// nodes' device sets). ARGV: n, then per record its expected version, `k`
+/// `phases`, `pending`, then the records (n), then the other keys it writes
+/// (inboxes, notice lanes, nodes' device sets). ARGV: n, then per record its expected version, `k`
 /// (only read), `w` (write, with its JSON) or `d` (delete), and the JSON (or
 /// empty); then counted lists: rooms claimed, rooms freed, timers cleared,
 /// timers set (score, member), tokens dropped, tokens set (token, device),
-/// inbox entries (key index, device or empty for a notice, epoch, JSON),
+/// inbox and lane entries (key index, device or empty for a notice, epoch
+/// or for a notice its caller, counted in `pending`, JSON),
 /// set members (key index, `a`dd or `r`emove, device), live calls listed
 /// (`a` or `r`, call id), phase counts (phase, delta). Returns
 /// `{1, version}` or `{0, what conflicted}`.
 const COMMIT: &str = r#"
-local base = 6
+local base = 7
 local n = tonumber(ARGV[1])
 local a = 2
 for i = 1, n do
@@ -134,6 +135,7 @@ for i = 0, sent - 1 do
   local inbox = KEYS[base + n + tonumber(ARGV[j])]
   if ARGV[j + 1] == '' then
     redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'n', ARGV[j + 3])
+    redis.call('HINCRBY', KEYS[7], ARGV[j + 2], 1)
   else
     redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'p', ARGV[j + 2], 'e', ARGV[j + 3])
   end
@@ -354,8 +356,9 @@ struct Args {
     tokens: Vec<(String, u64)>,
     /// Keys after the records: inboxes and nodes' device sets.
     extra: Vec<String>,
-    /// Inbox entries: key index, device (empty for a notice), epoch, JSON.
-    sent: Vec<(usize, String, u64, String)>,
+    /// Inbox entries: key index, device (empty for a notice), epoch (for a
+    /// notice its caller), JSON.
+    sent: Vec<(usize, String, String, String)>,
     moves: Vec<(usize, &'static str, u64)>,
     /// Live calls added to (`a`) or removed from (`r`) the listing.
     listed: Vec<(&'static str, String)>,
@@ -781,13 +784,13 @@ impl SharedStore {
         a.claims.extend(t.claimed_rooms());
         for (node, conn, epoch, event) in routed.events {
             let i = a.extra(format!("{}inbox:{}", self.prefix, node.0));
-            a.sent.push((i, conn.0.to_string(), epoch, json(&event)?));
+            a.sent
+                .push((i, conn.0.to_string(), epoch.to_string(), json(&event)?));
         }
-        if !routed.notices.is_empty() {
-            let i = a.extra(format!("{}inbox:{}", self.prefix, self.node.0));
-            for n in routed.notices {
-                a.sent.push((i, String::new(), 0, json(&n)?));
-            }
+        for n in routed.notices {
+            let i = a.extra(format!("{}nl:{}", self.prefix, lane_of(n.call_id)));
+            a.sent
+                .push((i, String::new(), n.caller.to_string(), json(&n)?));
         }
         Ok(a)
     }
@@ -800,7 +803,8 @@ impl SharedStore {
             .key(format!("{}rooms", self.prefix))
             .key(format!("{}tokens", self.prefix))
             .key(format!("{}calls", self.prefix))
-            .key(format!("{}phases", self.prefix));
+            .key(format!("{}phases", self.prefix))
+            .key(format!("{}pending", self.prefix));
         for k in &a.keys {
             inv.key(k);
         }
@@ -825,7 +829,7 @@ impl SharedStore {
         }
         inv.arg(a.sent.len());
         for (i, d, epoch, e) in &a.sent {
-            inv.arg(*i).arg(d).arg(*epoch).arg(e);
+            inv.arg(*i).arg(d).arg(epoch).arg(e);
         }
         inv.arg(a.moves.len());
         for (i, op, d) in &a.moves {
@@ -938,6 +942,221 @@ impl SharedStore {
     }
 }
 
+/// Notice lanes: a call's notices go to lane `call id % NOTICE_LANES`,
+/// a stream each (`nl:<lane>`), so that one reader, whichever node
+/// committed them, hands them to the business service in commit order.
+pub const NOTICE_LANES: u32 = 8;
+
+/// The lane of a call's notices.
+pub fn lane_of(call: CallId) -> u32 {
+    (call.0.as_u128() % u128::from(NOTICE_LANES)) as u32
+}
+
+/// Claims the notice lanes that have no live owner (KEYS: `leases`,
+/// `lane-owners`; ARGV: node, now, lanes). Returns the lanes the node owns.
+const CLAIM: &str = r#"
+local owned = {}
+for lane = 0, tonumber(ARGV[3]) - 1 do
+  local owner = redis.call('HGET', KEYS[2], lane)
+  local live = false
+  if owner then
+    local s = redis.call('ZSCORE', KEYS[1], owner)
+    live = s and tonumber(s) >= tonumber(ARGV[2])
+  end
+  if owner == ARGV[1] or not live then
+    redis.call('HSET', KEYS[2], lane, ARGV[1])
+    owned[#owned + 1] = lane
+  end
+end
+return owned
+"#;
+
+/// Gives up a node's lanes (KEYS: `lane-owners`; ARGV: node, lanes).
+const RELEASE: &str = r#"
+for lane = 0, tonumber(ARGV[2]) - 1 do
+  if redis.call('HGET', KEYS[1], lane) == ARGV[1] then redis.call('HDEL', KEYS[1], lane) end
+end
+return 0
+"#;
+
+impl SharedStore {
+    /// Claims the notice lanes no live node owns (its own included, if its
+    /// lease is held), and returns those it owns, each with where its
+    /// delivery stands (the last entry handed on, `0-0` at first).
+    pub async fn claim_lanes(&mut self, now: Time) -> Result<Vec<(u32, String)>, SharedError> {
+        let lanes: Vec<u32> = redis::Script::new(CLAIM)
+            .key(format!("{}leases", self.prefix))
+            .key(format!("{}lane-owners", self.prefix))
+            .arg(self.node.0)
+            .arg(millis(now))
+            .arg(NOTICE_LANES)
+            .invoke_async(&mut self.conn)
+            .await?;
+        if lanes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pos: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(format!("{}lane-pos", self.prefix))
+            .arg(&lanes)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(lanes
+            .into_iter()
+            .zip(pos)
+            .map(|(l, p)| (l, p.unwrap_or_else(|| "0-0".to_owned())))
+            .collect())
+    }
+
+    /// Gives up this node's lanes (it stops): the others claim them at once.
+    pub async fn release_lanes(&mut self) -> Result<(), SharedError> {
+        let _: u8 = redis::Script::new(RELEASE)
+            .key(format!("{}lane-owners", self.prefix))
+            .arg(self.node.0)
+            .arg(NOTICE_LANES)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Notes that a lane's notices up to `upto` were handed on (`callers`:
+    /// how many of each caller's), and drops them from the lane; the next
+    /// owner goes on from there.
+    pub async fn lane_done(
+        &mut self,
+        lane: u32,
+        upto: &str,
+        callers: &HashMap<UserId, i64>,
+    ) -> Result<(), SharedError> {
+        let Some(next) = next_entry(upto) else {
+            return Ok(());
+        };
+        let mut pipe = redis::pipe();
+        for (caller, n) in callers {
+            pipe.cmd("HINCRBY")
+                .arg(format!("{}pending", self.prefix))
+                .arg(caller.as_ref())
+                .arg(-n)
+                .ignore();
+        }
+        let _: () = pipe
+            .cmd("HSET")
+            .arg(format!("{}lane-pos", self.prefix))
+            .arg(lane)
+            .arg(upto)
+            .ignore()
+            .cmd("XTRIM")
+            .arg(format!("{}nl:{lane}", self.prefix))
+            .arg("MINID")
+            .arg(next)
+            .ignore()
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// How many notices of `caller`'s calls wait in the lanes, over the
+    /// cluster (the per-caller quota).
+    pub async fn pending(&mut self, caller: &str) -> Result<usize, SharedError> {
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(format!("{}pending", self.prefix))
+            .arg(caller)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(usize::try_from(n.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// A lane's notices after `after`, at most `count`, with their ids.
+    pub async fn lane(
+        &mut self,
+        lane: u32,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Notice)>, SharedError> {
+        let key = format!("{}nl:{lane}", self.prefix);
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn)
+            .await?;
+        let entries: Vec<(String, HashMap<String, String>)> = redis::from_redis_value(reply)?;
+        let mut out = Vec::new();
+        for (id, fields) in entries {
+            if let Some(Inbound::Notice(n)) = inbound(&key, &id, &fields)? {
+                out.push((id, n));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A node's reader of the notice lanes it owns (a connection of its own,
+/// for blocking reads, as [`InboxReader`]).
+#[derive(Clone)]
+pub struct LaneReader {
+    conn: redis::aio::MultiplexedConnection,
+    prefix: String,
+}
+
+impl std::fmt::Debug for LaneReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneReader")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LaneReader {
+    pub async fn open(url: &str, prefix: &str) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// Waits up to `block` for notices in `lanes` (each after its entry)
+    /// and returns at most `count` of each lane, with lane and entry id.
+    pub async fn next(
+        &mut self,
+        lanes: &[(u32, String)],
+        block: std::time::Duration,
+        count: usize,
+    ) -> Result<Vec<(u32, String, Notice)>, SharedError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg("STREAMS");
+        for (lane, _) in lanes {
+            cmd.arg(format!("{}nl:{lane}", self.prefix));
+        }
+        for (_, after) in lanes {
+            cmd.arg(after);
+        }
+        let reply: XRead = cmd.query_async(&mut self.conn).await?;
+        let mut out = Vec::new();
+        for (key, entries) in reply.unwrap_or_default() {
+            let Some(lane) = key.rsplit(':').next().and_then(|l| l.parse().ok()) else {
+                continue;
+            };
+            for (id, fields) in entries {
+                if let Some(Inbound::Notice(n)) = inbound(&key, &id, &fields)? {
+                    out.push((lane, id, n));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// What a node's inbox carries.
 #[derive(Clone, Debug)]
 pub enum Inbound {
@@ -947,7 +1166,7 @@ pub enum Inbound {
         epoch: u64,
         event: Event,
     },
-    /// A notice for the business service, committed by the node itself.
+    /// A notice for the business service (in a notice lane).
     Notice(Notice),
 }
 
@@ -1314,8 +1533,9 @@ impl Node {
     /// attached devices becomes detached until `now + grace`, as if its
     /// stream had broken, so its user's call goes on if the client resumes
     /// in time (through any node). What the dead node had not read of its
-    /// inbox is taken over: its devices' events are parked for them, its
-    /// notices go to this node's inbox, so nothing committed is lost. A node
+    /// inbox is taken over: its devices' events are parked for them. (Its
+    /// notice lanes are claimed by the live nodes, see
+    /// [`SharedStore::claim_lanes`].) A node
     /// is forgotten once none of its devices is left. Returns the devices
     /// detached.
     pub async fn reap(
@@ -1332,20 +1552,10 @@ impl Node {
             let unread = self.store.inbox(dead, "0-0", 100_000).await?;
             let last = unread.last().map(|(id, _)| id.clone());
             let mut events: HashMap<ConnId, Vec<(u64, Event)>> = HashMap::new();
-            let mut notices = Vec::new();
             for (_, entry) in unread {
-                match entry {
-                    Inbound::Event { conn, epoch, event } => {
-                        events.entry(conn).or_default().push((epoch, event));
-                    }
-                    Inbound::Notice(n) => notices.push(n),
+                if let Inbound::Event { conn, epoch, event } = entry {
+                    events.entry(conn).or_default().push((epoch, event));
                 }
-            }
-            if !notices.is_empty() {
-                self.run(Some(now), out, |_, o| {
-                    o.extend(notices.iter().cloned().map(Effect::Notify));
-                })
-                .await?;
             }
             for conn in self.store.node_devices(dead).await? {
                 let pending = events.remove(&conn).unwrap_or_default();

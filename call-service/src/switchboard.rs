@@ -76,6 +76,9 @@ pub struct SwitchboardLimits {
     pub max_pending_approvals: usize,
     /// How long a device whose stream broke is kept for it to resume.
     pub resume_grace: Duration,
+    /// Notices of one caller's calls that may wait (a cluster counts them
+    /// in Redis; a single node's business hook counts its own).
+    pub max_notices_per_caller: usize,
 }
 
 impl Default for SwitchboardLimits {
@@ -85,6 +88,7 @@ impl Default for SwitchboardLimits {
             max_devices_per_user: defaults::MAX_DEVICES_PER_USER,
             max_pending_approvals: defaults::MAX_PENDING_APPROVALS,
             resume_grace: defaults::duration(defaults::RESUME_GRACE),
+            max_notices_per_caller: defaults::MAX_NOTICES_PER_CALLER,
         }
     }
 }
