@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test. Sets up what the tests need beyond the Rust toolchain:
+# Runs every test, the end-to-end suites three ways (one node in memory,
+# one node on Redis, three nodes on one Redis). Sets up what the tests need beyond the Rust toolchain:
 # tmux, debootstrap and redis-server (Debian packages, with apt-get), and a Python virtual
 # environment with examples/python/requirements.txt and
 # tests/python/requirements.txt (from PyPI), for the any-language tests and
@@ -32,3 +33,13 @@ fi
 export VIDEOCALL_PYTHON="$PWD/$venv/bin/python"
 
 cargo test --workspace "$@"
+
+# The end-to-end suites again, with the call state in Redis: one node, then
+# three nodes on one Redis with each test's clients spread over them (the
+# harness reads VIDEOCALL_TEST_STORE; see tests/src/lib.rs).
+e2e=(--test call_flow --test security --test resume --test notices --test hardening
+  --test business --test observability --test phone)
+for store in redis cluster; do
+  echo "end-to-end suites, call state: $store"
+  VIDEOCALL_TEST_STORE=$store cargo test -p videocall-tests "${e2e[@]}" "$@"
+done

@@ -907,6 +907,11 @@ impl Switchboard for ClusterSwitchboard {
 
     async fn disconnect(&self, conn: ConnId, epoch: u64, lost: bool) {
         let inner = &self.inner;
+        if inner.shutdown.is_cancelled() {
+            // The node is stopping: it ends every device itself, and the
+            // stream is kept until its last events are queued.
+            return;
+        }
         let mine = {
             let mut local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
             local.early.remove(&conn);
@@ -915,9 +920,8 @@ impl Switchboard for ClusterSwitchboard {
                 _ => false,
             }
         };
-        if !mine || inner.shutdown.is_cancelled() {
-            // Resumed elsewhere (or here, by a newer stream), or the node is
-            // stopping and detaches every device itself.
+        if !mine {
+            // Resumed elsewhere (or here, by a newer stream).
             return;
         }
         let grace = inner.limits.resume_grace;

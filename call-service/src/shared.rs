@@ -1506,7 +1506,12 @@ impl Node {
                 };
                 s.force_finish(&f, now, o);
             }
-            s.stream_ended(conn, epoch, None, now, o);
+        })
+        .await?;
+        // A transition of its own: events for a device dropped in the same
+        // transition would not be routed to it.
+        self.run(Some(now), out, |s, o| {
+            s.stream_ended(conn, epoch, None, now, o)
         })
         .await
         .map(drop)

@@ -328,9 +328,10 @@ async fn oversized_messages_and_pending_approvals_are_bounded() {
         c.approval_deadline = Duration::from_secs(30);
     })
     .await;
-    let alice = svc.phone("alice").await;
+    // Approvals in flight are a node's own limit: both callers on one node.
+    let alice = videocall_tests::phone_at(&svc.client_url, "alice").await;
     let _bob = svc.phone("bob").await;
-    let carol = svc.phone("carol").await;
+    let carol = videocall_tests::phone_at(&svc.client_url, "carol").await;
     let _dave = svc.phone("dave").await;
     alice.call("bob").await;
     assert_eq!(
