@@ -561,3 +561,55 @@ impl Drop for Proxy {
         self.task.abort();
     }
 }
+
+/// A TCP load balancer for a cluster's nodes, as HAProxy would be: each
+/// connection goes to the next backend in turn that accepts it, so a
+/// client whose node died reconnects to a live one. Records which backend
+/// each connection went to.
+#[derive(Debug)]
+pub struct Balancer {
+    pub url: String,
+    routes: Arc<std::sync::Mutex<Vec<usize>>>,
+    task: JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Balances connections on a new port over `backends` (`host:port`).
+    pub async fn start(backends: Vec<String>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind balancer");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let routes: Arc<std::sync::Mutex<Vec<usize>>> = Arc::default();
+        let taken = routes.clone();
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let first = next;
+                next += 1;
+                let backends = backends.clone();
+                let routes = taken.clone();
+                tokio::spawn(async move {
+                    for i in 0..backends.len() {
+                        let b = (first + i) % backends.len();
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(&backends[b]).await {
+                            routes.lock().expect("lock").push(b);
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, routes, task }
+    }
+
+    /// The backend of every connection so far, in order.
+    pub fn routes(&self) -> Vec<usize> {
+        self.routes.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
