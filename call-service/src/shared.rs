@@ -595,7 +595,8 @@ impl SharedStore {
         mut rule: impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
     ) -> Result<Option<(T, Vec<ConnId>)>, SharedError> {
         let from = out.len();
-        for _ in 0..MAX_ATTEMPTS {
+        let mut reconnected = false;
+        'attempt: for _ in 0..MAX_ATTEMPTS {
             let mut snap = Snapshot {
                 hint: self.rooms.fetch_add(1, Ordering::Relaxed),
                 ..Snapshot::default()
@@ -616,12 +617,32 @@ impl SharedStore {
                 };
                 match run {
                     Some(run) => break run,
-                    None => self.load(&mut snap).await?,
+                    None => match self.load(&mut snap).await {
+                        Ok(()) => {}
+                        Err(e) if !reconnected && dropped(&e) => {
+                            reconnected = true;
+                            continue 'attempt;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 }
             };
             let overflowed = routed.overflowed.clone();
             let args = self.args(&snap, &t, routed)?;
-            match self.commit(args).await? {
+            let committed = match self.commit(args).await {
+                Ok(c) => c,
+                // Once, on a connection found dropped (a Redis restart, a
+                // CLIENT KILL): the manager has reconnected. Had the script
+                // run before the connection went, the run from fresh
+                // records sees its own commit and does nothing twice.
+                Err(e) if !reconnected && dropped(&e) => {
+                    reconnected = true;
+                    out.truncate(from);
+                    continue 'attempt;
+                }
+                Err(e) => return Err(e),
+            };
+            match committed {
                 Committed::Yes => return Ok(Some((value, overflowed))),
                 Committed::Conflict => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -639,6 +660,7 @@ impl SharedStore {
         mut f: impl FnMut(&mut Txn<'_>) -> T,
     ) -> Result<T, SharedError> {
         let mut snap = Snapshot::default();
+        let mut reconnected = false;
         loop {
             let value = {
                 let mut txn = Txn::new(&snap);
@@ -647,7 +669,11 @@ impl SharedStore {
             };
             match value {
                 Some(v) => return Ok(v),
-                None => self.load(&mut snap).await?,
+                None => match self.load(&mut snap).await {
+                    Ok(()) => {}
+                    Err(e) if !reconnected && dropped(&e) => reconnected = true,
+                    Err(e) => return Err(e),
+                },
             }
         }
     }
@@ -1286,6 +1312,12 @@ impl InboxReader {
         }
         Ok(out)
     }
+}
+
+/// Whether a failure was the connection found dropped (worth one more
+/// try on the connection the manager makes anew), not a timeout.
+fn dropped(e: &SharedError) -> bool {
+    matches!(e, SharedError::Redis(r) if !r.is_timeout() && (r.is_connection_dropped() || r.is_io_error()))
 }
 
 fn parse_timer(m: &str) -> Option<Timer> {

@@ -119,18 +119,56 @@ impl CallService {
         Self::start_with(kind, "127.0.0.1:0", business, tweak).await
     }
 
+    /// `nodes` nodes on a Redis of the test's own (at `redis_url`).
+    pub async fn start_on(
+        redis_url: &str,
+        nodes: usize,
+        business: Option<&str>,
+        tweak: impl Fn(&mut Config),
+    ) -> Self {
+        let kind = if nodes > 1 {
+            StoreKind::Cluster
+        } else {
+            StoreKind::Redis
+        };
+        Self::start_nodes(
+            kind,
+            nodes,
+            Some(redis_url),
+            None,
+            "127.0.0.1:0",
+            business,
+            tweak,
+        )
+        .await
+    }
+
     async fn start_with(
         kind: StoreKind,
         client_addr: &str,
         business: Option<&str>,
         tweak: impl Fn(&mut Config),
     ) -> Self {
-        init_tracing();
         let redis = (kind != StoreKind::Memory).then(|| Arc::new(redis::RedisServer::start()));
+        let url = redis.as_ref().map(|r| r.url.clone());
+        let n = kind.nodes();
+        Self::start_nodes(kind, n, url.as_deref(), redis, client_addr, business, tweak).await
+    }
+
+    async fn start_nodes(
+        kind: StoreKind,
+        n: usize,
+        redis_url: Option<&str>,
+        redis: Option<Arc<redis::RedisServer>>,
+        client_addr: &str,
+        business: Option<&str>,
+        tweak: impl Fn(&mut Config),
+    ) -> Self {
+        init_tracing();
         let mut nodes = Vec::new();
-        for i in 0..kind.nodes() {
+        for i in 0..n {
             let mut config = Config::for_tests(business.map(str::to_owned));
-            config.redis_url = redis.as_ref().map(|r| r.url.clone());
+            config.redis_url = redis_url.map(str::to_owned);
             tweak(&mut config);
             let addr = if i == 0 { client_addr } else { "127.0.0.1:0" };
             nodes.push(NodeProcess::start_at(addr, config).await);
@@ -576,7 +614,9 @@ pub struct Balancer {
 impl Balancer {
     /// Balances connections on a new port over `backends` (`host:port`).
     pub async fn start(backends: Vec<String>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind balancer");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind balancer");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let routes: Arc<std::sync::Mutex<Vec<usize>>> = Arc::default();
         let taken = routes.clone();

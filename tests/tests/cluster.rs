@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use client_sdk::{Code, EventKind};
+use videocall_proto::v1 as pb;
 use videocall_tests::process::{Proc, binaries, field};
 use videocall_tests::redis::RedisServer;
 use videocall_tests::{Balancer, PATIENCE, Phone, Proxy, phone_at, talking, user_state};
-use videocall_proto::v1 as pb;
 
 /// A node's lease in these tests: a dead node is reaped within about this.
 const LEASE: &str = "1s";
@@ -141,10 +141,16 @@ async fn a_node_killed_while_its_user_rings_someone_the_call_goes_on() {
     c.kill(on).await;
     back(&alice).await;
     bob.assert_quiet().await;
-    assert_eq!(bob.client.reply("alice", Code::OK).await.expect("reply"), Code::OK);
+    assert_eq!(
+        bob.client.reply("alice", Code::OK).await.expect("reply"),
+        Code::OK
+    );
     alice.expect(EventKind::Reply, "bob", Code::OK).await;
     let room = alice.expect(EventKind::Start, "bob", Code::OK).await.param;
-    assert_eq!(bob.expect(EventKind::Start, "alice", Code::OK).await.param, room);
+    assert_eq!(
+        bob.expect(EventKind::Start, "alice", Code::OK).await.param,
+        room
+    );
     alice.client.finish("bob").await.expect("finish");
     bob.expect(EventKind::Finish, "alice", Code::OK).await;
 }
@@ -166,7 +172,9 @@ async fn a_client_that_does_not_come_back_ends_the_call_for_its_peer_in_time() {
     path.cut();
     c.kill(on).await;
     let killed = Instant::now();
-    let f = bob.expect(EventKind::Finish, "alice", Code::CONNECTION_LOST).await;
+    let f = bob
+        .expect(EventKind::Finish, "alice", Code::CONNECTION_LOST)
+        .await;
     let took = killed.elapsed();
     // The lease runs out (1 s), a node reaps it (within half a lease),
     // then the grace window: a few seconds' slack for this machine.

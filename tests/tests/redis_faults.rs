@@ -1,0 +1,184 @@
+//! Redis faults under a cluster of three nodes (in this process) with a
+//! talking call: the script cache emptied, every connection killed, Redis
+//! stopped (SIGSTOP) past the store's timeout and continued, and Redis
+//! restarted with its append-only file. After each: the call goes on, a
+//! new call works, and no user is left busy.
+
+use std::time::{Duration, Instant};
+
+use client_sdk::{Code, EventKind};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use videocall_proto::v1 as pb;
+use videocall_tests::redis::RedisServer;
+use videocall_tests::{CallService, PATIENCE, Phone, talking, user_state};
+
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian's redis-tools, with redis-server)");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Hangs up a talking call from `a`; both hear FINISH.
+async fn hang_up(a: &mut Phone, b: &mut Phone) {
+    let (ua, ub) = (a.user.clone(), b.user.clone());
+    assert_eq!(a.client.finish(&ub).await.expect("finish"), Code::OK);
+    a.expect(EventKind::Finish, &ub, Code::OK).await;
+    b.expect(EventKind::Finish, &ua, Code::OK).await;
+}
+
+/// Nobody busy, no call left.
+async fn all_free(svc: &CallService, users: &[&str]) {
+    let admin = svc.admin().await;
+    for u in users {
+        let s = user_state(&admin, u).await;
+        assert!(
+            matches!(s, pb::UserState::Idle | pb::UserState::Offline),
+            "{u} is {s:?}"
+        );
+    }
+    assert!(admin.calls().await.expect("calls").is_empty());
+}
+
+#[tokio::test]
+async fn an_emptied_script_cache_and_killed_connections_are_not_seen_by_clients() {
+    let redis = RedisServer::start();
+    let svc = CallService::start_on(&redis.url, 3, None, |_| {}).await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    talking(&mut alice, &mut bob).await;
+    assert_eq!(redis_cli(&redis, &["SCRIPT", "FLUSH"]).trim(), "OK");
+    hang_up(&mut bob, &mut alice).await;
+    talking(&mut alice, &mut bob).await;
+    // Every node's connections, the blocking readers' among them.
+    let killed: u32 = redis_cli(&redis, &["CLIENT", "KILL", "TYPE", "normal"])
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(killed >= 6, "{killed} connections killed");
+    hang_up(&mut alice, &mut bob).await;
+    talking(&mut bob, &mut alice).await;
+    hang_up(&mut alice, &mut bob).await;
+    all_free(&svc, &["alice", "bob"]).await;
+    svc.stop().await;
+}
+
+/// Watches a node's health until it reports `want`.
+async fn health_becomes(url: &str, want: ServingStatus) {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(s) = watch.message().await.expect("health") {
+            if s.status == want as i32 {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health never became {want:?}"));
+}
+
+#[tokio::test]
+async fn redis_stopped_past_the_timeout_refuses_controls_in_time_and_the_call_survives() {
+    let redis = RedisServer::start();
+    let svc = CallService::start_on(&redis.url, 3, None, |_| {}).await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    let carol = svc.phone("carol").await;
+    talking(&mut alice, &mut bob).await;
+    let pid = redis.pid().to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {s}");
+    };
+    signal("-STOP");
+    let asked = Instant::now();
+    let code = carol
+        .client
+        .request("dave", 0, 0, "")
+        .await
+        .expect("answered");
+    let took = asked.elapsed();
+    assert_eq!(code, Code::STORE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    health_becomes(&svc.nodes()[0].client_url, ServingStatus::NotServing).await;
+    signal("-CONT");
+    for n in svc.nodes() {
+        health_becomes(&n.client_url, ServingStatus::Serving).await;
+    }
+    // The talking call was not touched, and goes on.
+    alice.assert_quiet().await;
+    bob.assert_quiet().await;
+    assert_eq!(
+        user_state(&svc.admin().await, "alice").await,
+        pb::UserState::Talking
+    );
+    hang_up(&mut bob, &mut alice).await;
+    talking(&mut alice, &mut bob).await;
+    hang_up(&mut alice, &mut bob).await;
+    all_free(&svc, &["alice", "bob", "carol", "dave"]).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn redis_restarted_with_its_append_only_file_loses_no_call() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().to_str().expect("utf-8").to_owned();
+    let args = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+        &path,
+    ];
+    let redis = RedisServer::start_with(&args);
+    let port = redis.port;
+    let svc = CallService::start_on(&redis.url, 3, None, |_| {}).await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    let mut carol = svc.phone("carol").await;
+    let mut dave = svc.phone("dave").await;
+    talking(&mut alice, &mut bob).await;
+    carol.call("dave").await;
+    dave.expect(EventKind::Request, "carol", Code::OK).await;
+    // Killed (SIGKILL) and started again from its file, on its port.
+    drop(redis);
+    let _redis = RedisServer::start_on(port, &args);
+    // Both calls go on: the ringing one is answered, the talking one ends.
+    assert_eq!(
+        dave.client.reply("carol", Code::OK).await.expect("reply"),
+        Code::OK
+    );
+    carol.expect(EventKind::Reply, "dave", Code::OK).await;
+    carol.expect(EventKind::Start, "dave", Code::OK).await;
+    dave.expect(EventKind::Start, "carol", Code::OK).await;
+    hang_up(&mut bob, &mut alice).await;
+    hang_up(&mut dave, &mut carol).await;
+    talking(&mut alice, &mut dave).await;
+    hang_up(&mut dave, &mut alice).await;
+    all_free(&svc, &["alice", "bob", "carol", "dave"]).await;
+    svc.stop().await;
+}
