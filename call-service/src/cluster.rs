@@ -86,6 +86,10 @@ pub struct ClusterConfig {
     /// How long a node's lease lasts without renewal; a node silent for
     /// longer is reaped.
     pub lease: Duration,
+    /// With a business service: how long after its REQUEST a call still
+    /// waiting for approval is decided by the failure policy (this verdict)
+    /// on any node, for when the node that asked died.
+    pub approval: Option<(Duration, Verdict)>,
 }
 
 /// Handle to this node. Cheap to clone.
@@ -179,7 +183,13 @@ impl ClusterSwitchboard {
         let (serving, _) = watch::channel(true);
         let inner = Arc::new(Inner {
             id,
-            node: Node::new(store, config.ring_timeout),
+            node: {
+                let mut node = Node::new(store, config.ring_timeout);
+                if let Some((timeout, failure)) = cluster.approval {
+                    node.time_approvals(timeout, failure);
+                }
+                node
+            },
             cluster,
             local: Mutex::new(Local::default()),
             limits,

@@ -235,10 +235,22 @@ async fn start_switchboard(
             token.clone(),
         )));
     };
+    // A call whose node died while asking is decided a little after the
+    // deadline that node would have kept.
+    let failure = match config.approval_failure_policy {
+        crate::business::FailurePolicy::Allow => crate::domain::Verdict::Allow,
+        crate::business::FailurePolicy::Refuse => crate::domain::Verdict::Refuse {
+            code: crate::codes::BUSINESS_UNAVAILABLE,
+            initiator: crate::domain::Initiator::Service,
+        },
+    };
     let cluster = ClusterConfig {
         redis_url: url.clone(),
         prefix: config.redis_prefix.clone(),
         lease: config.node_lease,
+        approval: hook
+            .is_some()
+            .then(|| (config.approval_deadline + APPROVAL_MARGIN, failure)),
     };
     let board = ClusterSwitchboard::start(
         cluster,
@@ -257,6 +269,10 @@ async fn start_switchboard(
     );
     Ok(Board::Cluster(board))
 }
+
+/// How long past the approval deadline another node decides a call whose
+/// node died while asking.
+const APPROVAL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Mirrors a cluster node's view of the store into its health: NOT_SERVING
 /// while the store fails or the lease is not held.

@@ -328,6 +328,10 @@ pub struct SharedStore {
     rooms: Arc<AtomicU32>,
     /// Commits that lost a race (and ran again).
     conflicts: Arc<AtomicU64>,
+    /// With a business service: how long after its REQUEST a call still
+    /// waiting for approval (or holding its notices for it) is given the
+    /// failure policy by any node (its own node died while asking).
+    approval_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for SharedStore {
@@ -413,6 +417,7 @@ impl SharedStore {
             commit: Arc::new(redis::Script::new(COMMIT)),
             rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
             conflicts: Arc::new(AtomicU64::new(0)),
+            approval_timeout: None,
         })
     }
 
@@ -432,6 +437,12 @@ impl SharedStore {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Keeps an approval timer for every call waiting for approval (see
+    /// [`Due::Approval`]), `timeout` after its REQUEST.
+    pub fn time_approvals(&mut self, timeout: std::time::Duration) {
+        self.approval_timeout = Some(timeout);
     }
 
     /// Leaves the cluster on shutdown: the lease is dropped at once (this
@@ -728,10 +739,25 @@ impl SharedStore {
             a.records
                 .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
         }
+        // A call's approval timer: while it is approving, or its notices
+        // are held for the approval (it ended meanwhile).
+        let mut approvals: HashMap<CallId, (Option<Time>, Option<Time>)> = HashMap::new();
+        let approval = self.approval_timeout;
         for s in t.held_slots() {
             a.keys.push(self.key("h", s.key));
             a.records
                 .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            if let (Some(after), true) = (approval, s.dirty) {
+                let at = |h: &Vec<Notice>| h.first().map(|n| n.requested_at + after);
+                let old = snap
+                    .held
+                    .get(&s.key)
+                    .and_then(|h| h.as_ref())
+                    .map(|(_, h)| h);
+                let e = approvals.entry(s.key).or_default();
+                e.0 = e.0.or(old.and_then(at));
+                e.1 = e.1.or(s.value.as_ref().and_then(at));
+            }
         }
         for s in t.calls_slots() {
             a.keys.push(self.key("c", s.key));
@@ -751,6 +777,12 @@ impl SharedStore {
                 old.and_then(ring_deadline),
                 new.and_then(ring_deadline),
             );
+            if let Some(after) = approval {
+                let at = |c: &Call| (c.phase == Phase::Approving).then(|| c.requested_at + after);
+                let e = approvals.entry(s.key).or_default();
+                e.0 = e.0.or(old.and_then(at));
+                e.1 = e.1.or(new.and_then(at));
+            }
             match (old.is_some(), new.is_some()) {
                 (false, true) => a.listed.push(("a", s.key.to_string())),
                 (true, false) => a.listed.push(("r", s.key.to_string())),
@@ -806,6 +838,9 @@ impl SharedStore {
                     a.tokens.push((tok.to_string(), s.key.0));
                 }
             }
+        }
+        for (id, (was, is)) in approvals {
+            a.timer(format!("a:{id}"), was, is);
         }
         a.claims.extend(t.claimed_rooms());
         for (node, conn, epoch, event) in routed.events {
@@ -878,7 +913,7 @@ impl SharedStore {
     }
 
     /// Timers due at `now` (at most `limit`), earliest first.
-    pub async fn due(&mut self, now: Time, limit: usize) -> Result<Vec<Timer>, SharedError> {
+    pub async fn due(&mut self, now: Time, limit: usize) -> Result<Vec<Due>, SharedError> {
         let members: Vec<String> = redis::cmd("ZRANGE")
             .arg(format!("{}timers", self.prefix))
             .arg("-inf")
@@ -1320,13 +1355,26 @@ fn dropped(e: &SharedError) -> bool {
     matches!(e, SharedError::Redis(r) if !r.is_timeout() && (r.is_connection_dropped() || r.is_io_error()))
 }
 
-fn parse_timer(m: &str) -> Option<Timer> {
+/// A timer due in the shared store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// One the rules keep on any store.
+    Store(Timer),
+    /// A call's approval has not come back in time (the node asking died,
+    /// or lost Redis): the failure policy decides it.
+    Approval(CallId),
+}
+
+fn parse_timer(m: &str) -> Option<Due> {
     if let Some(c) = m.strip_prefix("r:") {
-        return c.parse().ok().map(|u| Timer::Ring(CallId(u)));
+        return c.parse().ok().map(|u| Due::Store(Timer::Ring(CallId(u))));
+    }
+    if let Some(c) = m.strip_prefix("a:") {
+        return c.parse().ok().map(|u| Due::Approval(CallId(u)));
     }
     m.strip_prefix("g:")
         .and_then(|d| d.parse().ok())
-        .map(|d| Timer::Grace(ConnId(d)))
+        .map(|d| Due::Store(Timer::Grace(ConnId(d))))
 }
 
 fn op(read: Version, dirty: bool, json: Option<String>) -> (Version, &'static str, String) {
@@ -1341,11 +1389,52 @@ fn json<T: serde::Serialize>(rec: &T) -> Result<String, SharedError> {
     serde_json::to_string(rec).map_err(SharedError::Encode)
 }
 
+/// The REQUEST notice of a call waiting for its approval (or holding its
+/// notices for it), as the approval carried it.
+fn request_notice(s: &mut Step<'_, '_>, call_id: CallId) -> Option<Notice> {
+    if let Some(c) = s.t.call(&call_id).filter(|c| c.phase == Phase::Approving) {
+        return Some(Notice {
+            kind: crate::domain::EventKind::Request,
+            call_id,
+            seq: 1,
+            source: c.caller.clone(),
+            target: c.callee.clone(),
+            caller: c.caller.clone(),
+            callee: c.callee.clone(),
+            code: 0,
+            flags: c.flags,
+            param: c.param,
+            user_str: c.user_str.clone(),
+            decision_required: false,
+            initiator: crate::domain::Initiator::Caller,
+            at: c.requested_at,
+            requested_at: c.requested_at,
+        });
+    }
+    let h = s.t.held(&call_id)?.first()?;
+    Some(Notice {
+        kind: crate::domain::EventKind::Request,
+        seq: 1,
+        source: h.caller.clone(),
+        target: h.callee.clone(),
+        code: 0,
+        flags: 0,
+        param: 0,
+        user_str: Arc::from(""),
+        initiator: crate::domain::Initiator::Caller,
+        at: h.requested_at,
+        decision_required: false,
+        ..h.clone()
+    })
+}
+
 /// The call rules over the shared store: one node's inputs.
 #[derive(Clone, Debug)]
 pub struct Node {
     store: SharedStore,
     ring_timeout: std::time::Duration,
+    /// What a call whose approval timed out in the store gets.
+    approval_failure: Verdict,
     /// The latest time an input brought: what a device given up for parking
     /// too much is stamped with.
     now: Time,
@@ -1356,12 +1445,23 @@ impl Node {
         Self {
             store,
             ring_timeout,
+            approval_failure: Verdict::Refuse {
+                code: crate::codes::BUSINESS_UNAVAILABLE,
+                initiator: crate::domain::Initiator::Service,
+            },
             now: Time::ZERO,
         }
     }
 
     pub fn store(&mut self) -> &mut SharedStore {
         &mut self.store
+    }
+
+    /// Calls waiting for approval longer than `timeout` (their node died
+    /// while asking) get `failure`, the failure policy's verdict.
+    pub fn time_approvals(&mut self, timeout: std::time::Duration, failure: Verdict) {
+        self.store.time_approvals(timeout);
+        self.approval_failure = failure;
     }
 
     /// Runs one input (at `now`, if it has a time of its own) and gives up
@@ -1469,13 +1569,26 @@ impl Node {
     pub async fn tick(&mut self, now: Time, out: &mut Vec<Effect>) -> Result<(), SharedError> {
         for timer in self.store.due(now, 256).await? {
             match timer {
-                Timer::Ring(call_id) => {
+                Due::Store(Timer::Ring(call_id)) => {
                     self.run(Some(now), out, |s, o| s.ring_out(call_id, now, o))
                         .await?;
                 }
-                Timer::Grace(conn) => {
+                Due::Store(Timer::Grace(conn)) => {
                     self.run(Some(now), out, |s, o| s.expire(conn, now, o))
                         .await?;
+                }
+                Due::Approval(call_id) => {
+                    let failure = self.approval_failure;
+                    self.run(Some(now), out, |s, o| {
+                        // The business service may not have been asked: its
+                        // REQUEST as a notice (the same event id as the
+                        // approval's, so a duplicate is known as one).
+                        if let Some(request) = request_notice(s, call_id) {
+                            o.push(Effect::Notify(request));
+                        }
+                        s.approval_done(call_id, failure, now, o);
+                    })
+                    .await?;
                 }
             }
         }

@@ -792,3 +792,94 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
     );
     assert!(n1.user_call("bob").await.unwrap().is_none());
 }
+
+/// The node that asked for a call's approval dies before the answer: at
+/// the deadline another node decides it by the failure policy (REPLY
+/// 100201), with the REQUEST told to the business service first; a call
+/// cancelled while waiting has its held notices released the same way.
+#[tokio::test]
+async fn a_call_whose_node_died_while_asking_is_decided_at_its_deadline() {
+    let redis = Redis::start();
+    let (mut n1, mut n2, a, _b) = alice_and_bob(&redis).await;
+    let timeout = Duration::from_secs(3);
+    let refuse = Verdict::Refuse {
+        code: codes::BUSINESS_UNAVAILABLE,
+        initiator: Initiator::Service,
+    };
+    n1.time_approvals(timeout, refuse);
+    n2.time_approvals(timeout, refuse);
+    for cancel in [false, true] {
+        let id = CallId(uuid::Uuid::now_v7());
+        let mut out = Vec::new();
+        n1.control(
+            a,
+            None,
+            &ctl(ControlKind::Request, "bob", 0),
+            id,
+            T0,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .expect("from the current stream");
+        assert!(matches!(out.as_slice(), [Effect::Approve(_)]), "{out:?}");
+        if cancel {
+            n1.control(
+                a,
+                None,
+                &ctl(ControlKind::Finish, "bob", 0),
+                id,
+                T0,
+                &mut out,
+            )
+            .await
+            .unwrap()
+            .expect("from the current stream");
+        }
+        drain(&mut n1).await;
+        // Node 1 dies here. Before the deadline nothing happens.
+        let mut out = Vec::new();
+        n2.tick(T0 + timeout - Duration::from_millis(1), &mut out)
+            .await
+            .unwrap();
+        let (events, notices) = drain(&mut n1).await;
+        assert!(
+            events.is_empty() && notices.is_empty(),
+            "{events:?} {notices:?}"
+        );
+        n2.tick(T0 + timeout, &mut out).await.unwrap();
+        let (events, notices) = drain(&mut n1).await;
+        let kinds: Vec<_> = notices.iter().map(|n| (n.kind, n.seq, n.code)).collect();
+        if cancel {
+            assert!(events.is_empty(), "{events:?}");
+            assert_eq!(
+                kinds,
+                [
+                    (EventKind::Request, 1, 0),
+                    (EventKind::Reply, 2, codes::CANCELLED)
+                ]
+            );
+        } else {
+            assert!(
+                matches!(events.as_slice(), [(c, e)] if *c == a
+                    && e.kind == EventKind::Reply && e.code == codes::BUSINESS_UNAVAILABLE),
+                "{events:?}"
+            );
+            assert_eq!(
+                kinds,
+                [
+                    (EventKind::Request, 1, 0),
+                    (EventKind::Reply, 2, codes::BUSINESS_UNAVAILABLE)
+                ]
+            );
+        }
+        assert!(n2.user_call("alice").await.unwrap().is_none());
+        assert!(
+            n2.store()
+                .due(T0 + timeout * 10, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
