@@ -13,7 +13,11 @@
 #   (d) the business service keeps call records (SQLite) throughout, as in
 #       production; side by side, the ramp and 2,000 calls/s without them
 #       (--no-records), and a soak at half the highest clean rate (10 min,
-#       records on, mixed outcomes: memory over time, every record complete).
+#       records on, mixed outcomes: memory over time, every record complete);
+#   (e) the call state three ways: one node in memory (the ramp of (c)), one
+#       node on Redis, three nodes on one Redis (each call's caller and
+#       callee on different nodes): highest clean rate, and 1,000 calls/s
+#       side by side (latency, Redis round trips, commands and CPU per call).
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -39,6 +43,7 @@ fi
 missing=()
 command -v kamailio >/dev/null || missing+=(kamailio)
 command -v sipp >/dev/null || missing+=(sip-tester)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}..."
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -98,6 +103,17 @@ echo "== (c) call service: $clients idle clients over 64 shared connections"
 "$bench" connections --clients "$clients" --shared-connections 64 --active-calls 1000 \
   --json "$out/connections-shared.json" --markdown "$out/connections-shared.md"
 
+echo "== (e) call state in Redis: one node, then three nodes on one Redis"
+"$bench" ramp --redis --start-rate 500 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
+  --json "$out/ramp-redis.json" --markdown "$out/ramp-redis.md"
+"$bench" ramp --nodes 3 --start-rate 500 --factor 1.3 --step-seconds "$step_seconds" --refine 3 --pairs 5000 \
+  --json "$out/ramp-cluster.json" --markdown "$out/ramp-cluster.md"
+for store in memory redis cluster; do
+  case $store in memory) flags=() ;; redis) flags=(--redis) ;; cluster) flags=(--nodes 3) ;; esac
+  "$bench" calls --rate 1000 --calls $((1000 * calls_seconds)) --pairs 2000 --quiet "${flags[@]}" \
+    --json "$out/calls-$store.json" --markdown "$out/calls-$store.md"
+done
+
 echo "== (c) soak: half the highest clean rate for $soak_duration, records on, mixed outcomes"
 soak_rate=$(python3 -c "import json; r = json.load(open('$out/ramp.json'))['result']; print(int((r.get('max_clean_rate') or 2000) / 2))")
 "$bench" soak --rate "$soak_rate" --duration "$soak_duration" "${mixed[@]}" \
@@ -109,6 +125,15 @@ soak_rate=$(python3 -c "import json; r = json.load(open('$out/ramp.json'))['resu
   --connections-shared "$out/connections-shared.json" --ramp-no-records "$out/ramp-no-records.json" \
   --calls-records "$out/calls-records.json" --calls-no-records "$out/calls-no-records.json" --soak "$out/soak.json" \
   --out-dir "$out"
+{
+  echo
+  echo "## Call state in memory, in Redis, on three nodes (1,000 calls/s)"
+  for store in memory redis cluster; do echo; echo "### $store"; echo; cat "$out/calls-$store.md"; done
+  echo
+  echo "### Ramp, one node on Redis"; echo; cat "$out/ramp-redis.md"
+  echo
+  echo "### Ramp, three nodes on one Redis"; echo; cat "$out/ramp-cluster.md"
+} >> "$out/REPORT.md"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
 echo "full report: $out/REPORT.md"

@@ -101,12 +101,20 @@ impl Pool {
     /// terminals on their own; otherwise the devices' streams share `shared`
     /// connections, as behind an HTTP/2 proxy (and as SIPp sends every call
     /// over one socket).
+    /// With several `urls` (the nodes of a cluster), pair `i`'s caller
+    /// connects to node `i` and its callee to the next one.
     pub async fn connect(
-        url: &str,
+        urls: &[String],
         pairs: usize,
         shared: usize,
         tag: &str,
     ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "no call service to connect to");
+        anyhow::ensure!(
+            shared == 0 || urls.len() == 1,
+            "shared connections with one node only"
+        );
+        let url = &urls[0];
         let started = Instant::now();
         let (free_tx, free_rx) = mpsc::channel(pairs.max(1));
         let mut set = JoinSet::new();
@@ -121,7 +129,8 @@ impl Pool {
             );
         }
         for i in 0..pairs {
-            let url = url.to_owned();
+            let url = urls[i % urls.len()].clone();
+            let callee_url = urls[(i + 1) % urls.len()].clone();
             let tag = tag.to_owned();
             let gate = gate.clone();
             let channels = (!channels.is_empty()).then(|| {
@@ -141,7 +150,7 @@ impl Pool {
                     ),
                     None => (
                         Client::connect(url.clone(), caller_id).await?,
-                        Client::connect(url, callee_id).await?,
+                        Client::connect(callee_url, callee_id).await?,
                     ),
                 };
                 anyhow::Ok(Pair {

@@ -176,6 +176,13 @@ struct ServiceArgs {
     /// with the same clients. Answered and rejected calls only.
     #[arg(long)]
     floor: bool,
+    /// The call state in Redis (a `redis-server` it starts).
+    #[arg(long)]
+    redis: bool,
+    /// Call-service nodes sharing one Redis; each pair's caller and callee
+    /// on different nodes.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +234,8 @@ impl ServiceArgs {
             ring_timeout: self.ring_timeout,
             call_args: self.call_args.clone(),
             floor: self.floor,
+            redis: self.redis,
+            nodes: self.nodes,
         }
     }
 }
@@ -236,7 +245,7 @@ impl Common {
     async fn start(&self) -> anyhow::Result<(Services, Pool)> {
         let services = Services::start(&self.services.options()).await?;
         let pool = Pool::connect(
-            &services.client_url()?,
+            &services.client_urls()?,
             self.pairs,
             self.shared_connections,
             "b",

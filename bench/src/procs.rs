@@ -92,6 +92,16 @@ impl Server {
         program: &Path,
         args: &[String],
     ) -> anyhow::Result<Self> {
+        Self::start_until(name, program, args, "listening:").await
+    }
+
+    /// Starts `program` and waits for a stdout line containing `ready`.
+    pub async fn start_until(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        ready: &str,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "warn")
@@ -106,7 +116,7 @@ impl Server {
         let mut lines = BufReader::new(stdout).lines();
         let listening = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
-                if line.contains("listening:") {
+                if line.contains(ready) {
                     return Ok(line);
                 }
             }
@@ -160,6 +170,10 @@ impl Server {
 #[derive(Debug)]
 pub struct Services {
     pub call: Server,
+    /// The other nodes of a cluster (`--nodes`).
+    pub nodes: Vec<Server>,
+    /// The cluster's Redis (`--redis`), and its port.
+    pub redis: Option<(Server, u16)>,
     pub business: Option<Server>,
     /// `call` is the floor relay, which has no metrics endpoint.
     floor: bool,
@@ -184,6 +198,10 @@ pub struct ServiceOptions {
     /// Instead of the call service, the stateless relay of [`crate::floor`]
     /// (this binary's `floor-server`), approving through the business service.
     pub floor: bool,
+    /// The call state in a Redis it starts (`redis-server`, no persistence).
+    pub redis: bool,
+    /// Call-service nodes (more than one: on Redis).
+    pub nodes: usize,
 }
 
 impl Services {
@@ -233,6 +251,8 @@ impl Services {
             let call = Server::start("floor-relay", &exe, &args).await?;
             return Ok(Self {
                 call,
+                nodes: Vec::new(),
+                redis: None,
                 business,
                 floor: true,
                 _dir: dir,
@@ -274,9 +294,45 @@ impl Services {
             args.push(format!("http://{}", b.addr("hook")?));
         }
         args.extend(o.call_args.iter().cloned());
+        let redis = if o.redis || o.nodes > 1 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let redis_args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec();
+            let server = Server::start_until(
+                "redis-server",
+                Path::new("redis-server"),
+                &redis_args,
+                "Ready to accept connections",
+            )
+            .await
+            .context("redis-server (Debian's package) for --redis")?;
+            args.push("--redis-url".into());
+            args.push(format!("redis://127.0.0.1:{port}/"));
+            Some((server, port))
+        } else {
+            None
+        };
         let call = Server::start("call-service", &o.call_service, &args).await?;
+        let mut nodes = Vec::new();
+        for _ in 1..o.nodes.max(1) {
+            nodes.push(Server::start("call-service", &o.call_service, &args).await?);
+        }
         Ok(Self {
             call,
+            nodes,
+            redis,
             business,
             floor: false,
             _dir: dir,
@@ -296,6 +352,45 @@ impl Services {
         Ok(format!("http://{}", self.call.addr("client")?))
     }
 
+    /// Every node's client API (the first node's first).
+    pub fn client_urls(&self) -> anyhow::Result<Vec<String>> {
+        std::iter::once(&self.call)
+            .chain(&self.nodes)
+            .map(|n| Ok(format!("http://{}", n.addr("client")?)))
+            .collect()
+    }
+
+    /// Every node's metrics endpoint (none for the floor relay).
+    pub fn all_metrics(&self) -> anyhow::Result<Vec<String>> {
+        if self.floor {
+            return Ok(Vec::new());
+        }
+        std::iter::once(&self.call)
+            .chain(&self.nodes)
+            .map(|n| n.addr("metrics"))
+            .collect()
+    }
+
+    /// Commands Redis has run so far (`INFO commandstats`, scripts' own
+    /// commands included), if there is one.
+    pub async fn redis_commands(&self) -> anyhow::Result<Option<f64>> {
+        let Some((_, port)) = &self.redis else {
+            return Ok(None);
+        };
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+            .output()
+            .await
+            .context("redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(Some(
+            text.lines()
+                .filter_map(|l| l.split("calls=").nth(1))
+                .filter_map(|v| v.split(',').next()?.parse::<f64>().ok())
+                .sum(),
+        ))
+    }
+
     /// The business service's records database, if it keeps one.
     pub fn records_db(&self) -> Option<&std::path::Path> {
         self.records_db.as_deref()
@@ -304,6 +399,8 @@ impl Services {
     /// Each server process's name and pid.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         let mut v = vec![(self.call.name, self.call.pid())];
+        v.extend(self.nodes.iter().map(|n| (n.name, n.pid())));
+        v.extend(self.redis.iter().map(|(r, _)| (r.name, r.pid())));
         if let Some(b) = &self.business {
             v.push((b.name, b.pid()));
         }
@@ -312,6 +409,8 @@ impl Services {
 
     pub fn samples(&self) -> Vec<(&'static str, ProcSample)> {
         let mut v = vec![(self.call.name, self.call.sample())];
+        v.extend(self.nodes.iter().map(|n| (n.name, n.sample())));
+        v.extend(self.redis.iter().map(|(r, _)| (r.name, r.sample())));
         if let Some(b) = &self.business {
             v.push((b.name, b.sample()));
         }
@@ -320,6 +419,12 @@ impl Services {
 
     pub async fn stop(self) {
         self.call.stop(Duration::from_secs(10)).await;
+        for n in self.nodes {
+            n.stop(Duration::from_secs(10)).await;
+        }
+        if let Some((r, _)) = self.redis {
+            r.stop(Duration::from_secs(10)).await;
+        }
         if let Some(b) = self.business {
             b.stop(Duration::from_secs(10)).await;
         }

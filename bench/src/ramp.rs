@@ -30,6 +30,10 @@ pub struct Step {
     /// CPU seconds of the load generator itself (every SDK client) over the
     /// step: on one machine it competes with the servers for the cores.
     pub generator_cpu_s: f64,
+    /// On Redis: round trips to it per completed call (all nodes), and
+    /// commands it ran per completed call.
+    pub store_round_trips_per_call: Option<f64>,
+    pub redis_commands_per_call: Option<f64>,
 }
 
 /// How a ramp goes.
@@ -70,7 +74,9 @@ pub async fn step(
     quiet: bool,
 ) -> anyhow::Result<Step> {
     let metrics = services.metrics()?;
-    let dropped_before = dropped(metrics.as_deref()).await?;
+    let dropped_before = dropped_all(services).await?;
+    let trips_before = round_trips(services).await?;
+    let commands_before = services.redis_commands().await?;
     let before = services.samples();
     let generator_before = sample(std::process::id()).unwrap_or_default();
     let progress = Arc::new(Progress::default());
@@ -107,7 +113,7 @@ pub async fn step(
     // Their delivery is part of the step's cost.
     if let Some(metrics) = &metrics {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while (scrape(metrics, "videocall_notice_backlog").await? > 0.0
+        while (backlog_all(services).await? > 0.0
             || scrape(metrics, "videocall_calls").await? > 0.0)
             && Instant::now() < deadline
         {
@@ -116,7 +122,7 @@ pub async fn step(
     }
     let after = services.samples();
     let generator_after = sample(std::process::id()).unwrap_or_default();
-    let notices_dropped = dropped(metrics.as_deref()).await? - dropped_before;
+    let notices_dropped = dropped_all(services).await? - dropped_before;
     let processes: Vec<(String, ProcCost)> = before
         .iter()
         .zip(after.iter())
@@ -124,7 +130,18 @@ pub async fn step(
         .collect();
     let cpu: f64 = processes.iter().map(|(_, c)| c.cpu_s).sum();
     let clean = load.clean() && notices_dropped == 0.0;
+    let per_call = |n: f64| n / (load.completed.max(1) as f64);
+    let store_round_trips_per_call = match services.redis {
+        Some(_) => Some(per_call(round_trips(services).await? - trips_before)),
+        None => None,
+    };
+    let redis_commands_per_call = match (services.redis_commands().await?, commands_before) {
+        (Some(a), Some(b)) => Some(per_call(a - b)),
+        _ => None,
+    };
     Ok(Step {
+        store_round_trips_per_call,
+        redis_commands_per_call,
         server_cpu_ms_per_call: cpu * 1000.0 / (load.completed.max(1) as f64),
         load,
         notices_dropped,
@@ -132,6 +149,33 @@ pub async fn step(
         processes,
         generator_cpu_s: generator_after.cpu_s - generator_before.cpu_s,
     })
+}
+
+/// Notices dropped so far, all nodes together.
+async fn dropped_all(services: &Services) -> anyhow::Result<f64> {
+    let mut n = 0.0;
+    for m in services.all_metrics()? {
+        n += dropped(Some(&m)).await?;
+    }
+    Ok(n)
+}
+
+/// Notices waiting for the business service, all nodes together.
+async fn backlog_all(services: &Services) -> anyhow::Result<f64> {
+    let mut n = 0.0;
+    for m in services.all_metrics()? {
+        n += scrape(&m, "videocall_notice_backlog").await?;
+    }
+    Ok(n)
+}
+
+/// Round trips to Redis so far, all nodes together.
+async fn round_trips(services: &Services) -> anyhow::Result<f64> {
+    let mut n = 0.0;
+    for m in services.all_metrics()? {
+        n += scrape(&m, "videocall_store_round_trips_total").await?;
+    }
+    Ok(n)
 }
 
 /// Notices the call service dropped so far (the floor relay sends none).

@@ -73,6 +73,19 @@ pub fn step(s: &Step) -> String {
         "\nServer CPU per call (all server processes): {:.3} ms.",
         s.server_cpu_ms_per_call
     );
+    if let (Some(t), Some(c)) = (s.store_round_trips_per_call, s.redis_commands_per_call) {
+        let redis_cpu = s
+            .processes
+            .iter()
+            .filter(|(n, _)| n == "redis-server")
+            .map(|(_, p)| p.cpu_s)
+            .sum::<f64>();
+        let _ = writeln!(
+            m,
+            "Redis per completed call: {t:.1} round trips (all nodes, readers included), {c:.1} commands (scripts' own included), {:.3} ms CPU.",
+            redis_cpu * 1000.0 / (l.completed.max(1) as f64)
+        );
+    }
     m
 }
 

@@ -121,6 +121,9 @@ struct Inner {
     approvals: AtomicUsize,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// The inbox and lane readers' reads (round trips of their own
+    /// connections).
+    reads: AtomicU64,
     /// Cancelled once the node has made its last transition (on shutdown).
     closed: CancellationToken,
     /// Whether the store answers and the lease is held (health).
@@ -202,6 +205,7 @@ impl ClusterSwitchboard {
             tasks: tasks.clone(),
             shutdown,
             closed,
+            reads: AtomicU64::new(0),
             serving,
             healthy_since: AtomicU64::new(millis(clock.time())),
         });
@@ -216,6 +220,18 @@ impl ClusterSwitchboard {
     /// This node's id in the cluster.
     pub fn node(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// Round trips to Redis so far (the readers' blocking reads too), and
+    /// commits that lost a race.
+    pub fn store_counts(&self) -> (u64, u64) {
+        let store = self.inner.node.clone();
+        let mut node = store;
+        let s = node.store();
+        (
+            s.round_trips() + self.inner.reads.load(Ordering::Relaxed),
+            s.conflicts(),
+        )
     }
 
     /// Whether this node can serve: the store answers and the lease is held.
@@ -540,6 +556,7 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
             () = inner.shutdown.cancelled() => break,
             r = reader.next(Duration::from_secs(1), 512) => r,
         };
+        inner.reads.fetch_add(1, Ordering::Relaxed);
         match read {
             Ok(entries) => {
                 wait = Duration::from_millis(50);
@@ -651,6 +668,7 @@ async fn lane_loop(inner: Arc<Inner>, mut reader: LaneReader) {
             () = inner.shutdown.cancelled() => return,
             r = reader.next(&owned, every.min(Duration::from_secs(1)), 512) => r,
         };
+        inner.reads.fetch_add(1, Ordering::Relaxed);
         match read {
             Ok(notices) => {
                 wait = Duration::from_millis(50);

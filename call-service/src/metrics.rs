@@ -20,6 +20,7 @@
 //! | `videocall_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
 //! | `videocall_store_errors_total` | counter | a node of a cluster: inputs and reads the shared store failed or timed out |
 //! | `videocall_store_conflicts_total` | counter | a node of a cluster: commits that lost a race and ran again |
+//! | `videocall_store_round_trips_total` | counter | a node of a cluster: round trips to Redis |
 //! | `videocall_reaped_devices_total` | counter | a node of a cluster: devices of dead nodes it detached |
 //! | `videocall_notice_lanes_owned` | gauge | a node of a cluster: notice lanes it delivers |
 //!
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub store_errors: Counter,
     pub store_conflicts: Counter,
+    pub store_round_trips: Counter,
     pub reaped_devices: Counter,
     pub lanes_owned: Gauge,
 }
@@ -138,6 +140,7 @@ impl Default for Metrics {
             connections_refused: Family::default(),
             store_errors: Counter::default(),
             store_conflicts: Counter::default(),
+            store_round_trips: Counter::default(),
             reaped_devices: Counter::default(),
             lanes_owned: Gauge::default(),
         };
@@ -221,6 +224,11 @@ impl Default for Metrics {
             "store_conflicts",
             "Commits to the shared store that lost a race and ran again",
             m.store_conflicts.clone(),
+        );
+        r.register(
+            "store_round_trips",
+            "Round trips to the shared store (a pipeline or a script is one; the readers' blocking reads included)",
+            m.store_round_trips.clone(),
         );
         r.register(
             "reaped_devices",

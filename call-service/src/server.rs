@@ -170,6 +170,7 @@ pub async fn serve(
         match listeners.metrics {
             Some(l) => {
                 let refresh = Refresh {
+                    last: std::sync::Mutex::new((0, 0)),
                     switchboard,
                     business,
                     metrics: metrics.clone(),
@@ -584,6 +585,8 @@ fn tls(config: &Config) -> Result<Tls, ServeError> {
 
 /// Reads the scrape-time gauges.
 struct Refresh {
+    /// The store's counts at the last scrape (a cluster node).
+    last: std::sync::Mutex<(u64, u64)>,
     switchboard: Board,
     business: Option<Business>,
     metrics: Metrics,
@@ -605,6 +608,17 @@ impl videocall_telemetry::Refresh for Refresh {
                     .get_or_create(&PhaseLabel { phase })
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
+        }
+        if let Board::Cluster(c) = &self.switchboard {
+            let (trips, conflicts) = c.store_counts();
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            self.metrics
+                .store_round_trips
+                .inc_by(trips.saturating_sub(last.0));
+            self.metrics
+                .store_conflicts
+                .inc_by(conflicts.saturating_sub(last.1));
+            *last = (trips, conflicts);
         }
         if let Some(b) = &self.business {
             self.metrics

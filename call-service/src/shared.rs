@@ -328,6 +328,8 @@ pub struct SharedStore {
     rooms: Arc<AtomicU32>,
     /// Commits that lost a race (and ran again).
     conflicts: Arc<AtomicU64>,
+    /// Round trips to Redis (a pipeline or a script is one).
+    trips: Arc<AtomicU64>,
     /// With a business service: how long after its REQUEST a call still
     /// waiting for approval (or holding its notices for it) is given the
     /// failure policy by any node (its own node died while asking).
@@ -417,6 +419,7 @@ impl SharedStore {
             commit: Arc::new(redis::Script::new(COMMIT)),
             rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
             conflicts: Arc::new(AtomicU64::new(0)),
+            trips: Arc::new(AtomicU64::new(0)),
             approval_timeout: None,
         })
     }
@@ -452,7 +455,7 @@ impl SharedStore {
         let _: u64 = redis::cmd("ZREM")
             .arg(format!("{}leases", self.prefix))
             .arg(self.node.0)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(())
     }
@@ -471,7 +474,7 @@ impl SharedStore {
             .arg(millis(now))
             .arg(millis(now + ttl))
             .arg(if join { "join" } else { "renew" })
-            .invoke_async(&mut self.conn)
+            .invoke_async(self.conn())
             .await?;
         Ok(if held == 1 { Lease::Held } else { Lease::Lost })
     }
@@ -483,7 +486,7 @@ impl SharedStore {
             .arg("-inf")
             .arg(format!("({}", millis(now)))
             .arg("BYSCORE")
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(nodes.into_iter().map(NodeId).collect())
     }
@@ -492,7 +495,7 @@ impl SharedStore {
     pub async fn node_devices(&mut self, node: NodeId) -> Result<Vec<ConnId>, SharedError> {
         let devs: Vec<u64> = redis::cmd("SMEMBERS")
             .arg(format!("{}devs:{}", self.prefix, node.0))
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(devs.into_iter().map(ConnId).collect())
     }
@@ -503,7 +506,7 @@ impl SharedStore {
             .key(format!("{}leases", self.prefix))
             .key(format!("{}devs:{}", self.prefix, node.0))
             .arg(node.0)
-            .invoke_async(&mut self.conn)
+            .invoke_async(self.conn())
             .await?;
         Ok(done == 1)
     }
@@ -511,6 +514,17 @@ impl SharedStore {
     /// Commits of this handle (and its clones) that lost a race.
     pub fn conflicts(&self) -> u64 {
         self.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Round trips to Redis of this handle and its clones so far.
+    pub fn round_trips(&self) -> u64 {
+        self.trips.load(Ordering::Relaxed)
+    }
+
+    /// The connection, for one round trip (counted).
+    fn conn(&mut self) -> &mut ConnectionManager {
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        &mut self.conn
     }
 
     fn key(&self, kind: &str, id: impl std::fmt::Display) -> String {
@@ -545,7 +559,7 @@ impl SharedStore {
         for r in &m.rooms {
             pipe.cmd("SISMEMBER").arg(&rooms).arg(r);
         }
-        let values: Vec<redis::Value> = pipe.query_async(&mut self.conn).await?;
+        let values: Vec<redis::Value> = pipe.query_async(self.conn()).await?;
         let mut values = values.into_iter();
         let mut next = || -> Result<Option<(Version, String)>, SharedError> {
             let (v, r): (Option<u64>, Option<String>) =
@@ -858,7 +872,8 @@ impl SharedStore {
 
     /// Runs the commit script (see [`SharedStore::args`]).
     async fn commit(&mut self, a: Args) -> Result<Committed, SharedError> {
-        let mut inv = self.commit.prepare_invoke();
+        let commit = self.commit.clone();
+        let mut inv = commit.prepare_invoke();
         inv.key(format!("{}seq", self.prefix))
             .key(format!("{}timers", self.prefix))
             .key(format!("{}rooms", self.prefix))
@@ -904,7 +919,7 @@ impl SharedStore {
         for (p, d) in &a.phases {
             inv.arg(*p).arg(*d);
         }
-        let (ok, _what): (u8, redis::Value) = inv.invoke_async(&mut self.conn).await?;
+        let (ok, _what): (u8, redis::Value) = inv.invoke_async(self.conn()).await?;
         Ok(if ok == 1 {
             Committed::Yes
         } else {
@@ -922,7 +937,7 @@ impl SharedStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(members.iter().filter_map(|m| parse_timer(m)).collect())
     }
@@ -942,7 +957,7 @@ impl SharedStore {
             .arg("+")
             .arg("COUNT")
             .arg(count)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         let entries: Vec<(String, HashMap<String, String>)> = redis::from_redis_value(reply)?;
         let mut out = Vec::new();
@@ -963,7 +978,7 @@ impl SharedStore {
             .arg(format!("{}inbox:{}", self.prefix, node.0))
             .arg("MINID")
             .arg(next)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(())
     }
@@ -972,7 +987,7 @@ impl SharedStore {
     pub async fn phase_counts(&mut self) -> Result<(usize, usize, usize), SharedError> {
         let counts: HashMap<String, i64> = redis::cmd("HGETALL")
             .arg(format!("{}phases", self.prefix))
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         let get = |p: &str| usize::try_from(counts.get(p).copied().unwrap_or(0)).unwrap_or(0);
         Ok((get("approving"), get("ringing"), get("talking")))
@@ -993,7 +1008,7 @@ impl SharedStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(ids
             .iter()
@@ -1051,7 +1066,7 @@ impl SharedStore {
             .arg(self.node.0)
             .arg(millis(now))
             .arg(NOTICE_LANES)
-            .invoke_async(&mut self.conn)
+            .invoke_async(self.conn())
             .await?;
         if lanes.is_empty() {
             return Ok(Vec::new());
@@ -1059,7 +1074,7 @@ impl SharedStore {
         let pos: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(format!("{}lane-pos", self.prefix))
             .arg(&lanes)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(lanes
             .into_iter()
@@ -1074,7 +1089,7 @@ impl SharedStore {
             .key(format!("{}lane-owners", self.prefix))
             .arg(self.node.0)
             .arg(NOTICE_LANES)
-            .invoke_async(&mut self.conn)
+            .invoke_async(self.conn())
             .await?;
         Ok(())
     }
@@ -1110,7 +1125,7 @@ impl SharedStore {
             .arg("MINID")
             .arg(next)
             .ignore()
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(())
     }
@@ -1121,7 +1136,7 @@ impl SharedStore {
         let n: Option<i64> = redis::cmd("HGET")
             .arg(format!("{}pending", self.prefix))
             .arg(caller)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         Ok(usize::try_from(n.unwrap_or(0)).unwrap_or(0))
     }
@@ -1140,7 +1155,7 @@ impl SharedStore {
             .arg("+")
             .arg("COUNT")
             .arg(count)
-            .query_async(&mut self.conn)
+            .query_async(self.conn())
             .await?;
         let entries: Vec<(String, HashMap<String, String>)> = redis::from_redis_value(reply)?;
         let mut out = Vec::new();
