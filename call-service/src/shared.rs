@@ -159,6 +159,61 @@ for i = 0, phases - 1 do redis.call('HINCRBY', KEYS[6], ARGV[a + 2 * i], ARGV[a 
 return {1, v}
 "#;
 
+/// Loads records and, `depth` steps on, the records they name (ARGV:
+/// prefix, depth, then keys without the prefix: `u:<user>`, `d:<device>`,
+/// `c:<call>`, `h:<call>`): a user leads to its call and devices, a device
+/// to its user, a call to both users, its devices and its held notices.
+/// A rule's reads are nearly always among these, so an input takes one
+/// load and its commit instead of a round trip per step. Returns key,
+/// version, record (empty when absent) for each.
+const FETCH: &str = r#"
+local prefix = ARGV[1]
+local depth = tonumber(ARGV[2])
+local seen, out, frontier = {}, {}, {}
+for i = 3, #ARGV do frontier[#frontier + 1] = ARGV[i] end
+local function dev(n) return 'd:' .. string.format('%.0f', n) end
+for level = 0, depth do
+  local next = {}
+  for _, k in ipairs(frontier) do
+    if not seen[k] then
+      seen[k] = true
+      local vr = redis.call('HMGET', prefix .. k, 'v', 'r')
+      out[#out + 1] = k
+      out[#out + 1] = vr[1] or ''
+      out[#out + 1] = vr[2] or ''
+      if level < depth and vr[2] then
+        local ok, rec = pcall(cjson.decode, vr[2])
+        local kind = string.sub(k, 1, 1)
+        if ok and type(rec) == 'table' then
+          if kind == 'u' then
+            if type(rec.call) == 'string' then next[#next + 1] = 'c:' .. rec.call end
+            for _, d in ipairs(rec.devices or {}) do next[#next + 1] = dev(d) end
+          elseif kind == 'd' and type(rec.user) == 'string' then
+            next[#next + 1] = 'u:' .. rec.user
+          elseif kind == 'c' then
+            next[#next + 1] = 'u:' .. rec.caller
+            next[#next + 1] = 'u:' .. rec.callee
+            next[#next + 1] = dev(rec.caller_conn)
+            next[#next + 1] = 'h:' .. string.sub(k, 3)
+            local p = rec.phase
+            if type(p) == 'table' and p.Ringing then
+              for _, d in ipairs(p.Ringing.ringing or {}) do next[#next + 1] = dev(d) end
+            elseif type(p) == 'table' and p.Talking then
+              next[#next + 1] = dev(p.Talking.callee_conn)
+            end
+          end
+        end
+      end
+    end
+  end
+  frontier = next
+end
+return out
+"#;
+
+/// How many steps [`FETCH`] follows from what a run missed.
+const FETCH_DEPTH: u32 = 2;
+
 /// Renews a node's lease (KEYS: `leases`; ARGV: node, now, new end,
 /// `join` or `renew`). A lease that ran out is never renewed: the node was
 /// (or is being) reaped, and must close its streams and join afresh. 1:
@@ -323,6 +378,7 @@ pub struct SharedStore {
     prefix: Arc<str>,
     node: NodeId,
     commit: Arc<redis::Script>,
+    fetch: Arc<redis::Script>,
     /// Where this node starts looking for a free room: nodes start apart,
     /// so their claims rarely meet (a claim is checked in the commit).
     rooms: Arc<AtomicU32>,
@@ -417,6 +473,7 @@ impl SharedStore {
             prefix: Arc::from(prefix),
             node,
             commit: Arc::new(redis::Script::new(COMMIT)),
+            fetch: Arc::new(redis::Script::new(FETCH)),
             rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
             conflicts: Arc::new(AtomicU64::new(0)),
             trips: Arc::new(AtomicU64::new(0)),
@@ -531,9 +588,13 @@ impl SharedStore {
         format!("{}{kind}:{id}", self.prefix)
     }
 
-    /// Loads what a run missed, in one round trip.
+    /// Loads what a run missed, in one round trip: with the records they
+    /// lead to (see [`FETCH`]), unless tokens or rooms were missed too.
     async fn load(&mut self, snap: &mut Snapshot) -> Result<(), SharedError> {
         let m = std::mem::take(&mut *snap.misses.borrow_mut());
+        if m.tokens.is_empty() && m.rooms.is_empty() {
+            return self.fetch(snap, m).await;
+        }
         let mut pipe = redis::pipe();
         let mut keys = Vec::new();
         for u in &m.users {
@@ -603,6 +664,79 @@ impl SharedStore {
         for r in m.rooms {
             let taken: bool = redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
             snap.rooms.insert(r, taken);
+        }
+        Ok(())
+    }
+
+    /// Loads the records a run missed and those they name, two steps on
+    /// (see [`FETCH`]); each goes into the snapshot unless it is there.
+    async fn fetch(&mut self, snap: &mut Snapshot, m: Misses) -> Result<(), SharedError> {
+        let mut inv = self.fetch.prepare_invoke();
+        inv.arg(&*self.prefix).arg(FETCH_DEPTH);
+        for u in &m.users {
+            inv.arg(format!("u:{u}"));
+        }
+        for d in &m.devices {
+            inv.arg(format!("d:{}", d.0));
+        }
+        for c in &m.calls {
+            inv.arg(format!("c:{c}"));
+        }
+        for h in &m.held {
+            inv.arg(format!("h:{h}"));
+        }
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        let flat: Vec<String> = inv.invoke_async(&mut self.conn).await?;
+        fn decode<T: serde::de::DeserializeOwned>(
+            key: &str,
+            v: &str,
+            r: &str,
+        ) -> Result<Option<(Version, T)>, SharedError> {
+            if r.is_empty() {
+                return Ok(None);
+            }
+            let corrupt = |source| SharedError::Corrupt {
+                key: key.to_owned(),
+                source,
+            };
+            let v = v.parse().map_err(|_| SharedError::Corrupt {
+                key: key.to_owned(),
+                source: serde::de::Error::custom("version"),
+            })?;
+            Ok(Some((v, serde_json::from_str(r).map_err(corrupt)?)))
+        }
+        for t in flat.chunks_exact(3) {
+            let (key, v, r) = (t[0].as_str(), t[1].as_str(), t[2].as_str());
+            let Some((kind, id)) = key.split_once(':') else {
+                continue;
+            };
+            match kind {
+                "u" => {
+                    let id: UserId = Arc::from(id);
+                    if !snap.users.contains_key(&id) {
+                        let rec = decode(key, v, r)?;
+                        snap.users.insert(id, rec);
+                    }
+                }
+                "d" => {
+                    if let Ok(n) = id.parse() {
+                        let id = ConnId(n);
+                        if !snap.devices.contains_key(&id) {
+                            snap.devices.insert(id, decode(key, v, r)?);
+                        }
+                    }
+                }
+                "c" | "h" => {
+                    let Ok(u) = id.parse() else { continue };
+                    let id = CallId(u);
+                    if kind == "c" && !snap.calls.contains_key(&id) {
+                        snap.calls.insert(id, decode(key, v, r)?);
+                    } else if kind == "h" && !snap.held.contains_key(&id) {
+                        snap.held.insert(id, decode(key, v, r)?);
+                    }
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
