@@ -712,27 +712,30 @@ impl SharedStore {
             };
             match kind {
                 "u" => {
-                    let id: UserId = Arc::from(id);
-                    if !snap.users.contains_key(&id) {
-                        let rec = decode(key, v, r)?;
-                        snap.users.insert(id, rec);
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        snap.users.entry(Arc::from(id))
+                    {
+                        e.insert(decode(key, v, r)?);
                     }
                 }
                 "d" => {
-                    if let Ok(n) = id.parse() {
-                        let id = ConnId(n);
-                        if !snap.devices.contains_key(&id) {
-                            snap.devices.insert(id, decode(key, v, r)?);
-                        }
+                    if let Ok(n) = id.parse()
+                        && let std::collections::hash_map::Entry::Vacant(e) =
+                            snap.devices.entry(ConnId(n))
+                    {
+                        e.insert(decode(key, v, r)?);
                     }
                 }
                 "c" | "h" => {
                     let Ok(u) = id.parse() else { continue };
                     let id = CallId(u);
-                    if kind == "c" && !snap.calls.contains_key(&id) {
-                        snap.calls.insert(id, decode(key, v, r)?);
-                    } else if kind == "h" && !snap.held.contains_key(&id) {
-                        snap.held.insert(id, decode(key, v, r)?);
+                    use std::collections::hash_map::Entry::Vacant;
+                    if kind == "c" {
+                        if let Vacant(e) = snap.calls.entry(id) {
+                            e.insert(decode(key, v, r)?);
+                        }
+                    } else if let Vacant(e) = snap.held.entry(id) {
+                        e.insert(decode(key, v, r)?);
                     }
                 }
                 _ => {}
