@@ -225,8 +225,7 @@ impl ClusterSwitchboard {
     /// Round trips to Redis so far (the readers' blocking reads too), and
     /// commits that lost a race.
     pub fn store_counts(&self) -> (u64, u64) {
-        let store = self.inner.node.clone();
-        let mut node = store;
+        let mut node = self.inner.node.clone();
         let s = node.store();
         (
             s.round_trips() + self.inner.reads.load(Ordering::Relaxed),
@@ -339,13 +338,25 @@ impl Inner {
     /// Commits a verdict, retrying while the store is unavailable (the call
     /// would otherwise wait in approval), until shutdown.
     async fn approved(self: &Arc<Self>, call_id: CallId, verdict: Verdict) {
+        self.until_done(move |mut node, now| async move {
+            let mut out = Vec::new();
+            let r = node.approval_done(call_id, verdict, now, &mut out).await;
+            r.map(|()| out)
+        })
+        .await;
+    }
+
+    /// Runs an input that must not be lost (a verdict, a stream's end)
+    /// until it commits, with back-off while the store is unavailable, or
+    /// until shutdown; performs what it left.
+    async fn until_done<F, Fut>(self: &Arc<Self>, mut input: F)
+    where
+        F: FnMut(Node, Time) -> Fut,
+        Fut: Future<Output = Result<Vec<Effect>, SharedError>>,
+    {
         let mut wait = Duration::from_millis(50);
         loop {
-            let mut node = self.node.clone();
-            let mut out = Vec::new();
-            let now = self.now();
-            let done = bounded(self, node.approval_done(call_id, verdict, now, &mut out)).await;
-            if done.is_ok() {
+            if let Ok(out) = bounded(self, input(self.node.clone(), self.now())).await {
                 self.perform(out);
                 return;
             }
@@ -388,22 +399,12 @@ impl Inner {
     }
 
     async fn stream_ended(self: &Arc<Self>, conn: ConnId, epoch: u64, keep: Option<Time>) {
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let mut node = self.node.clone();
+        self.until_done(move |mut node, now| async move {
             let mut out = Vec::new();
-            let now = self.now();
-            let r = bounded(self, node.stream_ended(conn, epoch, keep, now, &mut out)).await;
-            if r.is_ok() {
-                self.perform(out);
-                return;
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(1));
-        }
+            let r = node.stream_ended(conn, epoch, keep, now, &mut out).await;
+            r.map(|()| out)
+        })
+        .await;
     }
 
     /// Registers a stream the store now names for `conn` at `epoch`: its
