@@ -117,6 +117,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             epoch,
             rx,
             superseded,
+            moved,
         } = self.switchboard.connect(identity.user, resume).await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
@@ -126,6 +127,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             conn,
             epoch,
             superseded,
+            moved,
             gone: gone_rx,
             end: end_tx,
             expires: identity.expires,
@@ -298,6 +300,8 @@ struct Reader<S> {
     epoch: u64,
     /// Another stream resumed this device.
     superseded: CancellationToken,
+    /// This node gave the device up (see [`Attached::moved`]).
+    moved: CancellationToken,
     gone: oneshot::Receiver<()>,
     end: oneshot::Sender<Status>,
     expires: Option<SystemTime>,
@@ -376,6 +380,13 @@ impl<S: Switchboard> Reader<S> {
                     // in the stream that resumed it.
                     let _ = self.end.send(Status::failed_precondition(
                         "this device was resumed by another stream",
+                    ));
+                    lost = false;
+                    break;
+                }
+                () = self.moved.cancelled() => {
+                    let _ = self.end.send(Status::unavailable(
+                        "this node lost its hold on the call state: reconnect",
                     ));
                     lost = false;
                     break;

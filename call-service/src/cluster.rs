@@ -148,6 +148,7 @@ struct Entry {
     epoch: u64,
     tx: DeviceTx,
     superseded: CancellationToken,
+    moved: CancellationToken,
 }
 
 impl ClusterSwitchboard {
@@ -421,7 +422,8 @@ impl Inner {
         parked: impl IntoIterator<Item = Outgoing>,
         tx: DeviceTx,
         superseded: CancellationToken,
-    ) {
+    ) -> CancellationToken {
+        let moved = CancellationToken::new();
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let _ = tx.try_send(Box::new(connected(user, conn, token, resumed)));
         if let Some(old) = local.streams.insert(
@@ -431,6 +433,7 @@ impl Inner {
                 epoch,
                 tx,
                 superseded,
+                moved: moved.clone(),
             },
         ) {
             old.superseded.cancel();
@@ -449,6 +452,7 @@ impl Inner {
                 self.push(&mut local, conn, msg);
             }
         }
+        moved
     }
 
     /// Hands a notice from a lane this node owns to the business service.
@@ -513,13 +517,17 @@ impl Inner {
         }
     }
 
-    /// Ends every stream of this node once it has sent what it holds.
+    /// Ends every stream of this node once it has sent what it holds,
+    /// with UNAVAILABLE: clients reconnect (through the balancer, to
+    /// another node) and resume.
     fn close_all(&self) {
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         local.early.clear();
         local.early_count = 0;
         // Dropping a queue's sender ends its response stream.
-        local.streams.clear();
+        for (_, e) in local.streams.drain() {
+            e.moved.cancel();
+        }
     }
 }
 
@@ -764,6 +772,9 @@ fn rand_u8() -> u8 {
 async fn lease_loop(inner: Arc<Inner>) {
     let mut node = inner.node.clone();
     let lease = inner.cluster.lease;
+    // When the lease was last renewed: a node cut off from Redis for
+    // longer is being reaped by the others.
+    let mut renewed = inner.now();
     loop {
         tokio::select! {
             () = inner.shutdown.cancelled() => return,
@@ -772,6 +783,7 @@ async fn lease_loop(inner: Arc<Inner>) {
         let now = inner.now();
         match bounded(&inner, node.store().lease(now, lease, false)).await {
             Ok(Lease::Held) => {
+                renewed = now;
                 let _ = inner.healthy_since.compare_exchange(
                     0,
                     millis(now),
@@ -794,10 +806,30 @@ async fn lease_loop(inner: Arc<Inner>) {
                     .await
                     .is_ok()
                 {
+                    renewed = now;
                     inner.healthy_since.store(millis(now), Ordering::Relaxed);
                     inner
                         .serving
                         .send_if_modified(|s| !std::mem::replace(s, true));
+                }
+            }
+            Err(_) if now >= renewed + lease => {
+                // The others reap this node now: its clients are better off
+                // resuming on one of them than waiting on a node that
+                // cannot act. It joins again once Redis answers.
+                let streams = inner
+                    .local
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .streams
+                    .len();
+                if streams > 0 {
+                    warn!(
+                        node = inner.id.0,
+                        streams,
+                        "cut off from the store for longer than the lease: closing streams"
+                    );
+                    inner.close_all();
                 }
             }
             Err(_) => {}
@@ -825,7 +857,7 @@ impl Switchboard for ClusterSwitchboard {
                 .map_err(|_| ConnectError::StoreUnavailable)?;
             if let Some((conn, epoch, parked)) = resumed {
                 info!(user = %user, conn = conn.0, epoch, parked = parked.len(), "device resumed");
-                inner.register(
+                let moved = inner.register(
                     conn,
                     epoch,
                     &user,
@@ -840,6 +872,7 @@ impl Switchboard for ClusterSwitchboard {
                     epoch,
                     rx,
                     superseded,
+                    moved,
                 });
             }
         }
@@ -855,7 +888,7 @@ impl Switchboard for ClusterSwitchboard {
         if let Err(devices) = attached {
             return Err(ConnectError::TooManyDevices(devices));
         }
-        inner.register(conn, 1, &user, &token, false, [], tx, superseded.clone());
+        let moved = inner.register(conn, 1, &user, &token, false, [], tx, superseded.clone());
         inner.perform(out);
         info!(user = %user, conn = conn.0, "device connected");
         Ok(Attached {
@@ -863,6 +896,7 @@ impl Switchboard for ClusterSwitchboard {
             epoch: 1,
             rx,
             superseded,
+            moved,
         })
     }
 

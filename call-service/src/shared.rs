@@ -548,6 +548,16 @@ impl SharedStore {
         Ok(nodes.into_iter().map(NodeId).collect())
     }
 
+    /// Whether `node`'s lease ran out before `now` (or is gone).
+    pub async fn lease_expired(&mut self, node: NodeId, now: Time) -> Result<bool, SharedError> {
+        let end: Option<u64> = redis::cmd("ZSCORE")
+            .arg(format!("{}leases", self.prefix))
+            .arg(node.0)
+            .query_async(self.conn())
+            .await?;
+        Ok(end.is_none_or(|e| e < millis(now)))
+    }
+
     /// The devices whose records name `node`.
     pub async fn node_devices(&mut self, node: NodeId) -> Result<Vec<ConnId>, SharedError> {
         let devs: Vec<u64> = redis::cmd("SMEMBERS")
@@ -1860,6 +1870,11 @@ impl Node {
                 }
             }
             for conn in self.store.node_devices(dead).await? {
+                // The node may have come back and joined again meanwhile:
+                // its devices are its own again.
+                if !self.store.lease_expired(dead, now).await? {
+                    break;
+                }
                 let pending = events.remove(&conn).unwrap_or_default();
                 let done = self
                     .run(Some(now), out, |s, o| {

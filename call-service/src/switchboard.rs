@@ -102,6 +102,10 @@ pub struct Attached {
     pub rx: DeviceRx,
     /// Cancelled when another stream resumes the device: this one must end.
     pub superseded: CancellationToken,
+    /// Cancelled when this node gives the device up for another node to
+    /// take (a cluster node that lost its hold on the call state): the
+    /// stream ends UNAVAILABLE, so the client reconnects and resumes.
+    pub moved: CancellationToken,
 }
 
 /// Why a device was not registered.
@@ -315,6 +319,8 @@ impl Switchboard for LocalSwitchboard {
             epoch,
             rx,
             superseded,
+            // A single node never gives a device to another.
+            moved: CancellationToken::new(),
         })
     }
 

@@ -326,11 +326,9 @@ impl Client {
         url: impl Into<String>,
         credentials: Credentials,
     ) -> Result<(Client, Events), Error> {
-        let channel = endpoint(url.into())?
-            .connect()
-            .await
-            .map_err(Error::Connect)?;
-        Self::connect_with_channel(channel, credentials).await
+        let endpoint = endpoint(url.into())?;
+        let channel = endpoint.connect().await.map_err(Error::Connect)?;
+        Self::start(channel, Some(endpoint), credentials).await
     }
 
     /// Like [`Client::connect`] over TLS (`https://` URL), trusting the CA
@@ -341,19 +339,25 @@ impl Client {
         ca_pem: impl AsRef<[u8]>,
     ) -> Result<(Client, Events), Error> {
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
-        let channel = endpoint(url.into())?
+        let endpoint = endpoint(url.into())?
             .tls_config(tls)
-            .map_err(Error::Endpoint)?
-            .connect()
-            .await
-            .map_err(Error::Connect)?;
-        Self::connect_with_channel(channel, credentials).await
+            .map_err(Error::Endpoint)?;
+        let channel = endpoint.connect().await.map_err(Error::Connect)?;
+        Self::start(channel, Some(endpoint), credentials).await
     }
 
     /// Like [`Client::connect`], on a channel the caller configured (TLS,
     /// timeouts, a shared connection).
     pub async fn connect_with_channel(
         channel: Channel,
+        credentials: Credentials,
+    ) -> Result<(Client, Events), Error> {
+        Self::start(channel, None, credentials).await
+    }
+
+    async fn start(
+        channel: Channel,
+        endpoint: Option<Endpoint>,
         credentials: Credentials,
     ) -> Result<(Client, Events), Error> {
         let (tx, session) = open(&channel, &credentials, None).await?;
@@ -365,6 +369,7 @@ impl Client {
         let end = EndReason::default();
         let link = Link {
             channel,
+            endpoint,
             credentials,
             outbound: Arc::downgrade(&outbound),
             next_seq: next_seq.clone(),
@@ -501,6 +506,11 @@ type Outbound = Arc<Mutex<(u64, mpsc::Sender<pb::ClientMessage>)>>;
 /// What it takes to open another stream.
 struct Link {
     channel: Channel,
+    /// Where `channel` was connected, when the SDK made it: a reconnect
+    /// after a refusal opens a new connection, so a load balancer in front
+    /// of several nodes can take it to another (the old connection may be
+    /// held by a node that cannot serve).
+    endpoint: Option<Endpoint>,
     credentials: Credentials,
     /// The client's outbound slot; gone once the client is dropped.
     outbound: std::sync::Weak<Mutex<(u64, mpsc::Sender<pb::ClientMessage>)>>,
@@ -588,7 +598,7 @@ fn jitter(base: Duration) -> Duration {
 /// every control of an older stream still waiting fails with
 /// [`Error::Disconnected`].
 async fn run(
-    link: Link,
+    mut link: Link,
     mut session: Session,
     pending: Pending,
     events: mpsc::Sender<CallEvent>,
@@ -627,7 +637,15 @@ async fn run(
                     warn!(code = ?s.code(), message = s.message(), "reconnect refused");
                     break;
                 }
-                Err(e) => debug!(attempt, error = %e, "reconnect failed"),
+                Err(e) => {
+                    debug!(attempt, error = %e, "reconnect failed");
+                    // The next attempt on a connection of its own.
+                    if let Some(ep) = &link.endpoint
+                        && let Ok(c) = ep.connect().await
+                    {
+                        link.channel = c;
+                    }
+                }
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }

@@ -217,6 +217,7 @@ impl NodeProcess {
     /// Serves `config`, the client API on `client_addr`, the admin API on
     /// a free port.
     pub async fn start_at(client_addr: &str, config: Config) -> Self {
+        init_tracing();
         let client = TcpListener::bind(client_addr)
             .await
             .expect("bind client port");

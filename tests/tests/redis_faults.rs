@@ -12,7 +12,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use videocall_proto::v1 as pb;
 use videocall_tests::redis::RedisServer;
-use videocall_tests::{CallService, PATIENCE, Phone, talking, user_state};
+use videocall_tests::{
+    Balancer, CallService, NodeProcess, PATIENCE, Phone, Proxy, phone_at, talking, user_state,
+};
 
 fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")
@@ -181,4 +183,72 @@ async fn redis_restarted_with_its_append_only_file_loses_no_call() {
     hang_up(&mut dave, &mut alice).await;
     all_free(&svc, &["alice", "bob", "carol", "dave"]).await;
     svc.stop().await;
+}
+
+/// One of two nodes is cut off from Redis (a TCP path the test closes)
+/// while the other goes on: past its lease it closes its streams, its
+/// client comes back through the balancer to the other node and resumes
+/// the same device, the peer sees nothing, and the call goes on. When the
+/// path opens again the node serves again.
+#[tokio::test]
+async fn a_node_cut_off_from_redis_hands_its_clients_to_the_others() {
+    let redis = RedisServer::start();
+    let path = Proxy::start(&format!("127.0.0.1:{}", redis.port)).await;
+    let through_path = format!("redis://{}/", path.url.trim_start_matches("http://"));
+    let config = |url: &str| {
+        let mut c = call_service::Config::for_tests(None);
+        c.redis_url = Some(url.to_owned());
+        c.node_lease = Duration::from_secs(1);
+        c.limits.resume_grace = Duration::from_secs(10);
+        c
+    };
+    let cut = NodeProcess::start_at("127.0.0.1:0", config(&through_path)).await;
+    let other = NodeProcess::start_at("127.0.0.1:0", config(&redis.url)).await;
+    let addr = |n: &NodeProcess| n.client_url.trim_start_matches("http://").to_owned();
+    let lb = Balancer::start(vec![addr(&cut), addr(&other)]).await;
+    let mut alice = phone_at(&lb.url, "alice").await;
+    let mut bob = phone_at(&lb.url, "bob").await;
+    assert_eq!(
+        lb.routes(),
+        [0, 1],
+        "alice on the node to cut, bob on the other"
+    );
+    talking(&mut alice, &mut bob).await;
+    let device = alice.client.connection_id().to_owned();
+    path.set_open(false);
+    path.cut();
+    // Until alice is back on the other node her controls are refused
+    // (STORE_UNAVAILABLE) or fail with the stream; then answered.
+    let deadline = Instant::now() + PATIENCE;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Ok(Code::NOT_IN_CALL) = alice.client.finish("nobody-at-all").await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice did not come back");
+    }
+    assert_eq!(
+        alice.client.connection_id(),
+        device,
+        "the same device, resumed"
+    );
+    assert_eq!(
+        lb.routes().last(),
+        Some(&1),
+        "through the node still on Redis"
+    );
+    bob.assert_quiet().await;
+    assert_eq!(bob.client.finish("alice").await.expect("finish"), Code::OK);
+    alice.expect(EventKind::Finish, "bob", Code::OK).await;
+    bob.expect(EventKind::Finish, "alice", Code::OK).await;
+    // The path opens: the cut node finds its lease gone, joins again and
+    // serves.
+    path.set_open(true);
+    health_becomes(&cut.client_url, ServingStatus::Serving).await;
+    let mut carol = phone_at(&cut.client_url, "carol").await;
+    talking(&mut carol, &mut bob).await;
+    hang_up(&mut carol, &mut bob).await;
+    cut.stop().await;
+    other.stop().await;
 }
