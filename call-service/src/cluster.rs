@@ -60,8 +60,9 @@ use crate::metrics::Metrics;
 use crate::shared::{Inbound, InboxReader, LaneReader, Lease, Node, SharedError, SharedStore};
 use crate::store::NodeId;
 use crate::switchboard::{
-    Attached, ConnectError, DEVICE_QUEUE, OBSERVER_QUEUE, Observed, ShuttingDown, Stats,
-    Switchboard, SwitchboardLimits, Unavailable, connected, observer,
+    APPROVALS_FULL, Attached, CALLER_OVER_QUOTA, ConnectError, DEVICE_QUEUE, OBSERVER_QUEUE,
+    Observed, ShuttingDown, Stats, Switchboard, SwitchboardLimits, Unavailable, connected,
+    new_call_id, observer,
 };
 
 /// The longest an input may wait for the store before it is refused
@@ -913,24 +914,11 @@ impl Switchboard for ClusterSwitchboard {
             && inner.business.is_some()
             && inner.approvals.load(Ordering::Relaxed) >= inner.limits.max_pending_approvals
         {
-            Outcome {
-                code: codes::OVERLOADED,
-                call_id: None,
-                reason: "too many calls are waiting for approval; try again",
-            }
+            APPROVALS_FULL
         } else if request && inner.over_quota(conn).await.unwrap_or(false) {
-            Outcome {
-                code: codes::OVERLOADED,
-                call_id: None,
-                reason: "too many events of your calls wait for the business service; try again",
-            }
+            CALLER_OVER_QUOTA
         } else {
-            // See the single node's switchboard: only a REQUEST names a call.
-            let call_id = CallId(if request {
-                uuid::Uuid::now_v7()
-            } else {
-                uuid::Uuid::nil()
-            });
+            let call_id = new_call_id(request);
             let mut node = inner.node.clone();
             let mut out = Vec::new();
             let now = inner.now();

@@ -67,6 +67,33 @@ pub const DEVICE_QUEUE: usize = 256;
 /// (backpressure), which is what a burst should do.
 const COMMAND_QUEUE: usize = 4096;
 
+/// A REQUEST refused while the approvals in flight are at their limit.
+pub(crate) const APPROVALS_FULL: Outcome = Outcome {
+    code: codes::OVERLOADED,
+    call_id: None,
+    reason: "too many calls are waiting for approval; try again",
+};
+
+/// A REQUEST refused while the caller's calls' notices pile up.
+pub(crate) const CALLER_OVER_QUOTA: Outcome = Outcome {
+    code: codes::OVERLOADED,
+    call_id: None,
+    reason: "too many events of your calls wait for the business service; try again",
+};
+
+/// The id a control brings for a call it may start. Only a REQUEST names
+/// a call; an id costs a system call, so the others get none.
+/// Time-ordered (v7): stores keyed by call (the business service's call
+/// records) append instead of writing a random page of their index for
+/// every event.
+pub(crate) fn new_call_id(request: bool) -> CallId {
+    CallId(if request {
+        uuid::Uuid::now_v7()
+    } else {
+        uuid::Uuid::nil()
+    })
+}
+
 /// The limits the switchboard enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct SwitchboardLimits {
@@ -650,11 +677,7 @@ impl Actor {
             && self.business.is_some()
             && self.approvals.len() >= self.limits.max_pending_approvals
         {
-            Outcome {
-                code: codes::OVERLOADED,
-                call_id: None,
-                reason: "too many calls are waiting for approval; try again",
-            }
+            APPROVALS_FULL
         } else if request
             // Backpressure on a caller whose calls' events pile up
             // (see `business`): its flood must not cost others theirs.
@@ -663,22 +686,9 @@ impl Actor {
                 .as_ref()
                 .is_some_and(|b| b.caller_over_quota(&user))
         {
-            Outcome {
-                code: codes::OVERLOADED,
-                call_id: None,
-                reason: "too many events of your calls wait for the business service; try again",
-            }
+            CALLER_OVER_QUOTA
         } else {
-            // Only a REQUEST names a call; an id costs a system call,
-            // so the others get none. Time-ordered (v7): stores keyed
-            // by call (the business service's call records) append
-            // instead of writing a random page of their index for
-            // every event.
-            let call_id = CallId(if request {
-                uuid::Uuid::now_v7()
-            } else {
-                uuid::Uuid::nil()
-            });
+            let call_id = new_call_id(request);
             let done =
                 self.machine
                     .control_from(conn, Some(epoch), &ctl, call_id, now, &mut self.effects);
