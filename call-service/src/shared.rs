@@ -231,9 +231,11 @@ end
 return 0
 "#;
 
-/// Forgets a reaped node once none of its devices is left (KEYS: `leases`,
-/// `devs:<node>`; ARGV: node).
+/// Forgets a reaped node once none of its devices is left, unless it has
+/// joined again meanwhile (KEYS: `leases`, `devs:<node>`; ARGV: node, now).
 const FORGET: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) >= tonumber(ARGV[2]) then return 0 end
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
@@ -568,11 +570,12 @@ impl SharedStore {
     }
 
     /// Forgets a reaped node if none of its devices is left; whether it did.
-    pub async fn forget(&mut self, node: NodeId) -> Result<bool, SharedError> {
+    pub async fn forget(&mut self, node: NodeId, now: Time) -> Result<bool, SharedError> {
         let done: u8 = redis::Script::new(FORGET)
             .key(format!("{}leases", self.prefix))
             .key(format!("{}devs:{}", self.prefix, node.0))
             .arg(node.0)
+            .arg(millis(now))
             .invoke_async(self.conn())
             .await?;
         Ok(done == 1)
@@ -1895,10 +1898,15 @@ impl Node {
                     .await?;
                 detached += usize::from(done == Some(true));
             }
+            // A node that joined again meanwhile reads its inbox, and its
+            // fresh lease stays.
+            if !self.store.lease_expired(dead, now).await? {
+                continue;
+            }
             if let Some(last) = last {
                 self.store.trim_inbox(dead, &last).await?;
             }
-            self.store.forget(dead).await?;
+            self.store.forget(dead, now).await?;
         }
         Ok(detached)
     }

@@ -617,7 +617,7 @@ async fn a_reaped_nodes_client_that_never_returns_ends_the_call_at_the_window() 
     // Bob's device is gone, and with it node 2.
     let _ = b;
     assert!(n1.store().node_devices(NodeId(2)).await.unwrap().is_empty());
-    assert!(n1.store().forget(NodeId(2)).await.unwrap());
+    assert!(n1.store().forget(NodeId(2), t + GRACE).await.unwrap());
 }
 
 /// A node's inbox reader waits for what another node commits for its
