@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_stream::Stream;
@@ -22,7 +22,7 @@ use crate::codes;
 use crate::config::Limits;
 use crate::convert;
 use crate::device::Outgoing;
-use crate::domain::{CallId, ConnId, ForceFinish};
+use crate::domain::{CallId, ConnId, ForceFinish, UserId};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::switchboard::{
     Attached, ConnectError, DEVICE_QUEUE, DeviceRx, ShuttingDown, Switchboard, Unavailable,
@@ -63,7 +63,10 @@ pub const RESUME_HEADER: &str = "x-videocall-resume";
 #[derive(Debug)]
 pub struct ClientApi<S> {
     switchboard: S,
-    auth: Authenticator,
+    /// Shared by every device's reader (it checks refreshed tokens).
+    auth: Arc<Authenticator>,
+    /// How long before expiry a stream is asked for a new token.
+    refresh_ahead: Duration,
     limits: Limits,
     /// One permit per connected device ([`Limits::max_connections`]).
     connections: Arc<Semaphore>,
@@ -76,6 +79,7 @@ impl<S: Switchboard> ClientApi<S> {
     pub fn new(
         switchboard: S,
         auth: Authenticator,
+        refresh_ahead: Duration,
         limits: Limits,
         tasks: TaskTracker,
         shutdown: CancellationToken,
@@ -84,7 +88,8 @@ impl<S: Switchboard> ClientApi<S> {
         let connections = Arc::new(Semaphore::new(limits.max_connections));
         Self {
             switchboard,
-            auth,
+            auth: Arc::new(auth),
+            refresh_ahead,
             limits,
             connections,
             tasks,
@@ -118,7 +123,10 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             rx,
             superseded,
             moved,
-        } = self.switchboard.connect(identity.user, resume).await?;
+        } = self
+            .switchboard
+            .connect(identity.user.clone(), resume)
+            .await?;
         let (gone_tx, gone_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
         let answers = SharedAnswers::default();
@@ -131,11 +139,18 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             gone: gone_rx,
             end: end_tx,
             expires: identity.expires,
+            since: SystemTime::now(),
+            asked: false,
+            refresh_ahead: self.refresh_ahead,
+            auth: self.auth.clone(),
+            user: identity.user,
             bucket: TokenBucket::new(self.limits.controls_per_second, self.limits.control_burst),
             shutdown: self.shutdown.clone(),
             answers: answers.clone(),
             forwarded: 0,
             controls: self.metrics.controls.clone(),
+            refreshes: self.metrics.refreshes.clone(),
+            token_expiries: self.metrics.token_expiries.clone(),
             slow_consumers: self.metrics.slow_consumers.clone(),
             _permit: permit,
         };
@@ -143,6 +158,8 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         Ok(Response::new(DeviceStream {
             rx,
             answers,
+            expires_at_ms: identity.expires.map_or(0, unix_ms),
+            started: false,
             answered: 0,
             end: Some(end_rx),
             _gone: gone_tx,
@@ -150,8 +167,16 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
     }
 }
 
+/// Unix time in milliseconds, as the protocol gives times (at least 1, so
+/// that 0 keeps meaning "never").
+fn unix_ms(t: SystemTime) -> u64 {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+}
+
 /// A device's response stream: the switchboard's messages, and the
-/// reader's own answers to controls it refused (rate-limited, malformed),
+/// reader's own messages: answers to controls it refused (rate-limited,
+/// malformed) and everything about tokens (`RefreshDue`, `RefreshResult`),
 /// each put in its place: after the answers to the controls forwarded before
 /// it, so every control is answered in the order it was sent. Messages are
 /// encoded here, on the stream's task. Dropping it (the client went away, or
@@ -165,6 +190,11 @@ pub struct DeviceStream {
     answers: SharedAnswers,
     /// The switchboard's answers passed on so far.
     answered: u64,
+    /// The stream's expiry at connect, for `Connected` (which the
+    /// switchboard makes without knowing the credential).
+    expires_at_ms: u64,
+    /// Whether the switchboard's first message (`Connected`) is out.
+    started: bool,
     end: Option<oneshot::Receiver<Status>>,
     _gone: oneshot::Sender<()>,
 }
@@ -174,8 +204,12 @@ impl Stream for DeviceStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(answer) = this.answers.next(this.answered, cx) {
-            return Poll::Ready(Some(Ok(convert::server_message(&answer))));
+        // Nothing of the reader's before `Connected` (the switchboard's
+        // first message): a token due at once waits for it.
+        if this.started
+            && let Some(answer) = this.answers.next(this.answered, cx)
+        {
+            return Poll::Ready(Some(Ok(answer)));
         }
         match this.rx.poll_recv(cx) {
             Poll::Ready(None) => {}
@@ -183,7 +217,12 @@ impl Stream for DeviceStream {
                 if msg.is_result() {
                     this.answered += 1;
                 }
-                return Poll::Ready(Some(Ok(convert::server_message(&msg))));
+                this.started = true;
+                let mut out = convert::server_message(&msg);
+                if let Some(pb::server_message::Kind::Connected(c)) = &mut out.kind {
+                    c.expires_at_ms = this.expires_at_ms;
+                }
+                return Poll::Ready(Some(Ok(out)));
             }
             Poll::Pending => return Poll::Pending,
         }
@@ -199,7 +238,8 @@ impl Stream for DeviceStream {
     }
 }
 
-/// Answers to controls refused at the edge, waiting for their turn on the
+/// The reader's messages (answers to controls refused at the edge, token
+/// messages), encoded, waiting for their turn on the
 /// device's stream: pushed by the reader, taken by the stream. Behind a
 /// `std` mutex held for one push or take, never across an `.await`; nothing
 /// is allocated until the first refusal (an idle device pays for the `Arc`
@@ -210,7 +250,7 @@ struct SharedAnswers(Arc<Mutex<EdgeAnswers>>);
 #[derive(Debug, Default)]
 struct EdgeAnswers {
     /// Each answer with how many of the switchboard's go before it.
-    queue: VecDeque<(u64, Outgoing)>,
+    queue: VecDeque<(u64, pb::ServerMessage)>,
     /// The stream's, while it waits for an answer.
     waker: Option<Waker>,
 }
@@ -222,7 +262,7 @@ impl SharedAnswers {
 
     /// Queues an answer to follow the switchboard's `after`th. False when
     /// [`DEVICE_QUEUE`] are already waiting: the device does not read.
-    fn push(&self, after: u64, answer: Outgoing) -> bool {
+    fn push(&self, after: u64, answer: pb::ServerMessage) -> bool {
         let waker = {
             let mut a = self.lock();
             if a.queue.len() >= DEVICE_QUEUE {
@@ -239,7 +279,7 @@ impl SharedAnswers {
 
     /// The next answer if its turn has come (`answered` of the
     /// switchboard's are out); otherwise wakes `cx` on the next push.
-    fn next(&self, answered: u64, cx: &Context<'_>) -> Option<Outgoing> {
+    fn next(&self, answered: u64, cx: &Context<'_>) -> Option<pb::ServerMessage> {
         let mut a = self.lock();
         if a.queue.front().is_some_and(|(after, _)| *after <= answered) {
             return a.queue.pop_front().map(|(_, answer)| answer);
@@ -304,7 +344,16 @@ struct Reader<S> {
     moved: CancellationToken,
     gone: oneshot::Receiver<()>,
     end: oneshot::Sender<Status>,
+    /// When the stream ends unless its token is refreshed.
     expires: Option<SystemTime>,
+    /// When the current credential was taken (at connect, or refreshed).
+    since: SystemTime,
+    /// Whether `RefreshDue` went out for the current token.
+    asked: bool,
+    refresh_ahead: Duration,
+    auth: Arc<Authenticator>,
+    /// Whom the stream's token names: a refreshed token must name them too.
+    user: UserId,
     bucket: TokenBucket,
     shutdown: CancellationToken,
     /// Answers to the controls refused here, for the response stream.
@@ -314,6 +363,8 @@ struct Reader<S> {
     /// The two counters it needs (not all of [`Metrics`]: this is per
     /// device, and an idle device's memory counts).
     controls: Family<ResultLabel, Counter>,
+    refreshes: Family<ResultLabel, Counter>,
+    token_expiries: Counter,
     slow_consumers: Counter,
     /// Held while the device is connected.
     _permit: OwnedSemaphorePermit,
@@ -337,7 +388,13 @@ impl<S: Switchboard> Reader<S> {
             call_id: None,
             reason: crate::device::Reason(reason),
         };
-        if self.answers.push(self.forwarded, answer) {
+        self.say(convert::server_message(&answer))
+    }
+
+    /// Queues one of the reader's messages in its place on the stream; the
+    /// status to end the stream with when the device does not read it.
+    fn say(&mut self, msg: pb::ServerMessage) -> Option<Status> {
+        if self.answers.push(self.forwarded, msg) {
             return None;
         }
         warn!(
@@ -350,25 +407,72 @@ impl<S: Switchboard> Reader<S> {
         ))
     }
 
+    /// When the reader's alarm next goes off: first (once per token) to ask
+    /// for a new token, `refresh_ahead` before expiry, but not before half
+    /// the token's life on this stream has passed (a client whose tokens
+    /// live less than `refresh_ahead` is not asked again at once after each
+    /// refresh); then at expiry. `None`: the credential never expires.
+    fn alarm(&self) -> Option<tokio::time::Instant> {
+        let expires = self.expires?;
+        let at = if self.asked {
+            expires
+        } else {
+            let ahead = expires
+                .checked_sub(self.refresh_ahead)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let half = expires.duration_since(self.since).unwrap_or_default() / 2;
+            ahead.max(self.since + half)
+        };
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        // Beyond what an Instant can hold (exp near 2^63): never.
+        tokio::time::Instant::now().checked_add(left)
+    }
+
+    /// A `TokenRefresh`: checked, and on success the stream's expiry moves.
+    /// Answered in its place either way.
+    fn refresh(&mut self, r: pb::TokenRefresh) -> Option<Status> {
+        let (code, message) = if !self.bucket.take(Instant::now()) {
+            (
+                codes::RATE_LIMITED,
+                "too many messages; slow down".to_owned(),
+            )
+        } else {
+            match self.auth.refresh(&self.user, &r.token) {
+                Ok(expires) => {
+                    self.expires = expires;
+                    self.since = SystemTime::now();
+                    self.asked = false;
+                    (codes::OK, String::new())
+                }
+                Err(why) => (codes::TOKEN_REFUSED, why),
+            }
+        };
+        self.refreshes
+            .get_or_create(&ResultLabel {
+                result: code.into(),
+            })
+            .inc();
+        debug!(conn = self.conn.0, seq = r.seq, code, %message, "token refresh");
+        self.say(pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::RefreshResult(pb::RefreshResult {
+                seq: r.seq,
+                code,
+                message,
+                expires_at_ms: self.expires.map_or(0, unix_ms),
+            })),
+        })
+    }
+
     /// Forwards the device's controls to the switchboard until its stream
     /// ends, then reports the device gone. Being the only sender of both, it
     /// keeps them in order: a FINISH sent just before hanging up is applied
     /// first.
     async fn run(mut self, mut inbound: Streaming<pb::ClientMessage>) {
         let conn = self.conn;
-        // The stream ends when the token does.
-        let expiry = self.expires.and_then(|at| {
-            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            // Beyond what an Instant can hold (exp near 2^63): never.
-            tokio::time::Instant::now().checked_add(left)
-        });
-        let expired = async {
-            match expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expired);
+        // One timer: the token is asked for, then the stream ends with it.
+        let mut armed = self.alarm();
+        let alarm = tokio::time::sleep_until(armed.unwrap_or_else(tokio::time::Instant::now));
+        tokio::pin!(alarm);
         // Whether the stream broke (kept for a resume) rather than ended.
         let mut lost = true;
         loop {
@@ -396,11 +500,30 @@ impl<S: Switchboard> Reader<S> {
                     let _ = self.end.send(Status::unavailable("the call service is shutting down"));
                     break;
                 }
-                () = &mut expired => {
-                    debug!(conn = conn.0, "token expired: ending the stream");
-                    let _ = self.end.send(Status::unauthenticated("token expired"));
-                    lost = false;
-                    break;
+                () = &mut alarm, if armed.is_some() => {
+                    if self.asked {
+                        debug!(conn = conn.0, "token expired: ending the stream");
+                        self.token_expiries.inc();
+                        let _ = self.end.send(Status::unauthenticated("token expired"));
+                        lost = false;
+                        break;
+                    }
+                    self.asked = true;
+                    let due = pb::ServerMessage {
+                        kind: Some(pb::server_message::Kind::RefreshDue(pb::RefreshDue {
+                            expires_at_ms: self.expires.map_or(0, unix_ms),
+                        })),
+                    };
+                    if let Some(status) = self.say(due) {
+                        let _ = self.end.send(status);
+                        lost = false;
+                        break;
+                    }
+                    armed = self.alarm();
+                    if let Some(at) = armed {
+                        alarm.as_mut().reset(at);
+                    }
+                    continue;
                 }
             };
             let msg = match msg {
@@ -433,6 +556,18 @@ impl<S: Switchboard> Reader<S> {
                     c.seq,
                     Err((codes::RATE_LIMITED, "too many controls; slow down")),
                 ),
+                Some(pb::client_message::Kind::Refresh(r)) => {
+                    if let Some(status) = self.refresh(r) {
+                        let _ = self.end.send(status);
+                        lost = false;
+                        break;
+                    }
+                    armed = self.alarm();
+                    if let Some(at) = armed {
+                        alarm.as_mut().reset(at);
+                    }
+                    continue;
+                }
                 None => (0, Err((codes::INVALID_ARGUMENT, "empty client message"))),
             };
             match control {

@@ -9,8 +9,11 @@
 //! malformed, forged, expired or not-yet-valid token is refused with
 //! UNAUTHENTICATED before any state changes. When a token expires during a
 //! stream, the server ends the stream with UNAUTHENTICATED ("token
-//! expired"); the client reconnects with a fresh token (and, within the
-//! grace window, resumes where it was).
+//! expired") — unless the client sent a new token on the stream first
+//! (`TokenRefresh`, checked by [`Authenticator::refresh`] exactly as at
+//! connect, for the same user), which moves the stream's expiry to the new
+//! token's. The server asks for one `--refresh-ahead` before expiry
+//! (`RefreshDue`); see the reader in [`crate::api`].
 //!
 //! The development scheme trusts `x-videocall-user` as is, so anybody can
 //! act as anybody. It is on only with `--dev-identity`, logged loudly, and
@@ -198,6 +201,31 @@ impl Authenticator {
                     expires: None,
                 })
             }
+        }
+    }
+}
+
+impl Authenticator {
+    /// Checks a token sent on a live stream of `user` (a `TokenRefresh`):
+    /// exactly as at connect, and it must name the same user. The new
+    /// expiry, or why the token is refused. Changes nothing either way.
+    pub fn refresh(&self, user: &UserId, token: &str) -> Result<Option<SystemTime>, String> {
+        match self {
+            Authenticator::Jwt(verifier) => {
+                let identity = verifier
+                    .verify(token.trim())
+                    .map_err(|s| s.message().to_owned())?;
+                if identity.user != *user {
+                    return Err("the token names another user than this stream's".into());
+                }
+                Ok(identity.expires)
+            }
+            Authenticator::DevIdentity => Err(
+                "this call service identifies streams without tokens (--dev-identity): \
+                 there is nothing to refresh"
+                    .into(),
+            ),
+            Authenticator::RefuseAll => Err("no client authentication is configured".into()),
         }
     }
 }

@@ -20,6 +20,7 @@ pub const NOT_ALLOWED: u32 = ResultCode::NotAllowed as u32;
 pub const TERMINATED: u32 = ResultCode::Terminated as u32;
 pub const OVERLOADED: u32 = ResultCode::Overloaded as u32;
 pub const STORE_UNAVAILABLE: u32 = ResultCode::StoreUnavailable as u32;
+pub const TOKEN_REFUSED: u32 = ResultCode::TokenRefused as u32;
 
 #[cfg(test)]
 mod tests {
@@ -53,6 +54,7 @@ mod tests {
             TERMINATED,
             OVERLOADED,
             STORE_UNAVAILABLE,
+            TOKEN_REFUSED,
         ];
         assert!(added.iter().all(|c| (100201..=100299).contains(c)));
     }

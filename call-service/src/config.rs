@@ -215,6 +215,12 @@ pub struct Config {
     #[arg(long, env = "CALL_SERVICE_JWT_LEEWAY", default_value = defaults::JWT_LEEWAY, value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 
+    /// How long before a stream's token expires the server asks the client
+    /// for a new one (`RefreshDue`); a token with less time left is asked
+    /// about at once.
+    #[arg(long, env = "CALL_SERVICE_REFRESH_AHEAD", default_value = defaults::REFRESH_AHEAD, value_parser = humantime::parse_duration)]
+    pub refresh_ahead: Duration,
+
     /// The admin API's own credential: requests must carry
     /// `authorization: Bearer <this>`. Without it (and without
     /// --admin-client-ca) the admin API is served on a loopback address only.
@@ -298,6 +304,7 @@ impl Config {
             jwt_secret: None,
             jwt_public_key: None,
             jwt_leeway: defaults::duration(defaults::JWT_LEEWAY),
+            refresh_ahead: defaults::duration(defaults::REFRESH_AHEAD),
             admin_token: None,
             tls_cert: None,
             tls_key: None,

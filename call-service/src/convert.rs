@@ -97,6 +97,8 @@ pub fn server_message(o: &Outgoing) -> pb::ServerMessage {
             connection_id: conn.0.to_string(),
             resume_token: String::from(&**resume_token),
             resumed: *resumed,
+            // The edge knows the credential, and fills it in.
+            expires_at_ms: 0,
         }),
         Outgoing::Result {
             seq,

@@ -29,6 +29,7 @@ pub const APPROVAL_DEADLINE: &str = "2s";
 pub const NOTICE_LINGER: &str = "5ms";
 pub const RING_TIMEOUT: &str = "30s";
 pub const JWT_LEEWAY: &str = "5s";
+pub const REFRESH_AHEAD: &str = "60s";
 pub const DRAIN_TIME: &str = "0s";
 pub const NOTICE_DRAIN: &str = "5s";
 pub const REDIS_PREFIX: &str = "vc:";
@@ -54,6 +55,7 @@ mod tests {
             NOTICE_LINGER,
             RING_TIMEOUT,
             JWT_LEEWAY,
+            REFRESH_AHEAD,
             DRAIN_TIME,
             NOTICE_DRAIN,
             NODE_LEASE,

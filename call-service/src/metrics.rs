@@ -15,6 +15,8 @@
 //! | `videocall_notices_rejected_total` | counter | refused as malformed |
 //! | `videocall_notice_retries_total` | counter | failed attempts, retried |
 //! | `videocall_forced_finishes_total` | counter | `result` |
+//! | `videocall_token_refreshes_total` | counter | `result` (0, or 100209 refused, 100204 rate limited) |
+//! | `videocall_token_expiries_total` | counter | streams ended because their token expired unrefreshed |
 //! | `videocall_slow_consumers_total` | counter | devices disconnected for not reading |
 //! | `videocall_observations_dropped_total` | counter | events and control results neither logged nor counted: the observer fell behind |
 //! | `videocall_connections_refused_total` | counter | `reason` (per_peer, handshake_timeout, accept_failed, aux_streams) |
@@ -101,6 +103,8 @@ pub struct Metrics {
     pub notices_rejected: Counter,
     pub notice_retries: Counter,
     pub forced_finishes: Family<ResultLabel, Counter>,
+    pub refreshes: Family<ResultLabel, Counter>,
+    pub token_expiries: Counter,
     pub slow_consumers: Counter,
     pub observations_dropped: Counter,
     pub connections_refused: Family<ReasonLabel, Counter>,
@@ -135,6 +139,8 @@ impl Default for Metrics {
             notices_rejected: Counter::default(),
             notice_retries: Counter::default(),
             forced_finishes: Family::default(),
+            refreshes: Family::default(),
+            token_expiries: Counter::default(),
             slow_consumers: Counter::default(),
             observations_dropped: Counter::default(),
             connections_refused: Family::default(),
@@ -199,6 +205,16 @@ impl Default for Metrics {
             "forced_finishes",
             "Forced FINISH commands by result code",
             m.forced_finishes.clone(),
+        );
+        r.register(
+            "token_refreshes",
+            "Token refreshes on live streams by result code",
+            m.refreshes.clone(),
+        );
+        r.register(
+            "token_expiries",
+            "Streams ended because their token expired without a refresh",
+            m.token_expiries.clone(),
         );
         r.register(
             "slow_consumers",

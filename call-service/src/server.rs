@@ -119,6 +119,7 @@ pub async fn serve(
     let client_api = CallServiceServer::new(ClientApi::new(
         switchboard.clone(),
         auth,
+        config.refresh_ahead,
         limits.clone(),
         tasks.clone(),
         token.clone(),
