@@ -218,6 +218,7 @@ impl CallService for Floor {
             connection_id: user.to_string(),
             resume_token: String::new(),
             resumed: false,
+            expires_at_ms: 0,
         };
         let _ = tx.try_send(Ok(pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Connected(connected)),

@@ -160,6 +160,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             answers,
             expires_at_ms: identity.expires.map_or(0, unix_ms),
             started: false,
+            parked_results: 0,
             answered: 0,
             end: Some(end_rx),
             _gone: gone_tx,
@@ -195,6 +196,9 @@ pub struct DeviceStream {
     expires_at_ms: u64,
     /// Whether the switchboard's first message (`Connected`) is out.
     started: bool,
+    /// Results parked for a resumed device still to pass: they answer the
+    /// controls of an older stream, and go before the reader's answers.
+    parked_results: u32,
     end: Option<oneshot::Receiver<Status>>,
     _gone: oneshot::Sender<()>,
 }
@@ -205,8 +209,11 @@ impl Stream for DeviceStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         // Nothing of the reader's before `Connected` (the switchboard's
-        // first message): a token due at once waits for it.
+        // first message; a token due at once waits for it), nor before the
+        // results parked for a resumed device (the SDK's resume barrier is
+        // refused here, and must come after them).
         if this.started
+            && this.parked_results == 0
             && let Some(answer) = this.answers.next(this.answered, cx)
         {
             return Poll::Ready(Some(Ok(answer)));
@@ -214,8 +221,14 @@ impl Stream for DeviceStream {
         match this.rx.poll_recv(cx) {
             Poll::Ready(None) => {}
             Poll::Ready(Some(msg)) => {
-                if msg.is_result() {
-                    this.answered += 1;
+                if let Outgoing::Connected { parked_results, .. } = &*msg {
+                    this.parked_results = *parked_results;
+                } else if msg.is_result() {
+                    if this.parked_results > 0 {
+                        this.parked_results -= 1;
+                    } else {
+                        this.answered += 1;
+                    }
                 }
                 this.started = true;
                 let mut out = convert::server_message(&msg);

@@ -426,7 +426,8 @@ impl Inner {
     ) -> CancellationToken {
         let moved = CancellationToken::new();
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = tx.try_send(Box::new(connected(user, conn, token, resumed)));
+        let parked: Vec<Outgoing> = parked.into_iter().collect();
+        let _ = tx.try_send(Box::new(connected(user, conn, token, resumed, &parked)));
         if let Some(old) = local.streams.insert(
             conn,
             Entry {

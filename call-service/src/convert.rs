@@ -92,6 +92,7 @@ pub fn server_message(o: &Outgoing) -> pb::ServerMessage {
             conn,
             resume_token,
             resumed,
+            parked_results: _,
         } => pb::server_message::Kind::Connected(pb::Connected {
             user_id: String::from(&**user),
             connection_id: conn.0.to_string(),

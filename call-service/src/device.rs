@@ -18,6 +18,10 @@ pub enum Outgoing {
         conn: ConnId,
         resume_token: Arc<str>,
         resumed: bool,
+        /// How many results are among the parked messages that follow (a
+        /// resumed device's): the edge puts its own answers after them.
+        #[serde(default)]
+        parked_results: u32,
     },
     /// The answer to the control with this `seq`.
     Result {

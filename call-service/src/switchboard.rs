@@ -653,7 +653,7 @@ impl Actor {
         }
         // First in the queue: the device's events (a ringing call's
         // REQUEST) are among the effects, performed after this.
-        let _ = tx.try_send(Box::new(connected(&user, conn, &token, false)));
+        let _ = tx.try_send(Box::new(connected(&user, conn, &token, false, &[])));
         self.streams.insert(conn, Stream { tx, superseded });
         let _ = reply.send(Ok((conn, 1)));
         info!(user = %user, conn = conn.0, "device connected");
@@ -938,9 +938,10 @@ impl Actor {
         parked: VecDeque<Outgoing>,
         stream: Stream,
     ) {
+        let parked = Vec::from(parked);
         let _ = stream
             .tx
-            .try_send(Box::new(connected(user, conn, &token, true)));
+            .try_send(Box::new(connected(user, conn, &token, true, &parked)));
         // Dropping the old queue's sender ends the old response stream once
         // it has sent what it holds.
         if let Some(old) = self.streams.insert(conn, stream) {
@@ -953,12 +954,21 @@ impl Actor {
     }
 }
 
-pub(crate) fn connected(user: &UserId, conn: ConnId, token: &Arc<str>, resumed: bool) -> Outgoing {
+/// `Connected`, for a device whose stream is followed by `parked`.
+pub(crate) fn connected(
+    user: &UserId,
+    conn: ConnId,
+    token: &Arc<str>,
+    resumed: bool,
+    parked: &[Outgoing],
+) -> Outgoing {
+    let results = parked.iter().filter(|m| m.is_result()).count();
     Outgoing::Connected {
         user: user.clone(),
         conn,
         resume_token: token.clone(),
         resumed,
+        parked_results: u32::try_from(results).unwrap_or(u32::MAX),
     }
 }
 

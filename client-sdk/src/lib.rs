@@ -25,7 +25,18 @@
 //! ```
 //!
 //! Layout: everything is in this file — [`Client`] and [`Events`], the
-//! typed [`CallEvent`], result [`Code`]s, [`Credentials`], and [`Error`].
+//! typed [`CallEvent`], result [`Code`]s, [`Credentials`] (with
+//! [`TokenProvider`]), and [`Error`]; then the reader task: reconnect and
+//! resume (`run`), the stream's messages (`read`), and token refresh
+//! (`Refresher`).
+//!
+//! Tokens expire and calls last longer: with [`Credentials::provider`] the
+//! SDK asks the application for a new token when the service asks for one
+//! (a while before the stream's expiry), by itself a little before expiry
+//! if the service said nothing, and before every reconnect, and sends it on
+//! the live stream; the call goes on. A provider that fails is asked again
+//! with backoff until the stream expires; then [`Events::end_reason`] says
+//! `UNAUTHENTICATED` "token expired".
 //!
 //! Events must be read: the SDK buffers [`EVENT_BUFFER`] of them, then stops
 //! reading the stream (results of controls wait too), and a server whose
@@ -33,9 +44,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -88,6 +101,7 @@ impl Code {
     pub const TERMINATED: Code = Code(pb::ResultCode::Terminated as u32);
     pub const OVERLOADED: Code = Code(pb::ResultCode::Overloaded as u32);
     pub const STORE_UNAVAILABLE: Code = Code(pb::ResultCode::StoreUnavailable as u32);
+    pub const TOKEN_REFUSED: Code = Code(pb::ResultCode::TokenRefused as u32);
 
     pub fn is_ok(self) -> bool {
         self == Code::OK
@@ -114,6 +128,7 @@ impl Code {
             pb::ResultCode::Terminated => "ended by the service",
             pb::ResultCode::Overloaded => "the service is overloaded",
             pb::ResultCode::StoreUnavailable => "the shared call state is unavailable",
+            pb::ResultCode::TokenRefused => "the new token was refused",
         })
     }
 }
@@ -208,8 +223,12 @@ pub struct ControlResult {
 /// How the client proves who it is.
 #[derive(Clone)]
 pub enum Credentials {
-    /// A signed token, sent as `authorization: Bearer <token>`.
+    /// A signed token, sent as `authorization: Bearer <token>`. It cannot
+    /// be renewed: the stream ends when it expires.
     Bearer(String),
+    /// Signed tokens from the application, asked for when the stream
+    /// opens, when it needs a new one, and before every reconnect.
+    Provider(TokenProvider),
     /// Development only: the user id, trusted as is by a call service
     /// started with `--dev-identity`.
     DevUser(String),
@@ -219,14 +238,74 @@ impl Credentials {
     pub fn dev_user(user: impl Into<String>) -> Self {
         Credentials::DevUser(user.into())
     }
+
+    /// Tokens from `fetch`, an async callback of the application (it asks
+    /// its backend for a token of the signed-in user, say).
+    pub fn provider<F, Fut, E>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        Credentials::Provider(TokenProvider::new(fetch))
+    }
+
+    /// The metadata the stream opens with (a provider is asked for a
+    /// token).
+    async fn header(&self) -> Result<(&'static str, MetadataValue<tonic::metadata::Ascii>), Error> {
+        let (key, value) = match self {
+            Credentials::Bearer(t) => ("authorization", format!("Bearer {t}")),
+            Credentials::Provider(p) => ("authorization", format!("Bearer {}", p.fetch().await?)),
+            Credentials::DevUser(u) => (DEV_USER_HEADER, u.clone()),
+        };
+        Ok((key, value.parse().map_err(|_| Error::Credentials)?))
+    }
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credentials::Bearer(_) => f.write_str("Bearer(..)"),
+            Credentials::Provider(_) => f.write_str("Provider(..)"),
             Credentials::DevUser(u) => f.debug_tuple("DevUser").field(u).finish(),
         }
+    }
+}
+
+/// What a [`TokenProvider`] returns: a token, or why there is none.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+/// The application's source of tokens (see [`Credentials::provider`]).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct TokenProvider(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+impl TokenProvider {
+    pub fn new<F, Fut, E>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        Self(Arc::new(move || {
+            let fut = fetch();
+            Box::pin(async move { fut.await.map_err(|e| e.to_string()) })
+        }))
+    }
+
+    /// Asks for a token.
+    fn ask(&self) -> TokenFuture {
+        (self.0)()
+    }
+
+    async fn fetch(&self) -> Result<String, Error> {
+        self.ask().await.map_err(Error::Token)
+    }
+}
+
+impl fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenProvider(..)")
     }
 }
 
@@ -241,15 +320,27 @@ pub enum Error {
     Refused(#[source] tonic::Status),
     #[error("credentials cannot be sent as metadata (visible ASCII only)")]
     Credentials,
+    #[error("the token provider gave no token: {0}")]
+    Token(String),
     #[error("the call service did not follow the protocol: {0}")]
     Protocol(&'static str),
     #[error("the stream to the call service has ended")]
     Disconnected,
+    /// The stream broke after the control was sent and before its result
+    /// came; the device resumed on a new stream, but the result was lost
+    /// with the old one (or the control never reached the service). The
+    /// control may or may not have been applied: the call's events, which
+    /// the resumed stream delivers, say what happened.
+    #[error(
+        "the connection broke before this control's result arrived; it may or may not have \
+         been applied (the call's events tell)"
+    )]
+    ResultLost,
 }
 
 /// Controls waiting for their result, by `seq`, with the generation of the
 /// stream each was sent on (see [`Outbound`]).
-type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<ControlResult>)>>>;
+type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<ControlResult, Error>>)>>>;
 
 /// Aborts the reader task when the last of `Client` and `Events` is gone.
 #[derive(Debug)]
@@ -362,6 +453,7 @@ impl Client {
     ) -> Result<(Client, Events), Error> {
         let (tx, session) = open(&channel, &credentials, None).await?;
         let connected = session.connected.clone();
+        let tx_for_reader = tx.clone();
         let outbound: Outbound = Arc::new(Mutex::new((0, tx)));
         let pending: Pending = Arc::default();
         let next_seq = Arc::new(AtomicU64::new(1));
@@ -374,7 +466,14 @@ impl Client {
             outbound: Arc::downgrade(&outbound),
             next_seq: next_seq.clone(),
         };
-        let reader = tokio::spawn(run(link, session, pending.clone(), events_tx, end.clone()));
+        let reader = tokio::spawn(run(
+            link,
+            session,
+            tx_for_reader,
+            pending.clone(),
+            events_tx,
+            end.clone(),
+        ));
         let guard = Arc::new(ReaderGuard(reader));
         let client = Client {
             tx: outbound,
@@ -468,7 +567,7 @@ impl Client {
             lock(&self.pending).remove(&seq);
             return Err(Error::Disconnected);
         }
-        rx.await.map_err(|_| Error::Disconnected)
+        rx.await.map_err(|_| Error::Disconnected)?
     }
 }
 
@@ -531,13 +630,9 @@ async fn open(
     credentials: &Credentials,
     resume: Option<&str>,
 ) -> Result<(mpsc::Sender<pb::ClientMessage>, Session), Error> {
+    let (key, value) = credentials.header().await?;
     let (tx, rx) = mpsc::channel(64);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let (key, value) = match credentials {
-        Credentials::Bearer(t) => ("authorization", format!("Bearer {t}")),
-        Credentials::DevUser(u) => (DEV_USER_HEADER, u.clone()),
-    };
-    let value: MetadataValue<_> = value.parse().map_err(|_| Error::Credentials)?;
     request.metadata_mut().insert(key, value);
     if let Some(token) = resume {
         let value: MetadataValue<_> = token
@@ -591,15 +686,18 @@ fn jitter(base: Duration) -> Duration {
 /// for a result fail with [`Error::Disconnected`].
 ///
 /// After a resume, a control sent on the broken stream may never have
-/// reached the service, and will never be answered; one that did is
-/// answered in the messages the service kept, which follow `Connected`. So
-/// the SDK sends a *barrier* on the resumed stream (a FINISH with no peer,
-/// answered INVALID_ARGUMENT and changing nothing): once its result is in,
-/// every control of an older stream still waiting fails with
-/// [`Error::Disconnected`].
+/// reached the service, or its result may have been lost with the stream;
+/// either way it will never be answered. One whose result the service still
+/// held is answered in the messages the service kept, which follow
+/// `Connected`. So the SDK sends a *barrier* on the resumed stream (a
+/// FINISH with no peer, answered INVALID_ARGUMENT and changing nothing):
+/// once its result is in, every control of an older stream still waiting
+/// fails with [`Error::ResultLost`]. Every control gets exactly one
+/// answer.
 async fn run(
     mut link: Link,
     mut session: Session,
+    mut tx: mpsc::Sender<pb::ClientMessage>,
     pending: Pending,
     events: mpsc::Sender<CallEvent>,
     end: EndReason,
@@ -607,7 +705,13 @@ async fn run(
     let mut generation = 0u64;
     let mut barrier = None;
     loop {
-        let status = read(&mut session.inbound, &pending, &events, &mut barrier).await;
+        let refresher = Refresher::new(&link.credentials, session.connected.expires_at_ms);
+        let stream = Stream {
+            inbound: &mut session.inbound,
+            tx: &tx,
+            next_seq: &link.next_seq,
+        };
+        let status = read(stream, refresher, &pending, &events, &mut barrier).await;
         let cause = match status {
             Some(s) if reconnectable(s.code()) => s,
             other => {
@@ -649,7 +753,7 @@ async fn run(
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        let Some((tx, next)) = reopened else {
+        let Some((next_tx, next)) = reopened else {
             *lock(&end) = Some(cause);
             break;
         };
@@ -659,6 +763,7 @@ async fn run(
             warn!("reconnected as a new device: the old device's calls have ended");
             lock(&pending).clear();
         }
+        tx = next_tx;
         generation += 1;
         match link.outbound.upgrade() {
             Some(slot) => *lock(&slot) = (generation, tx.clone()),
@@ -683,16 +788,61 @@ async fn run(
     lock(&pending).clear();
 }
 
+/// One open stream, as [`read`] needs it.
+struct Stream<'a> {
+    inbound: &'a mut tonic::Streaming<pb::ServerMessage>,
+    tx: &'a mpsc::Sender<pb::ClientMessage>,
+    next_seq: &'a AtomicU64,
+}
+
+/// Sleeps until `at`; never when `None`.
+async fn alarm(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the token being fetched, if one is.
+async fn fetched(fetching: &mut Option<TokenFuture>) -> Result<String, String> {
+    match fetching {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads one stream until it ends: `None` when it ended cleanly, else the
-/// status it failed with.
+/// status it failed with. Meanwhile keeps its token fresh.
 async fn read(
-    inbound: &mut tonic::Streaming<pb::ServerMessage>,
+    stream: Stream<'_>,
+    mut refresher: Refresher,
     pending: &Pending,
     events: &mpsc::Sender<CallEvent>,
     barrier: &mut Option<(u64, u64)>,
 ) -> Option<tonic::Status> {
+    let Stream {
+        inbound,
+        tx,
+        next_seq,
+    } = stream;
     loop {
-        let msg = match inbound.message().await {
+        let msg = tokio::select! {
+            msg = inbound.message() => msg,
+            () = alarm(refresher.next) => {
+                refresher.fire();
+                continue;
+            }
+            token = fetched(&mut refresher.fetching) => {
+                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                if let Some(msg) = refresher.fetched(token, seq)
+                    && tx.try_send(msg).is_err()
+                {
+                    refresher.retry();
+                }
+                continue;
+            }
+        };
+        let msg = match msg {
             Ok(Some(msg)) => msg,
             Ok(None) => return None,
             Err(status) => {
@@ -701,6 +851,8 @@ async fn read(
             }
         };
         match msg.kind {
+            Some(pb::server_message::Kind::RefreshDue(_)) => refresher.due(),
+            Some(pb::server_message::Kind::RefreshResult(r)) => refresher.answered(r),
             Some(pb::server_message::Kind::Result(r)) => {
                 if let Some((seq, generation)) = *barrier
                     && r.seq == seq
@@ -708,15 +860,18 @@ async fn read(
                     // Everything the service kept has arrived: what an older
                     // stream still waits for will never come.
                     *barrier = None;
-                    lock(pending).retain(|_, (g, _)| *g >= generation);
+                    let mut waiting = lock(pending);
+                    for (_, (_, done)) in waiting.extract_if(|_, (g, _)| *g < generation) {
+                        let _ = done.send(Err(Error::ResultLost));
+                    }
                     continue;
                 }
                 if let Some((_, tx)) = lock(pending).remove(&r.seq) {
-                    let _ = tx.send(ControlResult {
+                    let _ = tx.send(Ok(ControlResult {
                         code: Code(r.code),
                         call_id: r.call_id,
                         message: r.message,
-                    });
+                    }));
                 }
             }
             Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {
@@ -727,6 +882,129 @@ async fn read(
                 None => warn!("ignoring an event of an unknown type"),
             },
             Some(pb::server_message::Kind::Connected(_)) | None => {}
+        }
+    }
+}
+
+/// The first wait before asking a failed token provider again, doubled
+/// (with jitter) after each failure up to [`REFRESH_RETRY_MAX`].
+pub const REFRESH_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two asks of a failing token provider.
+pub const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Keeps one stream's token fresh, when the credentials are a provider:
+/// fetches a token when the service sends `RefreshDue`, or by itself before
+/// expiry (a third of the time left, at most 30 s, before it) if the
+/// service said nothing, and sends it as a `TokenRefresh`. A failed fetch or
+/// a refused token is tried again with backoff until the stream expires.
+/// Pure state; [`read`] does the waiting.
+struct Refresher {
+    provider: Option<TokenProvider>,
+    /// When the stream ends unless refreshed (`None`: never).
+    expires: Option<SystemTime>,
+    /// When to fetch a token next.
+    next: Option<tokio::time::Instant>,
+    /// The token being fetched.
+    fetching: Option<TokenFuture>,
+    /// The `seq` of the refresh sent and not answered yet.
+    awaiting: Option<u64>,
+    backoff: Duration,
+}
+
+impl Refresher {
+    fn new(credentials: &Credentials, expires_at_ms: u64) -> Self {
+        let provider = match credentials {
+            Credentials::Provider(p) => Some(p.clone()),
+            Credentials::Bearer(_) | Credentials::DevUser(_) => None,
+        };
+        let mut r = Self {
+            provider,
+            expires: None,
+            next: None,
+            fetching: None,
+            awaiting: None,
+            backoff: REFRESH_RETRY,
+        };
+        r.set_expiry(expires_at_ms);
+        r
+    }
+
+    fn set_expiry(&mut self, expires_at_ms: u64) {
+        self.expires = (expires_at_ms != 0)
+            .then(|| UNIX_EPOCH.checked_add(Duration::from_millis(expires_at_ms)))
+            .flatten();
+        self.next = None;
+        if self.provider.is_none() {
+            return;
+        }
+        if let Some(expires) = self.expires {
+            let left = expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let margin = (left / 3).min(Duration::from_secs(30));
+            self.next = tokio::time::Instant::now().checked_add(left - margin);
+        }
+    }
+
+    /// The service asks for a token.
+    fn due(&mut self) {
+        if self.provider.is_none() {
+            debug!("the service asks for a new token, but the credentials are a fixed token");
+            return;
+        }
+        if self.fetching.is_none() && self.awaiting.is_none() {
+            self.next = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Time to fetch a token.
+    fn fire(&mut self) {
+        self.next = None;
+        if let Some(p) = &self.provider {
+            self.fetching = Some(p.ask());
+        }
+    }
+
+    /// The provider answered: the refresh to send, if it gave a token.
+    fn fetched(&mut self, token: Result<String, String>, seq: u64) -> Option<pb::ClientMessage> {
+        self.fetching = None;
+        match token {
+            Ok(token) => {
+                self.awaiting = Some(seq);
+                Some(pb::ClientMessage {
+                    kind: Some(pb::client_message::Kind::Refresh(pb::TokenRefresh {
+                        seq,
+                        token,
+                    })),
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "the token provider failed; asking again later");
+                self.retry();
+                None
+            }
+        }
+    }
+
+    /// Try again after the backoff.
+    fn retry(&mut self) {
+        self.awaiting = None;
+        self.next = Some(tokio::time::Instant::now() + jitter(self.backoff));
+        self.backoff = (self.backoff * 2).min(REFRESH_RETRY_MAX);
+    }
+
+    fn answered(&mut self, r: pb::RefreshResult) {
+        if self.awaiting != Some(r.seq) {
+            return;
+        }
+        self.awaiting = None;
+        if r.code == Code::OK.0 {
+            debug!(expires_at_ms = r.expires_at_ms, "token refreshed");
+            self.backoff = REFRESH_RETRY;
+            self.set_expiry(r.expires_at_ms);
+        } else {
+            warn!(code = ?Code(r.code), message = r.message, "token refresh refused");
+            self.retry();
         }
     }
 }
