@@ -39,6 +39,49 @@ async fn a_stream_cut_mid_call_resumes_and_the_peer_sees_nothing() {
 }
 
 #[tokio::test]
+async fn a_control_lost_with_a_broken_stream_gets_one_answer_after_the_resume() {
+    let svc = CallService::start(None, |c| c.limits.resume_grace = Duration::from_secs(20)).await;
+    let proxy = Proxy::start(svc.client_url.trim_start_matches("http://")).await;
+    let mut alice = phone_at(&proxy.url, "alice").await;
+    let mut bob = svc.phone("bob").await;
+    talking(&mut alice, &mut bob).await;
+
+    // The path goes dead; alice hangs up into it; then it breaks.
+    proxy.freeze();
+    let r = {
+        let finish = alice.client.finish("bob");
+        tokio::pin!(finish);
+        // Polled once: the control is on its way (into the dead path).
+        tokio::select! {
+            biased;
+            r = &mut finish => panic!("answered through a dead path: {r:?}"),
+            () = std::future::ready(()) => {}
+        }
+        proxy.cut();
+        // The SDK resumes the device; the FINISH never reached the service,
+        // and its caller hears so, once, instead of waiting for ever.
+        tokio::time::timeout(PATIENCE, finish)
+            .await
+            .expect("the control got no answer")
+    };
+    assert!(
+        matches!(r, Err(client_sdk::Error::ResultLost)),
+        "expected ResultLost, got {r:?}"
+    );
+    // Nothing changed: the call is on, bob saw nothing, and alice can hang
+    // up now.
+    assert_eq!(
+        user_state(&svc.admin().await, "alice").await,
+        pb::UserState::Talking
+    );
+    bob.assert_quiet().await;
+    assert_eq!(alice.client.finish("bob").await.expect("finish"), Code::OK);
+    alice.expect(EventKind::Finish, "bob", Code::OK).await;
+    bob.expect(EventKind::Finish, "alice", Code::OK).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
 async fn past_the_grace_window_the_peer_gets_100106() {
     let svc =
         CallService::start(None, |c| c.limits.resume_grace = Duration::from_millis(300)).await;

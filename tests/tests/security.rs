@@ -546,3 +546,272 @@ async fn claims_at_the_edge_of_time_and_look_alike_ids() {
     }
     svc.stop().await;
 }
+
+/// Credentials that mint a token of `user` living `life` seconds on each
+/// ask, counting the asks; asks for which `fail` holds give no token.
+fn minting(
+    user: &'static str,
+    life: u64,
+    fail: impl Fn(usize) -> bool + Send + Sync + 'static,
+) -> (Credentials, tokio::sync::watch::Receiver<usize>) {
+    let (asked, asks) = tokio::sync::watch::channel(0usize);
+    let credentials = Credentials::provider(move || {
+        let mut n = 0;
+        asked.send_modify(|c| {
+            *c += 1;
+            n = *c;
+        });
+        let token = if fail(n) {
+            Err(format!("the token backend is down (ask {n})"))
+        } else {
+            tokens::hs256(&claims(user, now() + life), SECRET.as_bytes()).map_err(|e| e.to_string())
+        };
+        async move { token }
+    });
+    (credentials, asks)
+}
+
+/// Waits until the provider has been asked `n` times.
+async fn asked(asks: &mut tokio::sync::watch::Receiver<usize>, n: usize) {
+    tokio::time::timeout(PATIENCE * 2, asks.wait_for(|c| *c >= n))
+        .await
+        .unwrap_or_else(|_| panic!("the token provider was not asked {n} times"))
+        .expect("provider alive");
+}
+
+/// A call service whose tokens are checked to the second and refreshed
+/// `ahead` before expiry.
+async fn refreshing(ahead: u64) -> CallService {
+    secured(|c| {
+        c.jwt_leeway = Duration::ZERO;
+        c.refresh_ahead = Duration::from_secs(ahead);
+        c.limits.resume_grace = Duration::from_secs(20);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_call_outlives_its_tokens_by_refreshes_and_across_a_resume() {
+    let svc = refreshing(2).await;
+    let proxy = videocall_tests::Proxy::start(svc.client_url.trim_start_matches("http://")).await;
+    // Tokens of 2 to 3 seconds (`exp` is in whole seconds).
+    let (credentials, mut asks) = minting("alice", 3, |_| false);
+    let mut alice = phone_with(&proxy.url, "alice", credentials).await;
+    let mut bob = phone_with(
+        &svc.next_client_url(),
+        "bob",
+        Credentials::Bearer(token("bob")),
+    )
+    .await;
+    talking(&mut alice, &mut bob).await;
+    // The connect's token and two refreshes, on the live stream.
+    asked(&mut asks, 3).await;
+    // The network drops alice's connection: the SDK reconnects with a new
+    // token (an ask), resumes, and goes on refreshing on the new stream.
+    proxy.cut();
+    asked(&mut asks, 6).await;
+    // Several token lives later the call is on, and bob saw nothing.
+    let admin = admin(&svc).await;
+    assert_eq!(user_state(&admin, "alice").await, pb::UserState::Talking);
+    bob.assert_quiet().await;
+    assert_eq!(alice.client.finish("bob").await.expect("finish"), Code::OK);
+    alice.expect(EventKind::Finish, "bob", Code::OK).await;
+    bob.expect(EventKind::Finish, "alice", Code::OK).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_token_provider_is_asked_again_and_the_call_goes_on() {
+    // Tokens of 4 to 5 s, asked for halfway; the first refresh fails.
+    let svc = refreshing(5).await;
+    let (credentials, mut asks) = minting("alice", 5, |n| n == 2);
+    let mut alice = phone_with(&svc.next_client_url(), "alice", credentials).await;
+    let mut bob = phone_with(
+        &svc.next_client_url(),
+        "bob",
+        Credentials::Bearer(token("bob")),
+    )
+    .await;
+    talking(&mut alice, &mut bob).await;
+    // The failed ask, the one after backoff, and the next refresh: past the
+    // first token's expiry.
+    asked(&mut asks, 4).await;
+    bob.assert_quiet().await;
+    assert_eq!(
+        user_state(&admin(&svc).await, "alice").await,
+        pb::UserState::Talking
+    );
+    assert_eq!(bob.client.finish("alice").await.expect("finish"), Code::OK);
+    alice.expect(EventKind::Finish, "bob", Code::OK).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_provider_failing_until_expiry_ends_the_stream_with_the_reason() {
+    let svc = refreshing(2).await;
+    let (credentials, mut asks) = minting("alice", 3, |n| n > 1);
+    let mut alice = phone_with(&svc.next_client_url(), "alice", credentials).await;
+    let mut bob = phone_with(
+        &svc.next_client_url(),
+        "bob",
+        Credentials::Bearer(token("bob")),
+    )
+    .await;
+    talking(&mut alice, &mut bob).await;
+    let end = tokio::time::timeout(PATIENCE, alice.events.next())
+        .await
+        .expect("in time");
+    assert!(end.is_none(), "{end:?}");
+    let reason = alice.events.end_reason().expect("a reason");
+    assert_eq!(
+        (reason.code(), reason.message()),
+        (tonic::Code::Unauthenticated, "token expired")
+    );
+    // It was asked again (with backoff) before the end.
+    assert!(*asks.borrow_and_update() >= 3, "asks: {}", *asks.borrow());
+    bob.expect(EventKind::Finish, "alice", Code::CONNECTION_LOST)
+        .await;
+    svc.stop().await;
+}
+
+/// A raw stream with a token, for what the SDK never sends.
+struct RawStream {
+    tx: tokio::sync::mpsc::Sender<pb::ClientMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+    connected: pb::Connected,
+}
+
+impl RawStream {
+    async fn open(url: &str, token: &str) -> Self {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        let mut inbound = pb::call_service_client::CallServiceClient::new(channel)
+            .session(request)
+            .await
+            .expect("session")
+            .into_inner();
+        let connected = match inbound.message().await.expect("message") {
+            Some(pb::ServerMessage {
+                kind: Some(pb::server_message::Kind::Connected(c)),
+            }) => c,
+            other => panic!("expected Connected, got {other:?}"),
+        };
+        Self {
+            tx,
+            inbound,
+            connected,
+        }
+    }
+
+    async fn refresh(&self, seq: u64, token: &str) {
+        let msg = pb::ClientMessage {
+            kind: Some(pb::client_message::Kind::Refresh(pb::TokenRefresh {
+                seq,
+                token: token.into(),
+            })),
+        };
+        self.tx.send(msg).await.expect("send");
+    }
+
+    /// The next message, or the status the stream ended with.
+    async fn next(&mut self) -> Result<pb::server_message::Kind, tonic::Status> {
+        match tokio::time::timeout(PATIENCE, self.inbound.message())
+            .await
+            .expect("a message in time")
+        {
+            Ok(Some(pb::ServerMessage { kind: Some(kind) })) => Ok(kind),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(status) => Err(status),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refreshed_tokens_are_checked_as_at_connect_and_refusals_change_nothing() {
+    let svc = refreshing(2).await;
+    let url = svc.next_client_url();
+    let exp = now() + 4;
+    let first = tokens::hs256(&claims("alice", exp), SECRET.as_bytes()).expect("sign");
+    let mut raw = RawStream::open(&url, &first).await;
+    assert_eq!(raw.connected.expires_at_ms, exp * 1000);
+
+    let key = KeyPair::generate().expect("key");
+    let bad = [
+        // Another user's.
+        tokens::hs256(&claims("bob", now() + 600), SECRET.as_bytes()).expect("sign"),
+        // Expired.
+        tokens::hs256(&claims("alice", now() - 600), SECRET.as_bytes()).expect("sign"),
+        // Forged: another secret.
+        tokens::hs256(
+            &claims("alice", now() + 600),
+            b"another-secret-of-at-least-32-bytes!!",
+        )
+        .expect("sign"),
+        // The wrong algorithm (ES256 where HS256 is configured).
+        tokens::signed(
+            &claims("alice", now() + 600),
+            key.serialize_pem().as_bytes(),
+        )
+        .expect("sign"),
+        "not a token".to_owned(),
+    ];
+    for (seq, token) in (1..).zip(&bad) {
+        raw.refresh(seq, token).await;
+    }
+    // Each refused in order, the expiry unchanged; the server asks for a
+    // token (once) when 2 s are left.
+    let mut refused = Vec::new();
+    let mut due = 0;
+    let status = loop {
+        match raw.next().await {
+            Ok(pb::server_message::Kind::RefreshResult(r)) => {
+                assert_eq!(
+                    (r.code, r.expires_at_ms),
+                    (Code::TOKEN_REFUSED.0, exp * 1000),
+                    "{r:?}"
+                );
+                assert!(!r.message.is_empty());
+                refused.push(r.seq);
+            }
+            Ok(pb::server_message::Kind::RefreshDue(d)) => {
+                assert_eq!(d.expires_at_ms, exp * 1000);
+                due += 1;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused, [1, 2, 3, 4, 5]);
+    assert_eq!(due, 1);
+    // The stream lived until its own token's expiry, not a moment less.
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::Unauthenticated, "token expired")
+    );
+    assert!(
+        SystemTime::now() >= UNIX_EPOCH + Duration::from_secs(exp),
+        "ended before expiry"
+    );
+
+    // A good token moves the expiry.
+    let mut raw = RawStream::open(&url, &token("alice")).await;
+    let later = now() + 7200;
+    let good = tokens::hs256(&claims("alice", later), SECRET.as_bytes()).expect("sign");
+    raw.refresh(9, &good).await;
+    match raw.next().await {
+        Ok(pb::server_message::Kind::RefreshResult(r)) => {
+            assert_eq!((r.seq, r.code, r.expires_at_ms), (9, 0, later * 1000));
+        }
+        other => panic!("expected a RefreshResult, got {other:?}"),
+    }
+    svc.stop().await;
+}
