@@ -3,9 +3,15 @@
 //! FINISH are shown as they happen, with their reasons in words.
 //!
 //! ```text
-//! phone --user alice                 # development identity
-//! phone --user alice --token JWT     # a signed token
+//! phone --user alice                          # development identity
+//! phone --user alice --token JWT              # a signed token
+//! phone --user alice --token-file alice.jwt   # re-read whenever a token is needed
+//! phone --user alice --token-command 'business-service token --user alice --ttl 10m'
 //! ```
+//!
+//! With `--token-file` or `--token-command` a call outlives its tokens:
+//! the phone gets a new one when the service asks (before expiry) and
+//! before every reconnect, and hands it over on the live stream.
 //!
 //! Layout (one file): [`Args`]; [`Ui`] prints (colours on a terminal, none
 //! with NO_COLOR); [`Phone`] keeps what the user is doing and turns
@@ -31,10 +37,63 @@ struct Args {
     /// The call service's client API.
     #[arg(long, env = "PHONE_URL", default_value = "http://127.0.0.1:50051")]
     url: String,
-    /// A signed token; without it the development identity is used (the
-    /// call service must run with --dev-identity).
-    #[arg(long, env = "PHONE_TOKEN")]
+    /// A signed token; without a token option the development identity is
+    /// used (the call service must run with --dev-identity). It cannot be
+    /// renewed: the stream ends when it expires.
+    #[arg(long, env = "PHONE_TOKEN", conflicts_with_all = ["token_file", "token_command"])]
     token: Option<String>,
+    /// A file holding a signed token, read again each time a token is
+    /// needed (keep it fresh, and the call goes on past each token's life).
+    #[arg(long, env = "PHONE_TOKEN_FILE", conflicts_with = "token_command")]
+    token_file: Option<std::path::PathBuf>,
+    /// A shell command that prints a signed token, run each time a token is
+    /// needed.
+    #[arg(long, env = "PHONE_TOKEN_COMMAND")]
+    token_command: Option<String>,
+}
+
+/// Reads a token from `path`.
+async fn token_from_file(path: std::path::PathBuf) -> anyhow::Result<String> {
+    let text = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    nonempty(text.trim(), &path.display().to_string())
+}
+
+/// Runs `command` (with `sh -c`) for a token on its standard output.
+async fn token_from_command(command: String) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot run {command:?}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{command:?} failed: {}", out.status);
+    }
+    nonempty(String::from_utf8_lossy(&out.stdout).trim(), &command)
+}
+
+fn nonempty(token: &str, source: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(!token.is_empty(), "no token in {source}");
+    Ok(token.to_owned())
+}
+
+/// The credentials the options ask for.
+fn credentials(args: &Args) -> Credentials {
+    if let Some(t) = &args.token {
+        Credentials::Bearer(t.clone())
+    } else if let Some(path) = &args.token_file {
+        let path = path.clone();
+        Credentials::provider(move || token_from_file(path.clone()))
+    } else if let Some(command) = &args.token_command {
+        let command = command.clone();
+        Credentials::provider(move || token_from_command(command.clone()))
+    } else {
+        Credentials::dev_user(args.user.clone())
+    }
 }
 
 /// Terminal output: coloured on a terminal, plain otherwise.
@@ -240,10 +299,7 @@ impl Phone {
 }
 
 async fn run(args: Args, ui: Ui) -> anyhow::Result<()> {
-    let credentials = match args.token {
-        Some(t) => Credentials::Bearer(t),
-        None => Credentials::dev_user(args.user.clone()),
-    };
+    let credentials = credentials(&args);
     let (client, mut events): (Client, Events) = Client::connect(args.url.clone(), credentials)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.url))?;

@@ -42,7 +42,12 @@ impl Tmux {
     }
 
     fn open(&self, name: &str, phone: &Path, url: &str) {
-        let cmd = format!("{} --url {url} --user {name}", phone.display());
+        self.open_with(name, phone, url, "");
+    }
+
+    /// Like [`Tmux::open`], with more of the phone's options.
+    fn open_with(&self, name: &str, phone: &Path, url: &str, options: &str) {
+        let cmd = format!("{} --url {url} --user {name} {options}", phone.display());
         self.run(&[
             "new-session",
             "-d",
@@ -186,5 +191,75 @@ async fn a_callers_message_cannot_drive_the_callees_terminal() {
     );
     let title = tmux.run(&["display-message", "-p", "-t", "bob", "#{pane_title}"]);
     assert!(!title.contains("pwned"), "title set to {title:?}");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_phone_with_a_token_command_keeps_its_call_past_its_tokens() {
+    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+    let bins = binaries();
+    let phone = bins.join("phone");
+    let minter = bins.join("business-service");
+    let svc = CallService::start(None, |c| {
+        c.dev_identity = false;
+        c.jwt_secret = Some(SECRET.into());
+        c.jwt_leeway = Duration::ZERO;
+        c.refresh_ahead = Duration::from_secs(1);
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let asks = dir.path().join("asks");
+    // alice's tokens live 2 to 3 s; each ask is counted in a file.
+    let command = format!(
+        "echo >> {asks}; {minter} token --user alice --ttl 3s --secret {SECRET}",
+        asks = asks.display(),
+        minter = minter.display(),
+    );
+    // bob's token comes from a file.
+    let bob_token = dir.path().join("bob.jwt");
+    let out = Command::new(&minter)
+        .args(["token", "--user", "bob", "--ttl", "1h", "--secret", SECRET])
+        .output()
+        .expect("mint");
+    std::fs::write(&bob_token, &out.stdout).expect("write");
+
+    let tmux = Tmux::new("token-command");
+    let quoted = command.replace('\'', "'\\''");
+    tmux.open_with(
+        "alice",
+        &phone,
+        &svc.client_url,
+        &format!("--token-command '{quoted}'"),
+    );
+    tmux.open_with(
+        "bob",
+        &phone,
+        &svc.client_url,
+        &format!("--token-file {}", bob_token.display()),
+    );
+    tmux.wait_for("alice", "connected").await;
+    tmux.wait_for("bob", "connected").await;
+    tmux.type_line("alice", "call bob long one");
+    tmux.wait_for("bob", "alice is calling").await;
+    tmux.type_line("bob", "answer");
+    tmux.wait_for("alice", "call started with bob").await;
+    // The connect's token and three refreshes: well past the first's life.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for _ in 0..400 {
+        tick.tick().await;
+        let n = std::fs::read_to_string(&asks).map_or(0, |t| t.lines().count());
+        if n >= 4 {
+            break;
+        }
+    }
+    let n = std::fs::read_to_string(&asks).map_or(0, |t| t.lines().count());
+    assert!(n >= 4, "alice's token command ran {n} times");
+    tmux.type_line("alice", "state");
+    tmux.wait_for("alice", "talking with bob").await;
+    tmux.type_line("alice", "hangup");
+    tmux.wait_for("alice", "call with bob ended: hung up").await;
+    tmux.wait_for("bob", "call with alice ended: hung up").await;
+    tmux.type_line("alice", "quit");
+    tmux.type_line("bob", "quit");
     svc.stop().await;
 }
