@@ -307,6 +307,56 @@ mod tests {
     }
 
     #[test]
+    fn a_refreshed_token_must_be_valid_and_name_the_same_user() {
+        let auth = Authenticator::Jwt(Box::new(
+            JwtVerifier::hs256(SECRET, Duration::ZERO).unwrap(),
+        ));
+        let key = EncodingKey::from_secret(SECRET);
+        let alice: UserId = "alice".into();
+        let exp = now() + 600;
+        let good = token(
+            serde_json::json!({"sub": "alice", "exp": exp}),
+            Algorithm::HS256,
+            &key,
+        );
+        assert_eq!(
+            auth.refresh(&alice, &good),
+            Ok(Some(UNIX_EPOCH + Duration::from_secs(exp)))
+        );
+        let bobs = token(
+            serde_json::json!({"sub": "bob", "exp": exp}),
+            Algorithm::HS256,
+            &key,
+        );
+        assert!(
+            auth.refresh(&alice, &bobs)
+                .unwrap_err()
+                .contains("another user")
+        );
+        let wrong_alg = token(
+            serde_json::json!({"sub": "alice", "exp": exp}),
+            Algorithm::HS512,
+            &key,
+        );
+        assert!(auth.refresh(&alice, &wrong_alg).is_err());
+        let no_exp = token(serde_json::json!({"sub": "alice"}), Algorithm::HS256, &key);
+        assert!(auth.refresh(&alice, &no_exp).is_err());
+        let early = token(
+            serde_json::json!({"sub": "alice", "exp": exp, "nbf": now() + 300}),
+            Algorithm::HS256,
+            &key,
+        );
+        assert!(auth.refresh(&alice, &early).is_err());
+        assert!(auth.refresh(&alice, "").is_err());
+        assert!(
+            Authenticator::DevIdentity
+                .refresh(&alice, &good)
+                .unwrap_err()
+                .contains("--dev-identity")
+        );
+    }
+
+    #[test]
     fn hs256_tokens_name_the_user_and_bad_ones_are_refused() {
         let auth = Authenticator::Jwt(Box::new(
             JwtVerifier::hs256(SECRET, Duration::from_secs(5)).unwrap(),
