@@ -575,6 +575,14 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
                     continue;
                 }
                 inner.deliver(entries);
+                if let Some(at) = reader.oldest_ms() {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis());
+                    // Clocks apart (another host's) read as no lag.
+                    let lag = now.saturating_sub(u128::from(at));
+                    inner.metrics.inbox_lag_seconds.observe(lag as f64 / 1000.0);
+                }
                 let mut node = inner.node.clone();
                 let last = reader.last().to_owned();
                 let _ = bounded(&inner, node.store().trim_inbox(inner.id, &last)).await;
@@ -646,6 +654,7 @@ async fn lane_loop(inner: Arc<Inner>, mut reader: LaneReader) {
         if claimed.is_none_or(|t| t.elapsed() >= every) {
             claimed = Some(tokio::time::Instant::now());
             if let Ok(lanes) = bounded(&inner, node.store().claim_lanes(inner.now())).await {
+                let before: Vec<u32> = owned.iter().map(|(l, _)| *l).collect();
                 // Where this node has got to is ahead of what it saved.
                 owned = lanes
                     .into_iter()
@@ -660,6 +669,12 @@ async fn lane_loop(inner: Arc<Inner>, mut reader: LaneReader) {
                     .metrics
                     .lanes_owned
                     .set(i64::try_from(owned.len()).unwrap_or(0));
+                let gained = owned.iter().filter(|(l, _)| !before.contains(l)).count();
+                let lost = before
+                    .iter()
+                    .filter(|l| !owned.iter().any(|(o, _)| o == *l))
+                    .count();
+                inner.metrics.lane_changes.inc_by((gained + lost) as u64);
             }
         }
         if owned.is_empty() || inner.business.as_ref().is_some_and(|b| b.busy()) {

@@ -25,6 +25,8 @@
 //! | `videocall_store_round_trips_total` | counter | a node of a cluster: round trips to Redis |
 //! | `videocall_reaped_devices_total` | counter | a node of a cluster: devices of dead nodes it detached |
 //! | `videocall_notice_lanes_owned` | gauge | a node of a cluster: notice lanes it delivers |
+//! | `videocall_notice_lane_changes_total` | counter | a node of a cluster: lanes it gained or lost (a node died, joined or left) |
+//! | `videocall_inbox_lag_seconds` | histogram | a node of a cluster: from an event's commit (Redis's clock) to its delivery to the device's stream (this node's), per batch, its oldest |
 //!
 //! The gauges of calls and devices are read from the switchboard at scrape
 //! time, so keeping them costs nothing on the call path.
@@ -113,6 +115,8 @@ pub struct Metrics {
     pub store_round_trips: Counter,
     pub reaped_devices: Counter,
     pub lanes_owned: Gauge,
+    pub lane_changes: Counter,
+    pub inbox_lag_seconds: Histogram,
 }
 
 /// Latency buckets from 100 µs to about 6.5 s.
@@ -149,6 +153,8 @@ impl Default for Metrics {
             store_round_trips: Counter::default(),
             reaped_devices: Counter::default(),
             lanes_owned: Gauge::default(),
+            lane_changes: Counter::default(),
+            inbox_lag_seconds: latency(),
         };
         r.register(
             "connected_devices",
@@ -255,6 +261,16 @@ impl Default for Metrics {
             "notice_lanes_owned",
             "Notice lanes of the cluster this node hands to the business service",
             m.lanes_owned.clone(),
+        );
+        r.register(
+            "notice_lane_changes",
+            "Notice lanes this node gained or lost",
+            m.lane_changes.clone(),
+        );
+        r.register(
+            "inbox_lag_seconds",
+            "From an event's commit to its delivery by this node (oldest of each inbox batch)",
+            m.inbox_lag_seconds.clone(),
         );
         Self {
             registry: Arc::new(r),

@@ -1446,6 +1446,9 @@ pub struct InboxReader {
     /// The last entry read: a reader that reconnects goes on from it, so
     /// nothing is lost.
     last: String,
+    /// The time of the oldest entry of the last batch (see
+    /// [`InboxReader::oldest_ms`]).
+    oldest_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for InboxReader {
@@ -1478,6 +1481,7 @@ impl InboxReader {
             conn,
             key: format!("{prefix}inbox:{}", node.0),
             last: after.to_owned(),
+            oldest_ms: None,
         })
     }
 
@@ -1504,14 +1508,29 @@ impl InboxReader {
             .query_async(&mut self.conn)
             .await?;
         let mut out = Vec::new();
+        self.oldest_ms = None;
         for (_, entries) in reply.unwrap_or_default() {
             for (id, fields) in entries {
                 out.extend(inbound(&self.key, &id, &fields)?);
+                if self.oldest_ms.is_none() {
+                    self.oldest_ms = entry_ms(&id);
+                }
                 self.last = id;
             }
         }
         Ok(out)
     }
+
+    /// When the oldest entry of the last batch was added (Unix ms, by the
+    /// Redis server's clock): how far behind its commit the inbox is read.
+    pub fn oldest_ms(&self) -> Option<u64> {
+        self.oldest_ms
+    }
+}
+
+/// The time part of a stream entry id (`<unix ms>-<seq>`).
+fn entry_ms(id: &str) -> Option<u64> {
+    id.split_once('-')?.0.parse().ok()
 }
 
 /// Whether a failure was the connection found dropped (worth one more

@@ -19,6 +19,8 @@ struct Cluster {
     _redis: RedisServer,
     nodes: Vec<Option<Proc>>,
     admins: Vec<String>,
+    /// Each node's `/metrics` address.
+    metrics: Vec<String>,
     lb: Balancer,
 }
 
@@ -27,6 +29,7 @@ impl Cluster {
         let redis = RedisServer::start();
         let bin = binaries().join("call-service");
         let (mut nodes, mut clients, mut admins) = (Vec::new(), Vec::new(), Vec::new());
+        let mut metrics = Vec::new();
         for _ in 0..n {
             let mut p = Proc::start(
                 &bin,
@@ -35,7 +38,8 @@ impl Cluster {
                     "127.0.0.1:0",
                     "--admin-addr",
                     "127.0.0.1:0",
-                    "--no-metrics",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
                     "--dev-identity",
                     "--redis-url",
                     &redis.url,
@@ -48,6 +52,7 @@ impl Cluster {
             let line = p.line("call-service listening").await;
             clients.push(field(&line, "client"));
             admins.push(format!("http://{}", field(&line, "admin")));
+            metrics.push(field(&line, "metrics"));
             nodes.push(Some(p));
         }
         let lb = Balancer::start(clients).await;
@@ -55,8 +60,31 @@ impl Cluster {
             _redis: redis,
             nodes,
             admins,
+            metrics,
             lb,
         }
+    }
+
+    /// The sum of a metric (without labels) over the live nodes.
+    async fn metric(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for (i, addr) in self.metrics.iter().enumerate() {
+            if self.nodes[i].is_none() {
+                continue;
+            }
+            let text = scrape(addr).await;
+            sum += text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no {name} in the metrics of node {i}:\n{text}"));
+        }
+        sum
     }
 
     /// A device of `user` through the balancer, and the node it is on.
@@ -82,6 +110,18 @@ impl Cluster {
             .await
             .expect("admin")
     }
+}
+
+/// `GET /metrics` of a node (plain HTTP/1.0).
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
 }
 
 /// Sends a harmless control until one is answered: the client is back
@@ -129,6 +169,22 @@ async fn a_node_killed_mid_call_its_client_resumes_through_another_and_the_peer_
     bob.expect(EventKind::Finish, "alice", Code::OK).await;
     assert_eq!(user_state(&admin, "alice").await, pb::UserState::Idle);
     assert_eq!(user_state(&admin, "bob").await, pb::UserState::Idle);
+
+    // What the live nodes' metrics say of it: the events delivered through
+    // the inboxes, round trips to Redis, and the dead node's notice lanes
+    // taken over (all 8 owned by the living, some having changed hands).
+    // (alice may resume before anyone reaps her device: no count of that.)
+    assert!(c.metric("videocall_inbox_lag_seconds_count").await >= 1.0);
+    assert!(c.metric("videocall_store_round_trips_total").await >= 1.0);
+    let deadline = Instant::now() + PATIENCE;
+    while c.metric("videocall_notice_lanes_owned").await != 8.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's lanes were not taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c.metric("videocall_notice_lane_changes_total").await >= 8.0);
 }
 
 #[tokio::test]
