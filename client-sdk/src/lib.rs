@@ -338,9 +338,80 @@ pub enum Error {
     ResultLost,
 }
 
-/// Controls waiting for their result, by `seq`, with the generation of the
-/// stream each was sent on (see [`Outbound`]).
-type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<ControlResult, Error>>)>>>;
+/// Controls waiting for their result, by `seq`.
+type Pending = Arc<Mutex<HashMap<u64, Waiting>>>;
+
+/// A control waiting for its result.
+#[derive(Debug)]
+struct Waiting {
+    /// The generation of the stream it was sent on (see [`Outbound`]).
+    generation: u64,
+    done: oneshot::Sender<Result<ControlResult, Error>>,
+    /// A REQUEST's peer: taken, it starts a call the SDK keeps track of.
+    dial: Option<String>,
+}
+
+/// The calls of this device that have not ended, by call id, as its
+/// events and results tell: when the device is lost (a reconnect could not
+/// resume it), the SDK ends them for the application with the events the
+/// peer gets too (100106), so no call is left open in the application.
+#[derive(Debug, Default)]
+struct Calls(HashMap<String, Call>);
+
+#[derive(Debug)]
+struct Call {
+    peer: String,
+    /// This device placed it.
+    caller: bool,
+    started: bool,
+}
+
+impl Calls {
+    fn event(&mut self, e: &CallEvent) {
+        match e.kind {
+            EventKind::Request => {
+                self.0.insert(
+                    e.call_id.clone(),
+                    Call {
+                        peer: e.peer.clone(),
+                        caller: false,
+                        started: false,
+                    },
+                );
+            }
+            EventKind::Start => {
+                if let Some(c) = self.0.get_mut(&e.call_id) {
+                    c.started = true;
+                }
+            }
+            EventKind::Reply if e.code.is_ok() => {}
+            EventKind::Reply | EventKind::Finish => {
+                self.0.remove(&e.call_id);
+            }
+        }
+    }
+
+    /// The events that end every call: REPLY for a caller still waiting
+    /// for one, FINISH otherwise, each with CONNECTION_LOST.
+    fn lost(&mut self) -> Vec<CallEvent> {
+        self.0
+            .drain()
+            .map(|(call_id, c)| CallEvent {
+                kind: if c.caller && !c.started {
+                    EventKind::Reply
+                } else {
+                    EventKind::Finish
+                },
+                peer: c.peer,
+                code: Code::CONNECTION_LOST,
+                flags: 0,
+                param: 0,
+                user_str: String::new(),
+                call_id,
+            })
+            .collect()
+    }
+}
 
 /// Aborts the reader task when the last of `Client` and `Events` is gone.
 #[derive(Debug)]
@@ -551,7 +622,15 @@ impl Client {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (generation, tx) = lock(&self.tx).clone();
         let (done, rx) = oneshot::channel();
-        lock(&self.pending).insert(seq, (generation, done));
+        let dial = (c.event_type == pb::EventType::Request as i32).then(|| c.peer.clone());
+        lock(&self.pending).insert(
+            seq,
+            Waiting {
+                generation,
+                done,
+                dial,
+            },
+        );
         let msg = pb::ClientMessage {
             kind: Some(pb::client_message::Kind::Control(pb::CallControl {
                 seq,
@@ -682,8 +761,11 @@ fn jitter(base: Duration) -> Duration {
 /// Reads the stream; when it breaks, reconnects with backoff and resumes
 /// the device, so calls go on (the service keeps a device for a grace
 /// window). If the device could not be resumed (the window passed, or the
-/// service restarted), the new stream is a fresh device: controls waiting
-/// for a result fail with [`Error::Disconnected`].
+/// service lost its state), the new stream is a fresh device: controls
+/// waiting for a result fail with [`Error::Disconnected`], and the old
+/// device's calls end for the application with the events their peers got
+/// (REPLY 100106 for a call still waiting for its answer, FINISH 100106
+/// otherwise).
 ///
 /// After a resume, a control sent on the broken stream may never have
 /// reached the service, or its result may have been lost with the stream;
@@ -704,6 +786,7 @@ async fn run(
 ) {
     let mut generation = 0u64;
     let mut barrier = None;
+    let mut calls = Calls::default();
     loop {
         let refresher = Refresher::new(&link.credentials, session.connected.expires_at_ms);
         let stream = Stream {
@@ -711,7 +794,15 @@ async fn run(
             tx: &tx,
             next_seq: &link.next_seq,
         };
-        let status = read(stream, refresher, &pending, &events, &mut barrier).await;
+        let status = read(
+            stream,
+            refresher,
+            &pending,
+            &events,
+            &mut barrier,
+            &mut calls,
+        )
+        .await;
         let cause = match status {
             Some(s) if reconnectable(s.code()) => s,
             other => {
@@ -762,6 +853,9 @@ async fn run(
         } else {
             warn!("reconnected as a new device: the old device's calls have ended");
             lock(&pending).clear();
+            for e in calls.lost() {
+                let _ = events.send(e).await;
+            }
         }
         tx = next_tx;
         generation += 1;
@@ -819,6 +913,7 @@ async fn read(
     pending: &Pending,
     events: &mpsc::Sender<CallEvent>,
     barrier: &mut Option<(u64, u64)>,
+    calls: &mut Calls,
 ) -> Option<tonic::Status> {
     let Stream {
         inbound,
@@ -861,13 +956,25 @@ async fn read(
                     // stream still waits for will never come.
                     *barrier = None;
                     let mut waiting = lock(pending);
-                    for (_, (_, done)) in waiting.extract_if(|_, (g, _)| *g < generation) {
-                        let _ = done.send(Err(Error::ResultLost));
+                    for (_, w) in waiting.extract_if(|_, w| w.generation < generation) {
+                        let _ = w.done.send(Err(Error::ResultLost));
                     }
                     continue;
                 }
-                if let Some((_, tx)) = lock(pending).remove(&r.seq) {
-                    let _ = tx.send(Ok(ControlResult {
+                if let Some(w) = lock(pending).remove(&r.seq) {
+                    if let Some(peer) = w.dial
+                        && r.code == Code::OK.0
+                    {
+                        calls.0.insert(
+                            r.call_id.clone(),
+                            Call {
+                                peer,
+                                caller: true,
+                                started: false,
+                            },
+                        );
+                    }
+                    let _ = w.done.send(Ok(ControlResult {
                         code: Code(r.code),
                         call_id: r.call_id,
                         message: r.message,
@@ -877,6 +984,7 @@ async fn read(
             Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {
                 // If nobody reads events any more, keep serving results.
                 Some(event) => {
+                    calls.event(&event);
                     let _ = events.send(event).await;
                 }
                 None => warn!("ignoring an event of an unknown type"),

@@ -185,6 +185,64 @@ async fn redis_restarted_with_its_append_only_file_loses_no_call() {
     svc.stop().await;
 }
 
+/// Redis restarted empty (no persistence): the cluster's state is gone.
+/// Documented behaviour: every node finds its lease gone, ends its streams
+/// and joins again; clients reconnect as new devices (their resume tokens
+/// went with the data) and the SDK ends their calls for them (FINISH, or a
+/// caller's REPLY, 100106); nobody is left busy and new calls work.
+#[tokio::test]
+async fn redis_restarted_empty_leaves_nobody_busy() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let svc = CallService::start_on(&redis.url, 3, None, |c| {
+        c.node_lease = Duration::from_secs(1);
+    })
+    .await;
+    let mut alice = svc.phone("alice").await;
+    let mut bob = svc.phone("bob").await;
+    let mut carol = svc.phone("carol").await;
+    let mut dave = svc.phone("dave").await;
+    talking(&mut alice, &mut bob).await;
+    carol.call("dave").await;
+    dave.expect(EventKind::Request, "carol", Code::OK).await;
+    drop(redis);
+    let _redis = RedisServer::start_on(port, &["--save", "", "--appendonly", "no"]);
+    // Each device hears its call end.
+    alice
+        .expect(EventKind::Finish, "bob", Code::CONNECTION_LOST)
+        .await;
+    bob.expect(EventKind::Finish, "alice", Code::CONNECTION_LOST)
+        .await;
+    carol
+        .expect(EventKind::Reply, "dave", Code::CONNECTION_LOST)
+        .await;
+    dave.expect(EventKind::Finish, "carol", Code::CONNECTION_LOST)
+        .await;
+    // Everyone is free, and calls work again, across the nodes.
+    let deadline = Instant::now() + PATIENCE;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if alice.client.request("dave", 3, 0, "again").await.ok() == Some(Code::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice could not call again");
+    }
+    dave.expect(EventKind::Request, "alice", Code::OK).await;
+    assert_eq!(
+        dave.client.reply("alice", Code::OK).await.expect("reply"),
+        Code::OK
+    );
+    alice.expect(EventKind::Reply, "dave", Code::OK).await;
+    alice.expect(EventKind::Start, "dave", Code::OK).await;
+    dave.expect(EventKind::Start, "alice", Code::OK).await;
+    hang_up(&mut dave, &mut alice).await;
+    talking(&mut bob, &mut carol).await;
+    hang_up(&mut carol, &mut bob).await;
+    all_free(&svc, &["alice", "bob", "carol", "dave"]).await;
+    svc.stop().await;
+}
+
 /// One of two nodes is cut off from Redis (a TCP path the test closes)
 /// while the other goes on: past its lease it closes its streams, its
 /// client comes back through the balancer to the other node and resumes

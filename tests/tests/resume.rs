@@ -105,6 +105,10 @@ async fn past_the_grace_window_the_peer_gets_100106() {
         || async { user_state(&svc.admin().await, "alice").await == pb::UserState::Idle },
     )
     .await;
+    // Her SDK ends the lost device's call for her application, as bob's was.
+    alice
+        .expect(EventKind::Finish, "bob", Code::CONNECTION_LOST)
+        .await;
     talking(&mut alice, &mut bob).await;
     svc.stop().await;
 }
