@@ -142,6 +142,111 @@ async fn redis_stopped_past_the_timeout_refuses_controls_in_time_and_the_call_su
     svc.stop().await;
 }
 
+/// A device's stream without the SDK (which would reconnect and hide a
+/// stream the node closed).
+async fn raw_device(
+    url: &str,
+    user: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ClientMessage>,
+    tonic::Streaming<pb::ServerMessage>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("x-videocall-user", user.parse().expect("ascii"));
+    let mut inbound = pb::call_service_client::CallServiceClient::connect(url.to_owned())
+        .await
+        .expect("connect")
+        .session(request)
+        .await
+        .expect("session")
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .expect("message")
+        .expect("Connected");
+    assert!(matches!(
+        first.kind,
+        Some(pb::server_message::Kind::Connected(_))
+    ));
+    (tx, inbound)
+}
+
+/// Redis stopped for longer than a lease, then continued: every node's
+/// lease looks expired to the others, but no node reaps another (a node
+/// reaps only once its own lease has been renewed cleanly for a whole
+/// lease, by when the others have renewed theirs). No stream is closed, no
+/// device detached, and the talking call goes on.
+#[tokio::test]
+#[ignore = "not built yet: after an outage longer than a lease every node finds its own lease run out and closes its streams (clients resume, calls go on); keeping them needs a late renewal of a lease nobody reaped (a reaper marking the lease before it reaps)"]
+async fn after_an_outage_longer_than_a_lease_no_node_reaps_another() {
+    let redis = RedisServer::start();
+    let lease = Duration::from_secs(1);
+    let svc = CallService::start_on(&redis.url, 3, None, |c| {
+        c.node_lease = lease;
+        c.limits.resume_grace = Duration::from_secs(30);
+    })
+    .await;
+    let mut alice = phone_at(&svc.nodes()[0].client_url, "alice").await;
+    let mut bob = phone_at(&svc.nodes()[1].client_url, "bob").await;
+    talking(&mut alice, &mut bob).await;
+    let mut raws = Vec::new();
+    for (i, n) in svc.nodes().iter().enumerate() {
+        raws.push(raw_device(&n.client_url, &format!("idle{i}")).await);
+    }
+    let pid = redis.pid().to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {s}");
+    };
+    signal("-STOP");
+    // The outage itself: two and a half leases without Redis.
+    tokio::time::sleep(lease * 5 / 2).await;
+    signal("-CONT");
+    for n in svc.nodes() {
+        health_becomes(&n.client_url, ServingStatus::Serving).await;
+    }
+    // Three leases more: time for a reaper to act, had it been going to.
+    tokio::time::sleep(lease * 3).await;
+    // Every raw stream is still open and served by its node.
+    for (i, (tx, inbound)) in raws.iter_mut().enumerate() {
+        let control = pb::CallControl {
+            seq: 7,
+            event_type: pb::EventType::Finish as i32,
+            peer_user_id: "nobody-at-all".into(),
+            ..Default::default()
+        };
+        tx.send(pb::ClientMessage {
+            kind: Some(pb::client_message::Kind::Control(control)),
+        })
+        .await
+        .expect("send");
+        let msg = tokio::time::timeout(PATIENCE, inbound.message())
+            .await
+            .expect("in time");
+        match msg {
+            Ok(Some(pb::ServerMessage {
+                kind: Some(pb::server_message::Kind::Result(r)),
+            })) => assert_eq!((r.seq, r.code), (7, Code::NOT_IN_CALL.0), "idle{i}"),
+            other => panic!("idle{i}'s stream: {other:?}"),
+        }
+    }
+    // The call's events still go straight to its devices' streams.
+    alice.assert_quiet().await;
+    bob.assert_quiet().await;
+    hang_up(&mut bob, &mut alice).await;
+    talking(&mut alice, &mut bob).await;
+    hang_up(&mut alice, &mut bob).await;
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn redis_restarted_with_its_append_only_file_loses_no_call() {
     let dir = tempfile::tempdir().expect("dir");
