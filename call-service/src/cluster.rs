@@ -38,7 +38,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,9 @@ struct Inner {
     /// Since when (ms) the lease has been renewed without a failure; 0:
     /// it failed last.
     healthy_since: AtomicU64,
+    /// Whether this node holds its lease: without it, it takes no devices
+    /// and leaves its inbox to be reaped (see `lease_loop`).
+    held: AtomicBool,
 }
 
 /// The streams attached to this node.
@@ -210,6 +213,7 @@ impl ClusterSwitchboard {
             reads: AtomicU64::new(0),
             serving,
             healthy_since: AtomicU64::new(millis(clock.time())),
+            held: AtomicBool::new(true),
         });
         info!(node = id.0, "joined the cluster");
         tasks.spawn(inbox_loop(inner.clone(), reader));
@@ -563,6 +567,14 @@ fn hold_early(local: &mut Local, conn: ConnId, epoch: u64, now: Time, msg: Outgo
 async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
     let mut wait = Duration::from_millis(50);
     loop {
+        if !inner.held.load(Ordering::Relaxed) {
+            // Its lease ran out: what is in the inbox is for the reaping
+            // (parked for the devices), not for streams it no longer has.
+            tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+            }
+        }
         let read = tokio::select! {
             () = inner.shutdown.cancelled() => break,
             r = reader.next(Duration::from_secs(1), 512) => r,
@@ -801,6 +813,7 @@ async fn lease_loop(inner: Arc<Inner>) {
         match bounded(&inner, node.store().lease(now, lease, false)).await {
             Ok(Lease::Held) => {
                 renewed = now;
+                inner.held.store(true, Ordering::Relaxed);
                 let _ = inner.healthy_since.compare_exchange(
                     0,
                     millis(now),
@@ -812,18 +825,40 @@ async fn lease_loop(inner: Arc<Inner>) {
                     .send_if_modified(|s| !std::mem::replace(s, true));
             }
             Ok(Lease::Lost) => {
+                // Reaped, or cut off (or the store away) for longer than the
+                // lease: what it holds may be stale. It takes no devices and
+                // stops reading its inbox, ends its streams (its clients
+                // resume, here or elsewhere), reaps its old lease itself as
+                // any node would (devices the store still has attached here
+                // are detached for their grace, its inbox parked for them),
+                // and only then joins again. Until it holds a lease it is
+                // not serving, so no client is taken only to be dropped.
                 warn!(
                     node = inner.id.0,
-                    "this node's lease ran out (it was reaped): closing its streams"
+                    "this node's lease ran out: closing its streams and joining again"
                 );
+                inner.held.store(false, Ordering::Relaxed);
+                inner.healthy_since.store(0, Ordering::Relaxed);
+                inner
+                    .serving
+                    .send_if_modified(|s| std::mem::replace(s, false));
                 inner.detach_all(false).await;
                 inner.close_all();
                 let now = inner.now();
-                if bounded(&inner, node.store().lease(now, lease, true))
+                let mut out = Vec::new();
+                let grace = inner.limits.resume_grace;
+                if bounded(&inner, node.reap_self(now, grace, &mut out))
                     .await
-                    .is_ok()
+                    .is_err()
+                {
+                    continue;
+                }
+                inner.perform(out);
+                let now = inner.now();
+                if let Ok(Lease::Held) = bounded(&inner, node.store().lease(now, lease, true)).await
                 {
                     renewed = now;
+                    inner.held.store(true, Ordering::Relaxed);
                     inner.healthy_since.store(millis(now), Ordering::Relaxed);
                     inner
                         .serving
@@ -863,6 +898,9 @@ impl Switchboard for ClusterSwitchboard {
         let inner = &self.inner;
         if inner.shutdown.is_cancelled() {
             return Err(ShuttingDown.into());
+        }
+        if !inner.held.load(Ordering::Relaxed) {
+            return Err(ConnectError::StoreUnavailable);
         }
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE + 1);
         let superseded = CancellationToken::new();

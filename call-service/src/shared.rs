@@ -1883,6 +1883,39 @@ impl Node {
             if dead == self.store.node {
                 continue;
             }
+            detached += self.reap_node(dead, now, grace, out).await?;
+        }
+        Ok(detached)
+    }
+
+    /// Reaps this node's own lease, which ran out (it was cut off from the
+    /// store, or the store was away, for longer than a lease): what a
+    /// reaper would do to it (its devices still attached in the store are
+    /// detached for `grace`, what its inbox holds is parked for them), then
+    /// the lease goes, so the node can join again at once. Without this a
+    /// node nobody else reaps (the only one) would never join again.
+    pub async fn reap_self(
+        &mut self,
+        now: Time,
+        grace: std::time::Duration,
+        out: &mut Vec<Effect>,
+    ) -> Result<usize, SharedError> {
+        let me = self.store.node;
+        let detached = self.reap_node(me, now, grace, out).await?;
+        self.store.leave().await?;
+        Ok(detached)
+    }
+
+    /// Reaps one node whose lease ran out (see [`Node::reap`]).
+    async fn reap_node(
+        &mut self,
+        dead: NodeId,
+        now: Time,
+        grace: std::time::Duration,
+        out: &mut Vec<Effect>,
+    ) -> Result<usize, SharedError> {
+        let mut detached = 0;
+        {
             let unread = self.store.inbox(dead, "0-0", 100_000).await?;
             let last = unread.last().map(|(id, _)| id.clone());
             let mut events: HashMap<ConnId, Vec<(u64, Event)>> = HashMap::new();
@@ -1920,7 +1953,7 @@ impl Node {
             // A node that joined again meanwhile reads its inbox, and its
             // fresh lease stays.
             if !self.store.lease_expired(dead, now).await? {
-                continue;
+                return Ok(detached);
             }
             if let Some(last) = last {
                 self.store.trim_inbox(dead, &last).await?;
