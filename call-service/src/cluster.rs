@@ -135,6 +135,12 @@ struct Inner {
     /// Whether this node holds its lease: without it, it takes no devices
     /// and leaves its inbox to be reaped (see `lease_loop`).
     held: AtomicBool,
+    /// Held (shared) by each connect from its check of `held` until its
+    /// stream is registered; taken (exclusive) by a node losing its lease
+    /// before it closes its streams and reaps itself, so no device is
+    /// attached in the store halfway through that and left with a stream
+    /// nobody serves.
+    connecting: tokio::sync::RwLock<()>,
 }
 
 /// The streams attached to this node.
@@ -214,6 +220,7 @@ impl ClusterSwitchboard {
             serving,
             healthy_since: AtomicU64::new(millis(clock.time())),
             held: AtomicBool::new(true),
+            connecting: tokio::sync::RwLock::new(()),
         });
         info!(node = id.0, "joined the cluster");
         tasks.spawn(inbox_loop(inner.clone(), reader));
@@ -567,7 +574,7 @@ fn hold_early(local: &mut Local, conn: ConnId, epoch: u64, now: Time, msg: Outgo
 async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
     let mut wait = Duration::from_millis(50);
     loop {
-        if !inner.held.load(Ordering::Relaxed) {
+        if !inner.held.load(Ordering::SeqCst) {
             // Its lease ran out: what is in the inbox is for the reaping
             // (parked for the devices), not for streams it no longer has.
             tokio::select! {
@@ -813,7 +820,7 @@ async fn lease_loop(inner: Arc<Inner>) {
         match bounded(&inner, node.store().lease(now, lease, false)).await {
             Ok(Lease::Held) => {
                 renewed = now;
-                inner.held.store(true, Ordering::Relaxed);
+                inner.held.store(true, Ordering::SeqCst);
                 let _ = inner.healthy_since.compare_exchange(
                     0,
                     millis(now),
@@ -837,13 +844,17 @@ async fn lease_loop(inner: Arc<Inner>) {
                     node = inner.id.0,
                     "this node's lease ran out: closing its streams and joining again"
                 );
-                inner.held.store(false, Ordering::Relaxed);
+                inner.held.store(false, Ordering::SeqCst);
                 inner.healthy_since.store(0, Ordering::Relaxed);
                 inner
                     .serving
                     .send_if_modified(|s| std::mem::replace(s, false));
+                // Connects under way finish first (each bounded), so the
+                // streams closed below are all there are.
+                let connects = inner.connecting.write().await;
                 inner.detach_all(false).await;
                 inner.close_all();
+                drop(connects);
                 let now = inner.now();
                 let mut out = Vec::new();
                 let grace = inner.limits.resume_grace;
@@ -858,7 +869,7 @@ async fn lease_loop(inner: Arc<Inner>) {
                 if let Ok(Lease::Held) = bounded(&inner, node.store().lease(now, lease, true)).await
                 {
                     renewed = now;
-                    inner.held.store(true, Ordering::Relaxed);
+                    inner.held.store(true, Ordering::SeqCst);
                     inner.healthy_since.store(millis(now), Ordering::Relaxed);
                     inner
                         .serving
@@ -899,7 +910,8 @@ impl Switchboard for ClusterSwitchboard {
         if inner.shutdown.is_cancelled() {
             return Err(ShuttingDown.into());
         }
-        if !inner.held.load(Ordering::Relaxed) {
+        let _connecting = inner.connecting.read().await;
+        if !inner.held.load(Ordering::SeqCst) {
             return Err(ConnectError::StoreUnavailable);
         }
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE + 1);
