@@ -1,7 +1,10 @@
-# Container images of the call service and the business service.
+# Container images of the call service and the business service, and of
+# the Redis and HAProxy a cluster of call services runs with.
 #
 #   docker build --target call-service     -t videocall/call-service .
 #   docker build --target business-service -t videocall/business-service .
+#   docker build --target redis            -t videocall/redis .
+#   docker build --target haproxy          -t videocall/haproxy .
 #
 # The builder stage compiles release binaries in the Rust image. Binaries
 # already built on the host and placed in target/docker/ are used as they are
@@ -10,6 +13,10 @@
 # either way.
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+# Redis and HAProxy of the compose cluster (docker-compose.cluster.yml):
+# Debian's packages, installed here unless the base already has them (the
+# local base built by `scripts/docker-base.sh TAG redis-server haproxy`).
+ARG OPS_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS builder
 # Lets the container test clean up this stage's leftovers.
@@ -54,3 +61,31 @@ USER videocall
 HEALTHCHECK --interval=5s --timeout=4s --start-period=5s --retries=3 CMD ["business-service", "healthcheck"]
 ENTRYPOINT ["business-service"]
 CMD ["serve"]
+
+# The shared store of a cluster: Debian's redis-server, append-only file on
+# (a restart loses no call), in a volume at /data.
+FROM ${OPS_IMAGE} AS redis
+RUN command -v redis-server >/dev/null || { apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+      && rm -rf /var/lib/apt/lists/*; } \
+ && mkdir -p /data && chown redis:redis /data
+USER redis
+WORKDIR /data
+EXPOSE 6379
+VOLUME /data
+HEALTHCHECK --interval=2s --timeout=2s --retries=5 CMD ["redis-cli", "ping"]
+ENTRYPOINT ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", \
+            "--appendonly", "yes", "--dir", "/data", "--save", ""]
+
+# The load balancer in front of the nodes: Debian's HAProxy, layer 4, each
+# node health-checked with gRPC health through `call-service healthcheck`.
+FROM ${OPS_IMAGE} AS haproxy
+RUN command -v haproxy >/dev/null || { apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy \
+      && rm -rf /var/lib/apt/lists/*; }
+COPY --from=builder /out/call-service /usr/local/bin/call-service
+COPY deploy/grpc-health-check /usr/local/bin/grpc-health-check
+COPY deploy/haproxy.cfg /etc/haproxy/haproxy.cfg
+EXPOSE 50051 50052
+USER haproxy
+ENTRYPOINT ["haproxy", "-W", "-db", "-f", "/etc/haproxy/haproxy.cfg"]

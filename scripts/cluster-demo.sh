@@ -76,7 +76,17 @@ for i in 1 2 3; do
   servers+="  server node$id 127.0.0.1:$client check inter 500ms fall 1 rise 2"$'\n'
 done
 
+# HAProxy asks each node's gRPC health (as in deploy/haproxy.cfg), through
+# `call-service healthcheck --addr`, and sends clients only to SERVING nodes.
+cat >"$run/grpc-health-check" <<CHECK
+#!/bin/sh
+exec "$PWD/target/debug/call-service" healthcheck --addr "\$3:\$4"
+CHECK
+chmod +x "$run/grpc-health-check"
 cat >"$run/haproxy.cfg" <<CFG
+global
+  external-check
+  insecure-fork-wanted
 defaults
   mode tcp
   timeout connect 1s
@@ -87,6 +97,9 @@ frontend calls
   default_backend nodes
 backend nodes
   balance roundrobin
+  option external-check
+  external-check path "/usr/bin:/bin"
+  external-check command $run/grpc-health-check
 $servers
 CFG
 haproxy -f "$run/haproxy.cfg" -db >"$run/haproxy.log" 2>&1 &

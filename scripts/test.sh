@@ -41,5 +41,5 @@ e2e=(--test call_flow --test security --test resume --test notices --test harden
   --test business --test observability --test phone)
 for store in redis cluster; do
   echo "end-to-end suites, call state: $store"
-  VIDEOCALL_TEST_STORE=$store cargo test -p videocall-tests "${e2e[@]}" "$@"
+  VIDEOCALL_TEST_STORE=$store cargo test --workspace "${e2e[@]}" "$@"
 done

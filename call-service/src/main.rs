@@ -20,17 +20,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Exit 0 if the call service on this machine's client port reports
-    /// SERVING (gRPC health), 1 otherwise.
-    Healthcheck,
+    /// Exit 0 if the call service on this machine's client port (or at
+    /// `--addr`) reports SERVING (gRPC health), 1 otherwise.
+    Healthcheck {
+        /// HOST:PORT of the call service to ask instead, e.g. from a load
+        /// balancer's external check.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config;
-    if let Some(Command::Healthcheck) = cli.command {
-        let url = format!("http://127.0.0.1:{}", config.client_addr.port());
+    if let Some(Command::Healthcheck { addr }) = cli.command {
+        let addr = addr.unwrap_or_else(|| format!("127.0.0.1:{}", config.client_addr.port()));
+        let url = format!("http://{addr}");
         videocall_telemetry::healthcheck(&url, Duration::from_secs(3)).await?;
         return Ok(());
     }
