@@ -36,7 +36,9 @@ cargo test --workspace "$@"
 
 # The end-to-end suites again, with the call state in Redis: one node, then
 # three nodes on one Redis with each test's clients spread over them (the
-# harness reads VIDEOCALL_TEST_STORE; see tests/src/lib.rs).
+# harness reads VIDEOCALL_TEST_STORE; see tests/src/lib.rs). `--workspace`
+# as above, so the dependencies keep the features they were built with
+# (`-p videocall-tests` alone would rebuild some of them).
 e2e=(--test call_flow --test security --test resume --test notices --test hardening
   --test business --test observability --test phone)
 for store in redis cluster; do
