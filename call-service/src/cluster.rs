@@ -74,6 +74,11 @@ pub const INPUT_TIMEOUT: Duration = Duration::from_millis(1500);
 const TICK: Duration = Duration::from_millis(50);
 /// Attachments' first events held for a stream not yet registered, in all.
 const EARLY_LIMIT: usize = 4096;
+/// How long a node keeps the inbox entries it has read: events handed to
+/// its streams that far back may not have reached their clients when it
+/// dies, so a reaper parks them again (clients drop what they already had:
+/// one event of each type per call and device).
+const REDELIVERY_WINDOW: Duration = Duration::from_secs(3);
 /// How long they are held.
 const EARLY_TTL: Duration = Duration::from_secs(5);
 
@@ -604,7 +609,10 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
                 }
                 let mut node = inner.node.clone();
                 let last = reader.last().to_owned();
-                let _ = bounded(&inner, node.store().trim_inbox(inner.id, &last)).await;
+                let trim = node
+                    .store()
+                    .trim_inbox_read(inner.id, &last, REDELIVERY_WINDOW);
+                let _ = bounded(&inner, trim).await;
             }
             Err(e) => {
                 inner.unhealthy(&e);

@@ -1119,6 +1119,37 @@ impl SharedStore {
         Ok(out)
     }
 
+    /// Drops the entries of `node`'s inbox that went in more than `keep`
+    /// before the entry `last` (by Redis's clock, the entry ids' time):
+    /// what a node read recently stays, so if it dies with those events
+    /// still on their way to its clients, the reaper parks them again for
+    /// the devices' resume (a client may then see an event twice: see
+    /// `CallEvent` in `call.proto`).
+    pub async fn trim_inbox_read(
+        &mut self,
+        node: NodeId,
+        last: &str,
+        keep: std::time::Duration,
+    ) -> Result<(), SharedError> {
+        let Some(ms) = last
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        let keep = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        let Some(before) = ms.checked_sub(keep) else {
+            return Ok(());
+        };
+        let _: u64 = redis::cmd("XTRIM")
+            .arg(format!("{}inbox:{}", self.prefix, node.0))
+            .arg("MINID")
+            .arg(format!("{before}-0"))
+            .query_async(self.conn())
+            .await?;
+        Ok(())
+    }
+
     /// Drops the entries of `node`'s inbox up to `upto` (handed on).
     pub async fn trim_inbox(&mut self, node: NodeId, upto: &str) -> Result<(), SharedError> {
         let Some(next) = next_entry(upto) else {
@@ -1426,6 +1457,10 @@ fn inbound(
 }
 
 /// The least stream entry id after `id` (`ms-seq`).
+/// The most entries of an old node's inbox a resume looks through for
+/// the events its device may have missed.
+const RESEND_SCAN: usize = 20_000;
+
 fn next_entry(id: &str) -> Option<String> {
     let (ms, seq) = id.split_once('-')?;
     let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
@@ -1855,12 +1890,44 @@ impl Node {
         next_token: Arc<str>,
     ) -> Result<Option<(ConnId, u64, std::collections::VecDeque<Outgoing>)>, SharedError> {
         let node = self.store.node;
-        Ok(self
+        let mut before = None;
+        let resumed = self
             .run(None, &mut Vec::new(), |s, _| {
+                before =
+                    s.t.device_by_token(token)
+                        .and_then(|c| s.t.device(&c))
+                        .map(|d| (d.node, d.epoch));
                 s.resume(user, token, &next_token, node)
             })
             .await?
-            .flatten())
+            .flatten();
+        let (Some((conn, epoch, mut parked)), Some((old_node, old_epoch))) = (resumed, before)
+        else {
+            return Ok(None);
+        };
+        // The events the old stream was sent last may never have reached
+        // the client (its node died, or the path broke, with them on the
+        // way): those still in the old node's inbox (kept a while after
+        // reading, see `trim_inbox_read`) go first, ahead of what was
+        // parked since. The client drops those it had already.
+        let resent: Vec<Outgoing> = self
+            .store
+            .inbox(old_node, "0-0", RESEND_SCAN)
+            .await?
+            .into_iter()
+            .filter_map(|(_, entry)| match entry {
+                Inbound::Event {
+                    conn: c,
+                    epoch: e,
+                    event,
+                } if c == conn && e == old_epoch => Some(Outgoing::Event(event)),
+                _ => None,
+            })
+            .collect();
+        for o in resent.into_iter().rev() {
+            parked.push_front(o);
+        }
+        Ok(Some((conn, epoch, parked)))
     }
 
     /// Reaps the nodes whose lease ran out before `now`: each of their

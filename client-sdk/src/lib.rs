@@ -355,8 +355,24 @@ struct Waiting {
 /// events and results tell: when the device is lost (a reconnect could not
 /// resume it), the SDK ends them for the application with the events the
 /// peer gets too (100106), so no call is left open in the application.
+///
+/// It also drops an event the device has had already: after a node of a
+/// cluster dies, the events it had just handed to its streams are sent
+/// again on the resumed stream, since they may not have arrived. A device
+/// gets at most one event of each type per call (the contract's lines), so
+/// the call id and the type say which were had: remembered for the last
+/// [`SEEN_CALLS`] calls.
 #[derive(Debug, Default)]
-struct Calls(HashMap<String, Call>);
+struct Calls {
+    open: HashMap<String, Call>,
+    /// The event types (a bit each) had, by call id; oldest first in
+    /// `order`.
+    seen: HashMap<String, u8>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// How many calls' events [`Calls`] remembers to drop repeats.
+const SEEN_CALLS: usize = 4096;
 
 #[derive(Debug)]
 struct Call {
@@ -367,10 +383,25 @@ struct Call {
 }
 
 impl Calls {
-    fn event(&mut self, e: &CallEvent) {
+    /// Takes the event into account; `false` if the device had it already.
+    fn event(&mut self, e: &CallEvent) -> bool {
+        let bit = 1u8 << (e.kind as u8);
+        match self.seen.get_mut(&e.call_id) {
+            Some(had) if *had & bit != 0 => return false,
+            Some(had) => *had |= bit,
+            None => {
+                self.seen.insert(e.call_id.clone(), bit);
+                self.order.push_back(e.call_id.clone());
+                if self.order.len() > SEEN_CALLS
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.seen.remove(&old);
+                }
+            }
+        }
         match e.kind {
             EventKind::Request => {
-                self.0.insert(
+                self.open.insert(
                     e.call_id.clone(),
                     Call {
                         peer: e.peer.clone(),
@@ -380,22 +411,23 @@ impl Calls {
                 );
             }
             EventKind::Start => {
-                if let Some(c) = self.0.get_mut(&e.call_id) {
+                if let Some(c) = self.open.get_mut(&e.call_id) {
                     c.started = true;
                 }
             }
             EventKind::Reply if e.code.is_ok() => {}
             EventKind::Reply | EventKind::Finish => {
-                self.0.remove(&e.call_id);
+                self.open.remove(&e.call_id);
             }
         }
+        true
     }
 
     /// The events that end every call: REPLY for a caller still waiting
     /// for one, FINISH otherwise, each with CONNECTION_LOST.
     fn lost(&mut self) -> Vec<CallEvent> {
-        self.0
-            .drain()
+        let lost: Vec<_> = self.open.drain().collect();
+        lost.into_iter()
             .map(|(call_id, c)| CallEvent {
                 kind: if c.caller && !c.started {
                     EventKind::Reply
@@ -408,6 +440,9 @@ impl Calls {
                 param: 0,
                 user_str: String::new(),
                 call_id,
+            })
+            .inspect(|e| {
+                self.event(e);
             })
             .collect()
     }
@@ -965,7 +1000,7 @@ async fn read(
                     if let Some(peer) = w.dial
                         && r.code == Code::OK.0
                     {
-                        calls.0.insert(
+                        calls.open.insert(
                             r.call_id.clone(),
                             Call {
                                 peer,
@@ -984,8 +1019,11 @@ async fn read(
             Some(pb::server_message::Kind::Event(e)) => match CallEvent::from_proto(e) {
                 // If nobody reads events any more, keep serving results.
                 Some(event) => {
-                    calls.event(&event);
-                    let _ = events.send(event).await;
+                    if calls.event(&event) {
+                        let _ = events.send(event).await;
+                    } else {
+                        debug!(call = %event.call_id, kind = ?event.kind, "dropped an event had already");
+                    }
                 }
                 None => warn!("ignoring an event of an unknown type"),
             },
@@ -1114,5 +1152,62 @@ impl Refresher {
             warn!(code = ?Code(r.code), message = r.message, "token refresh refused");
             self.retry();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind, call: &str) -> CallEvent {
+        CallEvent {
+            kind,
+            peer: "bob".into(),
+            code: Code::OK,
+            flags: 0,
+            param: 0,
+            user_str: String::new(),
+            call_id: call.into(),
+        }
+    }
+
+    #[test]
+    fn an_event_sent_again_after_a_resume_is_dropped() {
+        let mut calls = Calls::default();
+        assert!(calls.event(&event(EventKind::Request, "c1")));
+        assert!(calls.event(&event(EventKind::Start, "c1")));
+        // Sent again on the resumed stream: had already.
+        assert!(!calls.event(&event(EventKind::Request, "c1")));
+        assert!(!calls.event(&event(EventKind::Start, "c1")));
+        assert!(calls.event(&event(EventKind::Finish, "c1")));
+        assert!(!calls.event(&event(EventKind::Finish, "c1")));
+        assert!(calls.open.is_empty());
+        // Another call's events are its own.
+        assert!(calls.event(&event(EventKind::Request, "c2")));
+    }
+
+    #[test]
+    fn the_calls_remembered_are_bounded() {
+        let mut calls = Calls::default();
+        for i in 0..SEEN_CALLS + 10 {
+            let id = format!("c{i}");
+            assert!(calls.event(&event(EventKind::Reply, &id)));
+        }
+        assert_eq!(calls.seen.len(), SEEN_CALLS);
+        assert_eq!(calls.order.len(), SEEN_CALLS);
+        // The oldest are forgotten, the newest still known.
+        assert!(calls.event(&event(EventKind::Reply, "c0")));
+        assert!(!calls.event(&event(EventKind::Reply, &format!("c{}", SEEN_CALLS + 9))));
+    }
+
+    #[test]
+    fn the_events_the_sdk_ends_a_lost_device_s_calls_with_are_had() {
+        let mut calls = Calls::default();
+        calls.event(&event(EventKind::Request, "c1"));
+        let lost = calls.lost();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].kind, EventKind::Finish);
+        // The service's own FINISH for it, arriving late, is not repeated.
+        assert!(!calls.event(&event(EventKind::Finish, "c1")));
     }
 }
