@@ -387,6 +387,9 @@ impl Calls {
     fn event(&mut self, e: &CallEvent) -> bool {
         let bit = 1u8 << (e.kind as u8);
         match self.seen.get_mut(&e.call_id) {
+            // An event naming no call (a server that does not name its
+            // calls) cannot be told from another: never dropped.
+            _ if e.call_id.is_empty() => {}
             Some(had) if *had & bit != 0 => return false,
             Some(had) => *had |= bit,
             None => {
@@ -1184,6 +1187,9 @@ mod tests {
         assert!(calls.open.is_empty());
         // Another call's events are its own.
         assert!(calls.event(&event(EventKind::Request, "c2")));
+        // Events that name no call are never taken for repeats.
+        assert!(calls.event(&event(EventKind::Reply, "")));
+        assert!(calls.event(&event(EventKind::Reply, "")));
     }
 
     #[test]
