@@ -1141,24 +1141,23 @@ impl SharedStore {
         let Some(before) = ms.checked_sub(keep) else {
             return Ok(());
         };
-        let _: u64 = redis::cmd("XTRIM")
-            .arg(format!("{}inbox:{}", self.prefix, node.0))
-            .arg("MINID")
-            .arg(format!("{before}-0"))
-            .query_async(self.conn())
-            .await?;
-        Ok(())
+        self.trim_inbox_below(node, &format!("{before}-0")).await
     }
 
     /// Drops the entries of `node`'s inbox up to `upto` (handed on).
     pub async fn trim_inbox(&mut self, node: NodeId, upto: &str) -> Result<(), SharedError> {
-        let Some(next) = next_entry(upto) else {
-            return Ok(());
-        };
+        match next_entry(upto) {
+            Some(next) => self.trim_inbox_below(node, &next).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the entries of `node`'s inbox below the entry id `min`.
+    async fn trim_inbox_below(&mut self, node: NodeId, min: &str) -> Result<(), SharedError> {
         let _: u64 = redis::cmd("XTRIM")
             .arg(format!("{}inbox:{}", self.prefix, node.0))
             .arg("MINID")
-            .arg(next)
+            .arg(min)
             .query_async(self.conn())
             .await?;
         Ok(())

@@ -394,6 +394,25 @@ impl Phone {
         r.call_id
     }
 
+    /// Sends a harmless control until one is answered within `patience`:
+    /// the client is back (resumed or reconnected), through whichever node.
+    pub async fn back(&self, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if let Ok(code) = self.client.finish("nobody-at-all").await {
+                assert_eq!(code, Code::NOT_IN_CALL);
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not come back",
+                self.user
+            );
+        }
+    }
+
     /// Asserts no event is waiting. Sound without sleeping: a control's
     /// result travels on the same ordered stream as events, so once it is
     /// back, every event sent before it has arrived.
@@ -408,6 +427,19 @@ impl Phone {
             panic!("{}: unexpected event {e:?}", self.user);
         }
     }
+}
+
+/// `GET /metrics` of a service (plain HTTP/1.0); `None` while it does not
+/// answer.
+pub async fn scrape_metrics(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
 }
 
 /// Connects a device of `user` (development identity) to the client API

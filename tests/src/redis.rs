@@ -13,6 +13,24 @@ pub struct RedisServer {
     pub port: u16,
 }
 
+/// The arguments of a `redis-server` that keeps everything in its
+/// append-only file in `dir` (fsync on every write), so a restart from it
+/// loses nothing.
+pub fn append_only_args(dir: &str) -> Vec<String> {
+    [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+        dir,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl RedisServer {
     /// Starts one without persistence, and waits until it accepts
     /// connections (it says so; nothing is polled).

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use client_sdk::{Code, EventKind};
 use videocall_proto::v1 as pb;
 use videocall_tests::process::{Proc, binaries, field};
-use videocall_tests::redis::RedisServer;
-use videocall_tests::{Balancer, PATIENCE, Phone, Proxy, phone_at, talking, user_state};
+use videocall_tests::redis::{RedisServer, append_only_args};
+use videocall_tests::{
+    Balancer, PATIENCE, Phone, Proxy, phone_at, scrape_metrics, talking, user_state,
+};
 
 /// A node's lease in these tests: a dead node is reaped within about this.
 const LEASE: &str = "1s";
@@ -80,7 +82,7 @@ impl Cluster {
             if self.nodes[i].is_none() {
                 continue;
             }
-            let text = scrape(addr).await;
+            let text = scrape_metrics(addr).await.expect("metrics");
             sum += text
                 .lines()
                 .find_map(|l| {
@@ -128,33 +130,6 @@ impl Cluster {
     }
 }
 
-/// `GET /metrics` of a node (plain HTTP/1.0).
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
-/// Sends a harmless control until one is answered: the client is back
-/// (resumed or reconnected), through whichever node.
-async fn back(p: &Phone) {
-    let deadline = Instant::now() + PATIENCE;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        tick.tick().await;
-        if let Ok(code) = p.client.finish("nobody-at-all").await {
-            assert_eq!(code, Code::NOT_IN_CALL);
-            return;
-        }
-        assert!(Instant::now() < deadline, "{} did not come back", p.user);
-    }
-}
-
 #[tokio::test]
 async fn a_node_killed_mid_call_its_client_resumes_through_another_and_the_peer_sees_nothing() {
     let mut c = Cluster::start(3, "10s").await;
@@ -164,7 +139,7 @@ async fn a_node_killed_mid_call_its_client_resumes_through_another_and_the_peer_
     let room = talking(&mut alice, &mut bob).await;
     let device = alice.client.connection_id().to_owned();
     c.kill(on).await;
-    back(&alice).await;
+    alice.back(PATIENCE).await;
     assert_eq!(
         alice.client.connection_id(),
         device,
@@ -211,7 +186,7 @@ async fn a_node_killed_while_its_user_rings_someone_the_call_goes_on() {
     alice.call("bob").await;
     bob.expect(EventKind::Request, "alice", Code::OK).await;
     c.kill(on).await;
-    back(&alice).await;
+    alice.back(PATIENCE).await;
     bob.assert_quiet().await;
     assert_eq!(
         bob.client.reply("alice", Code::OK).await.expect("reply"),
@@ -407,7 +382,7 @@ async fn random_user(
     }
     // Everyone is free: what is still on the way arrives before a
     // control's result, then nothing more may come.
-    back(&p).await;
+    p.back(PATIENCE).await;
     while let Some(e) = p.events.try_next() {
         seen.push(Seen::Event(e));
     }
@@ -498,16 +473,8 @@ async fn a_history_of_random_calls_through_node_loss_and_a_redis_restart_keeps_t
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().to_str().expect("utf-8").to_owned();
-    let redis_args = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--save",
-        "",
-        "--dir",
-        &path,
-    ];
+    let redis_args = append_only_args(&path);
+    let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
     let mut c = Cluster::start_with(3, "10s", &redis_args, &["--ring-timeout", "1s"]).await;
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
     let target = 2_000;

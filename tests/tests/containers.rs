@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use client_sdk::{Code, EventKind};
 use videocall_tests::process::{binaries, free_port, workspace};
-use videocall_tests::{phone_at, talking};
+use videocall_tests::{phone_at, scrape_metrics, talking};
 
 const BASE: &str = "videocall-base:bookworm";
 /// The base of the Redis and HAProxy images: Debian's packages in it.
@@ -292,18 +292,10 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
     bob.expect(EventKind::Request, "alice", Code::OK).await;
 }
 
-/// Scrapes one gauge or counter (summed over its labels) from a node's
-/// metrics endpoint; `None` while the node does not answer.
+/// One gauge or counter (summed over its labels) from a node's metrics
+/// endpoint; `None` while the node does not answer.
 async fn metric(port: u16, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
+    let out = scrape_metrics(&format!("127.0.0.1:{port}")).await?;
     Some(
         out.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -403,8 +395,8 @@ async fn a_compose_cluster_keeps_a_call_through_the_loss_of_a_node_container() {
 
     // Both come back through HAProxy (the SDK reconnects by itself) as the
     // same devices, resumed on the nodes left; neither hears anything.
-    back(&alice).await;
-    back(&bob).await;
+    alice.back(Duration::from_secs(30)).await;
+    bob.back(Duration::from_secs(30)).await;
     assert_eq!(alice.client.connection_id(), devices.0, "alice resumed");
     assert_eq!(bob.client.connection_id(), devices.1, "bob resumed");
     alice.assert_quiet().await;
@@ -441,18 +433,4 @@ async fn a_compose_cluster_keeps_a_call_through_the_loss_of_a_node_container() {
     // And new calls are placed on the nodes left.
     alice.call("bob").await;
     bob.expect(EventKind::Request, "alice", Code::OK).await;
-}
-
-/// Sends a harmless control until one is answered: the client is back
-/// (resumed or reconnected), through whichever node.
-async fn back(p: &videocall_tests::Phone) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    for _ in 0..300 {
-        tick.tick().await;
-        if let Ok(code) = p.client.finish("nobody-at-all").await {
-            assert_eq!(code, Code::NOT_IN_CALL);
-            return;
-        }
-    }
-    panic!("{} did not come back through HAProxy", p.user);
 }

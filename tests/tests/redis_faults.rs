@@ -11,7 +11,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use videocall_proto::v1 as pb;
-use videocall_tests::redis::RedisServer;
+use videocall_tests::redis::{RedisServer, append_only_args};
 use videocall_tests::{
     Balancer, CallService, NodeProcess, PATIENCE, Phone, Proxy, phone_at, talking, user_state,
 };
@@ -316,16 +316,8 @@ async fn assert_served(
 async fn redis_restarted_with_its_append_only_file_loses_no_call() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().to_str().expect("utf-8").to_owned();
-    let args = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--save",
-        "",
-        "--dir",
-        &path,
-    ];
+    let args = append_only_args(&path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let redis = RedisServer::start_with(&args);
     let port = redis.port;
     let svc = CallService::start_on(&redis.url, 3, None, |_| {}).await;
