@@ -14,8 +14,13 @@
 //! inbox, which the commit script appends to: one reader task
 //! ([`inbox_loop`]) delivers them in commit order, whichever node
 //! committed. A control's result is queued by the device's own stream task
-//! once its commit is in, so results come in control order, before the
-//! events of their own transition (as on one node).
+//! once its commit is in and the inbox has been handed on up to the
+//! commit's mark (what was in it before the commit's own entries), so a
+//! device gets every event committed before its control, then the result,
+//! then the events of the result's own transition, as on one node. A
+//! result whose inbox is read late (Redis away) waits at most until its
+//! control's bound, [`INPUT_TIMEOUT`], then goes out of turn rather than
+//! late.
 //!
 //! **An attachment's first events.** A device's events may be read from
 //! the inbox before the task that attached it has registered its stream
@@ -57,7 +62,9 @@ use crate::domain::{
 use crate::hook::Hook;
 use crate::machine::{CallSummary, MachineConfig, UserSummary, state_of};
 use crate::metrics::Metrics;
-use crate::shared::{Inbound, InboxReader, LaneReader, Lease, Node, SharedError, SharedStore};
+use crate::shared::{
+    EntryId, Inbound, InboxReader, LaneReader, Lease, Node, SharedError, SharedStore,
+};
 use crate::store::NodeId;
 use crate::switchboard::{
     APPROVALS_FULL, Attached, CALLER_OVER_QUOTA, ConnectError, DEVICE_QUEUE, OBSERVER_QUEUE,
@@ -146,6 +153,9 @@ struct Inner {
     /// attached in the store halfway through that and left with a stream
     /// nobody serves.
     connecting: tokio::sync::RwLock<()>,
+    /// Woken when a result waits for the inbox: a reader backing off after
+    /// a Redis failure tries again at once.
+    nudge: tokio::sync::Notify,
 }
 
 /// The streams attached to this node.
@@ -156,6 +166,24 @@ struct Local {
     /// registered yet, with when the first came.
     early: HashMap<ConnId, (u64, Time, Vec<Outgoing>)>,
     early_count: usize,
+    /// The last inbox entry handed on.
+    delivered: EntryId,
+    /// Results waiting for the inbox to be handed on up to their commit's
+    /// mark (few, and only while the reader lags): in control order per
+    /// stream.
+    waiting: std::collections::VecDeque<Waiting>,
+    next_waiting: u64,
+}
+
+/// A control's result held until the events committed before it are
+/// handed on.
+struct Waiting {
+    id: u64,
+    conn: ConnId,
+    epoch: u64,
+    after: EntryId,
+    msg: Outgoing,
+    sent: tokio::sync::oneshot::Sender<()>,
 }
 
 struct Entry {
@@ -226,6 +254,7 @@ impl ClusterSwitchboard {
             healthy_since: AtomicU64::new(millis(clock.time())),
             held: AtomicBool::new(true),
             connecting: tokio::sync::RwLock::new(()),
+            nudge: tokio::sync::Notify::new(),
         });
         info!(node = id.0, "joined the cluster");
         tasks.spawn(inbox_loop(inner.clone(), reader));
@@ -481,13 +510,16 @@ impl Inner {
         }
     }
 
-    /// Hands on what the inbox brought.
-    fn deliver(self: &Arc<Self>, entries: Vec<Inbound>) {
+    /// Hands on what the inbox brought, each entry after the results
+    /// waiting for the entries before it.
+    fn deliver(self: &Arc<Self>, entries: Vec<(EntryId, Inbound)>) {
         let now = self.now();
         let mut notices = Vec::new();
         {
             let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-            for entry in entries {
+            for (id, entry) in entries {
+                self.release(&mut local, |after| after < id);
+                local.delivered = local.delivered.max(id);
                 match entry {
                     // Not in inboxes (see `shared`); handed on if found.
                     Inbound::Notice(n) => notices.push(n),
@@ -502,10 +534,88 @@ impl Inner {
                     }
                 }
             }
+            let delivered = local.delivered;
+            self.release(&mut local, |after| after <= delivered);
         }
         for n in notices {
             self.notice(n);
         }
+    }
+
+    /// Queues the waiting results that `ready` (given their mark) lets go,
+    /// in the order they came.
+    fn release(self: &Arc<Self>, local: &mut Local, ready: impl Fn(EntryId) -> bool) {
+        if local.waiting.is_empty() {
+            return;
+        }
+        let mut keep = std::collections::VecDeque::new();
+        while let Some(w) = local.waiting.pop_front() {
+            // Behind a result of its stream that still waits: in turn.
+            if ready(w.after) && !keep.iter().any(|k: &Waiting| k.conn == w.conn) {
+                self.answer_now(local, w.conn, w.epoch, w.msg);
+                let _ = w.sent.send(());
+            } else {
+                keep.push_back(w);
+            }
+        }
+        local.waiting = keep;
+    }
+
+    fn answer_now(self: &Arc<Self>, local: &mut Local, conn: ConnId, epoch: u64, msg: Outgoing) {
+        if local.streams.get(&conn).is_some_and(|e| e.epoch == epoch) {
+            self.push(local, conn, msg);
+        }
+    }
+
+    /// Queues a control's result on its stream once every inbox entry up
+    /// to `after` (its commit's mark) is handed on, and after any earlier
+    /// result of the stream; past `deadline` it goes at once.
+    async fn answer(
+        self: &Arc<Self>,
+        conn: ConnId,
+        epoch: u64,
+        after: EntryId,
+        msg: Outgoing,
+        deadline: tokio::time::Instant,
+    ) {
+        let (id, sent) = {
+            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let behind = local.waiting.iter().any(|w| w.conn == conn);
+            if after <= local.delivered && !behind {
+                self.answer_now(&mut local, conn, epoch, msg);
+                return;
+            }
+            let id = local.next_waiting;
+            local.next_waiting += 1;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            local.waiting.push_back(Waiting {
+                id,
+                conn,
+                epoch,
+                after,
+                msg,
+                sent: tx,
+            });
+            (id, rx)
+        };
+        self.nudge.notify_one();
+        if tokio::time::timeout_at(deadline, sent).await.is_ok() {
+            return;
+        }
+        // The inbox is not read in time (Redis away): this result, and
+        // those of its stream before it, go now, out of turn rather than
+        // late.
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keep = std::collections::VecDeque::new();
+        while let Some(w) = local.waiting.pop_front() {
+            if w.conn == conn && w.id <= id {
+                self.answer_now(&mut local, w.conn, w.epoch, w.msg);
+                let _ = w.sent.send(());
+            } else {
+                keep.push_back(w);
+            }
+        }
+        local.waiting = keep;
     }
 
     /// Commits the end of every stream of this node: with a grace window
@@ -542,6 +652,7 @@ impl Inner {
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         local.early.clear();
         local.early_count = 0;
+        local.waiting.clear();
         // Dropping a queue's sender ends its response stream.
         for (_, e) in local.streams.drain() {
             e.moved.cancel();
@@ -619,6 +730,7 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
                 tokio::select! {
                     () = inner.shutdown.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
+                    () = inner.nudge.notified() => {}
                 }
                 wait = (wait * 2).min(Duration::from_secs(1));
                 let c = &inner.cluster;
@@ -638,7 +750,12 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
     while let Ok(entries) = bounded(&inner, node.store().inbox(inner.id, &last, 512)).await {
         let Some((id, _)) = entries.last() else { break };
         last = id.clone();
-        inner.deliver(entries.into_iter().map(|(_, e)| e).collect());
+        inner.deliver(
+            entries
+                .into_iter()
+                .map(|(id, e)| (EntryId::parse(&id).unwrap_or_default(), e))
+                .collect(),
+        );
     }
     inner.close_all();
     // The notices of the lanes this node owns, to their end; then the
@@ -983,7 +1100,9 @@ impl Switchboard for ClusterSwitchboard {
         ctl: Control,
     ) -> Result<(), ShuttingDown> {
         let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + INPUT_TIMEOUT;
         let request = ctl.kind == ControlKind::Request;
+        let mut after = EntryId::default();
         let outcome = if request
             && inner.business.is_some()
             && inner.approvals.load(Ordering::Relaxed) >= inner.limits.max_pending_approvals
@@ -1004,6 +1123,7 @@ impl Switchboard for ClusterSwitchboard {
             {
                 Ok(Some(outcome)) => {
                     inner.perform(out);
+                    after = node.store().mark();
                     outcome
                 }
                 // From a stream that no longer holds the device.
@@ -1023,10 +1143,7 @@ impl Switchboard for ClusterSwitchboard {
             call_id: outcome.call_id,
             reason: Reason(outcome.reason),
         };
-        let mut local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
-        if local.streams.get(&conn).is_some_and(|e| e.epoch == epoch) {
-            inner.push(&mut local, conn, msg);
-        }
+        inner.answer(conn, epoch, after, msg, deadline).await;
         Ok(())
     }
 

@@ -78,7 +78,7 @@ pub enum SharedError {
 }
 
 /// The commit script. KEYS: `seq`, `timers`, `rooms`, `tokens`, `calls`,
-/// `phases`, `pending`, then the records (n), then the other keys it writes
+/// `phases`, `pending`, the committing node's inbox, then the records (n), then the other keys it writes
 /// (inboxes, notice lanes, nodes' device sets). ARGV: n, then per record its expected version, `k`
 /// (only read), `w` (write, with its JSON) or `d` (delete), and the JSON (or
 /// empty); then counted lists: rooms claimed, rooms freed, timers cleared,
@@ -87,20 +87,26 @@ pub enum SharedError {
 /// or for a notice its caller, counted in `pending`, JSON),
 /// set members (key index, `a`dd or `r`emove, device), live calls listed
 /// (`a` or `r`, call id), phase counts (phase, delta). Returns
-/// `{1, version}` or `{0, what conflicted}`.
+/// `{1, version, mark}` or `{0, what conflicted, ''}`, where `mark` is the
+/// committing node's last inbox entry before this commit's own (`0-0`: none),
+/// how far that node must have read for its devices to have every event
+/// committed before this one.
 const COMMIT: &str = r#"
-local base = 7
+local base = 8
 local n = tonumber(ARGV[1])
 local a = 2
 for i = 1, n do
   local have = redis.call('HGET', KEYS[base + i], 'v') or '0'
-  if have ~= ARGV[a] then return {0, KEYS[base + i]} end
+  if have ~= ARGV[a] then return {0, KEYS[base + i], ''} end
   a = a + 3
 end
 local claims = tonumber(ARGV[a]); a = a + 1
 for i = 0, claims - 1 do
-  if redis.call('SISMEMBER', KEYS[3], ARGV[a + i]) == 1 then return {0, 'room ' .. ARGV[a + i]} end
+  if redis.call('SISMEMBER', KEYS[3], ARGV[a + i]) == 1 then return {0, 'room ' .. ARGV[a + i], ''} end
 end
+local last = redis.call('XREVRANGE', KEYS[8], '+', '-', 'COUNT', 1)
+local mark = '0-0'
+if last[1] then mark = last[1][1] end
 local v = redis.call('INCR', KEYS[1])
 local r = 2
 for i = 1, n do
@@ -156,7 +162,7 @@ end
 a = a + 2 * listed
 local phases = tonumber(ARGV[a]); a = a + 1
 for i = 0, phases - 1 do redis.call('HINCRBY', KEYS[6], ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) end
-return {1, v}
+return {1, v, mark}
 "#;
 
 /// Loads records and, `depth` steps on, the records they name (ARGV:
@@ -369,7 +375,8 @@ fn phase_name(c: &Call) -> &'static str {
 
 /// How a commit went.
 enum Committed {
-    Yes,
+    /// With the committing node's inbox mark (see [`COMMIT`]).
+    Yes(EntryId),
     Conflict,
 }
 
@@ -388,6 +395,8 @@ pub struct SharedStore {
     conflicts: Arc<AtomicU64>,
     /// Round trips to Redis (a pipeline or a script is one).
     trips: Arc<AtomicU64>,
+    /// The inbox mark of this handle's last commit (see [`COMMIT`]).
+    mark: EntryId,
     /// With a business service: how long after its REQUEST a call still
     /// waiting for approval (or holding its notices for it) is given the
     /// failure policy by any node (its own node died while asking).
@@ -479,6 +488,7 @@ impl SharedStore {
             rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
             conflicts: Arc::new(AtomicU64::new(0)),
             trips: Arc::new(AtomicU64::new(0)),
+            mark: EntryId::default(),
             approval_timeout: None,
         })
     }
@@ -818,7 +828,10 @@ impl SharedStore {
                 Err(e) => return Err(e),
             };
             match committed {
-                Committed::Yes => return Ok(Some((value, overflowed))),
+                Committed::Yes(mark) => {
+                    self.mark = mark;
+                    return Ok(Some((value, overflowed)));
+                }
                 Committed::Conflict => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     out.truncate(from);
@@ -1030,7 +1043,8 @@ impl SharedStore {
             .key(format!("{}tokens", self.prefix))
             .key(format!("{}calls", self.prefix))
             .key(format!("{}phases", self.prefix))
-            .key(format!("{}pending", self.prefix));
+            .key(format!("{}pending", self.prefix))
+            .key(format!("{}inbox:{}", self.prefix, self.node.0));
         for k in &a.keys {
             inv.key(k);
         }
@@ -1069,9 +1083,9 @@ impl SharedStore {
         for (p, d) in &a.phases {
             inv.arg(*p).arg(*d);
         }
-        let (ok, _what): (u8, redis::Value) = inv.invoke_async(self.conn()).await?;
+        let (ok, _what, mark): (u8, redis::Value, String) = inv.invoke_async(self.conn()).await?;
         Ok(if ok == 1 {
-            Committed::Yes
+            Committed::Yes(EntryId::parse(&mark).unwrap_or_default())
         } else {
             Committed::Conflict
         })
@@ -1090,6 +1104,13 @@ impl SharedStore {
             .query_async(self.conn())
             .await?;
         Ok(members.iter().filter_map(|m| parse_timer(m)).collect())
+    }
+
+    /// How far this node's inbox must have been handed on before a result
+    /// of this handle's last commit may follow: its last entry before the
+    /// commit (see [`COMMIT`]).
+    pub fn mark(&self) -> EntryId {
+        self.mark
     }
 
     /// The entries of `node`'s inbox after `after` (`0-0` at first), at
@@ -1455,11 +1476,22 @@ fn inbound(
     }))
 }
 
-/// The least stream entry id after `id` (`ms-seq`).
+/// A stream entry id (`<ms>-<seq>`), in the order Redis gives them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryId(u64, u64);
+
+impl EntryId {
+    pub fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
 /// The most entries of an old node's inbox a resume looks through for
 /// the events its device may have missed.
 const RESEND_SCAN: usize = 20_000;
 
+/// The least stream entry id after `id` (`ms-seq`).
 fn next_entry(id: &str) -> Option<String> {
     let (ms, seq) = id.split_once('-')?;
     let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
@@ -1525,12 +1557,13 @@ impl InboxReader {
     }
 
     /// Waits up to `block` for entries after the last one read and returns
-    /// at most `count` of them (none if `block` passed first).
+    /// at most `count` of them, with their ids (none if `block` passed
+    /// first).
     pub async fn next(
         &mut self,
         block: std::time::Duration,
         count: usize,
-    ) -> Result<Vec<Inbound>, SharedError> {
+    ) -> Result<Vec<(EntryId, Inbound)>, SharedError> {
         let reply: XRead = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(count)
@@ -1545,7 +1578,9 @@ impl InboxReader {
         self.oldest_ms = None;
         for (_, entries) in reply.unwrap_or_default() {
             for (id, fields) in entries {
-                out.extend(inbound(&self.key, &id, &fields)?);
+                if let Some(e) = inbound(&self.key, &id, &fields)? {
+                    out.push((EntryId::parse(&id).unwrap_or_default(), e));
+                }
                 if self.oldest_ms.is_none() {
                     self.oldest_ms = entry_ms(&id);
                 }

@@ -668,7 +668,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
     // Bob's REQUEST; the call's notices went to node 1's inbox.
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(
-        matches!(&got[0], Inbound::Event { conn, epoch: 1, event }
+        matches!(&got[0].1, Inbound::Event { conn, epoch: 1, event }
             if *conn == b && event.kind == EventKind::Request && event.call_id == id),
         "{got:?}"
     );
@@ -691,7 +691,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
     let more = again.next(Duration::from_secs(30), 100).await.unwrap();
     assert_eq!(more.len(), 1, "{more:?}");
     assert!(
-        matches!(&more[0], Inbound::Event { conn, event, .. }
+        matches!(&more[0].1, Inbound::Event { conn, event, .. }
             if *conn == b && event.kind == EventKind::Finish && event.code == codes::CANCELLED),
         "{more:?}"
     );
@@ -702,6 +702,61 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
             .unwrap()
             .len(),
         1
+    );
+}
+
+/// A commit's mark is the committing node's last inbox entry before the
+/// commit's own: what the node must have handed on before the result of
+/// the control that committed (its device's earlier events come first).
+#[tokio::test]
+async fn a_commits_mark_is_its_nodes_last_inbox_entry_before_it() {
+    let redis = Redis::start();
+    let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
+    let id = CallId(uuid::Uuid::now_v7());
+    let mut out = Vec::new();
+    // Node 1's inbox is empty: nothing to wait for.
+    n1.control(
+        a,
+        None,
+        &ctl(ControlKind::Request, "bob", 0),
+        id,
+        T0,
+        &mut out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream");
+    assert_eq!(n1.store().mark(), EntryId::default());
+    n1.approval_done(id, Verdict::Allow, T0, &mut out)
+        .await
+        .unwrap();
+    let inbox = |n: &mut Node| {
+        let mut store = n.store().clone();
+        let node = store.node();
+        async move { store.inbox(node, "0-0", 100).await.unwrap() }
+    };
+    // Bob's REQUEST is in node 2's inbox: bob's answer may follow it only.
+    let before = inbox(&mut n2).await;
+    let request = EntryId::parse(&before.last().expect("bob's REQUEST").0).unwrap();
+    n2.control(
+        b,
+        None,
+        &ctl(ControlKind::Reply, "alice", 0),
+        id,
+        T0,
+        &mut out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream");
+    assert_eq!(n2.store().mark(), request);
+    // The answer's own events (bob's START) come after the mark.
+    let after = inbox(&mut n2).await;
+    assert!(after.len() > before.len(), "{after:?}");
+    assert!(
+        after[before.len()..]
+            .iter()
+            .all(|(e, _)| EntryId::parse(e).unwrap() > request)
     );
 }
 
