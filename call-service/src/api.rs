@@ -10,9 +10,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 use videocall_proto::v1 as pb;
@@ -107,16 +108,27 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
         &self,
         request: Request<Streaming<pb::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let identity = self.auth.identify(request.metadata())?;
+        let (metadata, _, inbound) = request.into_parts();
+        self.open(&metadata, inbound).await.map(Response::new)
+    }
+}
+
+impl<S: Switchboard> ClientApi<S> {
+    /// Opens a device's session: who `metadata` says it is, its controls
+    /// from `inbound`, its messages in the stream returned. The gRPC
+    /// `Session` and the WebSocket edge ([`crate::web`]) both come here.
+    pub async fn open<I>(&self, metadata: &MetadataMap, inbound: I) -> Result<DeviceStream, Status>
+    where
+        I: Stream<Item = Result<pb::ClientMessage, Status>> + Send + Unpin + 'static,
+    {
+        let identity = self.auth.identify(metadata)?;
         let permit = self.connections.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("this call service holds as many connections as it may")
         })?;
-        let resume = request
-            .metadata()
+        let resume = metadata
             .get(RESUME_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let inbound = request.into_inner();
         let Attached {
             conn,
             epoch,
@@ -155,7 +167,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             _permit: permit,
         };
         self.tasks.spawn(reader.run(inbound));
-        Ok(Response::new(DeviceStream {
+        Ok(DeviceStream {
             rx,
             answers,
             expires_at_ms: identity.expires.map_or(0, unix_ms),
@@ -164,7 +176,7 @@ impl<S: Switchboard> pb::call_service_server::CallService for ClientApi<S> {
             answered: 0,
             end: Some(end_rx),
             _gone: gone_tx,
-        }))
+        })
     }
 }
 
@@ -480,7 +492,10 @@ impl<S: Switchboard> Reader<S> {
     /// ends, then reports the device gone. Being the only sender of both, it
     /// keeps them in order: a FINISH sent just before hanging up is applied
     /// first.
-    async fn run(mut self, mut inbound: Streaming<pb::ClientMessage>) {
+    async fn run<I>(mut self, mut inbound: I)
+    where
+        I: Stream<Item = Result<pb::ClientMessage, Status>> + Unpin,
+    {
         let conn = self.conn;
         // One timer: the token is asked for, then the stream ends with it.
         let mut armed = self.alarm();
@@ -490,7 +505,7 @@ impl<S: Switchboard> Reader<S> {
         let mut lost = true;
         loop {
             let msg = tokio::select! {
-                m = inbound.message() => m,
+                m = inbound.next() => m.transpose(),
                 _ = &mut self.gone => break,
                 () = self.superseded.cancelled() => {
                     // Not a code the SDK reconnects on: the device lives on

@@ -271,6 +271,16 @@ pub struct Config {
     #[arg(long, env = "CALL_SERVICE_NO_METRICS")]
     pub no_metrics: bool,
 
+    /// Serve browsers here (HTTP): the client session over a WebSocket at
+    /// `/v1/session` and the web phone at `/`. Unset: no browser edge.
+    #[arg(long, env = "CALL_SERVICE_WEB_ADDR")]
+    pub web_addr: Option<SocketAddr>,
+
+    /// Origins (`scheme://host[:port]`, comma-separated; `*` for any) whose
+    /// pages may open a web session, besides the web address itself.
+    #[arg(long, env = "CALL_SERVICE_WEB_ORIGINS", value_delimiter = ',')]
+    pub web_origins: Vec<String>,
+
     /// On shutdown, how long to keep serving while health reports
     /// NOT_SERVING (so load balancers stop sending new clients) before
     /// closing the listeners.
@@ -319,6 +329,8 @@ impl Config {
             node_lease: defaults::duration(defaults::NODE_LEASE),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             no_metrics: true,
+            web_addr: None,
+            web_origins: Vec::new(),
             drain_time: Duration::ZERO,
             notice_drain: defaults::duration(defaults::NOTICE_DRAIN),
             log_format: videocall_telemetry::LogFormat::Text,

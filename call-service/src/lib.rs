@@ -27,7 +27,9 @@
 //! - [`api`]: the gRPC edge, client API and admin API; controls refused for
 //!   their rate or form are answered here, never queued for the
 //!   switchboard; [`convert`] validates protobuf into domain types and
-//!   encodes domain types; [`auth`] says who a client is.
+//!   encodes domain types; [`auth`] says who a client is. [`web`]: the
+//!   browser edge, the same session over a WebSocket in the contract's JSON
+//!   mapping, and the web phone's page (`call-service/web/`).
 //!
 //! Dependencies point one way, from the edge down to the rules: `server` →
 //! `api` → `switchboard` → `machine` → `store` → `device` → `domain`, and
@@ -61,6 +63,7 @@ pub mod shared;
 pub mod store;
 pub mod switchboard;
 pub mod unary;
+pub mod web;
 
 pub use config::Config;
 pub use server::{Listeners, ServeError, serve};

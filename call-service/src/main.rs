@@ -55,20 +55,29 @@ async fn main() -> anyhow::Result<()> {
         true => None,
         false => Some(bind(config.metrics_addr, "metrics").await?),
     };
+    let web = match config.web_addr {
+        Some(addr) => Some(bind(addr, "web").await?),
+        None => None,
+    };
+    let shown = |l: &Option<TcpListener>| -> anyhow::Result<String> {
+        Ok(match l {
+            Some(l) => l.local_addr()?.to_string(),
+            None => "off".into(),
+        })
+    };
     // One line on stdout, for people and for scripts that started us on port 0.
     println!(
-        "call-service listening: client={} admin={} metrics={}",
+        "call-service listening: client={} admin={} metrics={} web={}",
         client.local_addr()?,
         admin.local_addr()?,
-        match &metrics {
-            Some(m) => m.local_addr()?.to_string(),
-            None => "off".into(),
-        }
+        shown(&metrics)?,
+        shown(&web)?,
     );
     let listeners = call_service::Listeners {
         client,
         admin,
         metrics,
+        web,
     };
     call_service::serve(listeners, config, videocall_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -44,6 +44,8 @@ pub enum ServeError {
     },
     #[error("the metrics server failed: {0}")]
     Metrics(#[source] std::io::Error),
+    #[error("the web server failed: {0}")]
+    Web(#[source] std::io::Error),
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("invalid configuration: {0}")]
@@ -61,6 +63,8 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// Prometheus `/metrics`, if wanted.
     pub metrics: Option<TcpListener>,
+    /// The browser edge (WebSocket session and web phone), if wanted.
+    pub web: Option<TcpListener>,
 }
 
 /// Runs the call service until `shutdown` resolves. Health: `""`,
@@ -116,7 +120,8 @@ pub async fn serve(
     let reflection_v1 = videocall_telemetry::reflection().build_v1()?;
     let reflection_v1alpha = videocall_telemetry::reflection().build_v1alpha()?;
 
-    let client_api = CallServiceServer::new(ClientApi::new(
+    // Shared by the gRPC edge and the browser's.
+    let sessions = Arc::new(ClientApi::new(
         switchboard.clone(),
         auth,
         config.refresh_ahead,
@@ -124,8 +129,9 @@ pub async fn serve(
         tasks.clone(),
         token.clone(),
         metrics.clone(),
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
+    ));
+    let client_api = CallServiceServer::from_arc(sessions.clone())
+        .max_decoding_message_size(limits.max_message_bytes);
     let admin_api = InterceptedService::new(
         CallAdminServer::new(AdminApi::new(switchboard.clone()))
             .max_decoding_message_size(limits.max_message_bytes),
@@ -136,6 +142,7 @@ pub async fn serve(
         client = %addr(&listeners.client),
         admin = %addr(&listeners.admin),
         metrics = %listeners.metrics.as_ref().map(addr).unwrap_or_else(|| "off".into()),
+        web = %listeners.web.as_ref().map(addr).unwrap_or_else(|| "off".into()),
         business = config.business_url.as_deref().unwrap_or("none"),
         ring_timeout = ?config.ring_timeout,
         approval_deadline = ?config.approval_deadline,
@@ -184,8 +191,21 @@ pub async fn serve(
             None => Ok(()),
         }
     };
+    let web_srv = async {
+        match listeners.web {
+            Some(l) => {
+                let origins = config.web_origins.clone();
+                let r = crate::web::serve(l, sessions, origins, tasks.clone(), closing.clone())
+                    .await
+                    .map_err(ServeError::Web);
+                closing.cancel();
+                r
+            }
+            None => Ok(()),
+        }
+    };
     let watch = watch_shutdown(shutdown, &health, config.drain_time, &closing, &token);
-    let (client_res, admin_res, metrics_res, ()) = tokio::join!(
+    let (client_res, admin_res, metrics_res, web_res, ()) = tokio::join!(
         run_server(client_srv, "client", &closing),
         run_server(admin_srv, "admin", &closing),
         async {
@@ -195,12 +215,13 @@ pub async fn serve(
             }
             r
         },
+        web_srv,
         watch,
     );
     token.cancel();
     wait_for_tasks(&tasks, lanes.as_ref(), &lanes_stop, config.notice_drain).await;
     info!("call service stopped");
-    client_res.and(admin_res).and(metrics_res)
+    client_res.and(admin_res).and(metrics_res).and(web_res)
 }
 
 /// The switchboard on `tasks`, until `token`: the in-memory actor, or

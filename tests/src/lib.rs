@@ -88,6 +88,8 @@ pub struct CallService {
 pub struct NodeProcess {
     pub client_url: String,
     pub admin_url: String,
+    /// The browser edge, when the configuration has a `web_addr`.
+    pub web_url: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), call_service::ServeError>>,
 }
@@ -226,11 +228,21 @@ impl NodeProcess {
             .expect("bind admin port");
         let client_url = format!("http://{}", client.local_addr().expect("client addr"));
         let admin_url = format!("http://{}", admin.local_addr().expect("admin addr"));
+        // The browser edge when the configuration asks for it (on a free
+        // port: `web_addr` says only where).
+        let web = match config.web_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.expect("bind web port")),
+            None => None,
+        };
+        let web_url = web
+            .as_ref()
+            .map(|w| format!("http://{}", w.local_addr().expect("web addr")));
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = call_service::Listeners {
             client,
             admin,
             metrics: None,
+            web,
         };
         let task = tokio::spawn(call_service::serve(listeners, config, async {
             let _ = stopped.await;
@@ -238,6 +250,7 @@ impl NodeProcess {
         Self {
             client_url,
             admin_url,
+            web_url,
             stop: Some(stop),
             task,
         }

@@ -262,6 +262,7 @@ async fn the_admin_api_wants_its_own_credential() {
         client,
         admin: open_admin,
         metrics: None,
+        web: None,
     };
     let err = call_service::serve(listeners, config, std::future::pending())
         .await
