@@ -250,6 +250,7 @@ impl<S: Switchboard> Web<S> {
             let msg = match item {
                 Ok(msg) => msg,
                 Err(status) => {
+                    debug!(code = ?status.code(), message = status.message(), "web session ended");
                     close(&mut tx, &status).await;
                     return;
                 }
@@ -267,6 +268,7 @@ impl<S: Switchboard> Web<S> {
                 return;
             }
         }
+        debug!("web session: the device's stream ended");
         let _ = tx.send(Message::Close(None)).await;
     }
 }

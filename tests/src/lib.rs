@@ -15,6 +15,7 @@
 
 pub mod process;
 pub mod redis;
+pub mod web;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
