@@ -173,6 +173,10 @@ struct Local {
     /// stream.
     waiting: std::collections::VecDeque<Waiting>,
     next_waiting: u64,
+    /// The devices with a control being committed, and the events the
+    /// inbox brought them meanwhile: those before the commit's mark go
+    /// before its result, the rest (its own transition's) after.
+    in_flight: HashMap<ConnId, Vec<(EntryId, Outgoing)>>,
 }
 
 /// A control's result held until the events committed before it are
@@ -526,6 +530,19 @@ impl Inner {
                     Inbound::Event { conn, epoch, event } => {
                         let msg = Outgoing::Event(event);
                         match local.streams.get(&conn).map(|e| e.epoch) {
+                            // Its control is being committed: these wait to
+                            // go around its result.
+                            Some(e)
+                                if e == epoch
+                                    && local
+                                        .in_flight
+                                        .get(&conn)
+                                        .is_some_and(|held| held.len() < DEVICE_QUEUE) =>
+                            {
+                                if let Some(held) = local.in_flight.get_mut(&conn) {
+                                    held.push((id, msg));
+                                }
+                            }
                             Some(e) if e == epoch => self.push(&mut local, conn, msg),
                             // Sent to an attachment that was taken over.
                             Some(e) if e > epoch => {}
@@ -567,24 +584,52 @@ impl Inner {
         }
     }
 
+    /// Notes that a control of `conn` is being committed: the events the
+    /// inbox brings it meanwhile wait for [`Inner::answer`].
+    fn committing(&self, conn: ConnId) {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.in_flight.insert(conn, Vec::new());
+    }
+
     /// Queues a control's result on its stream once every inbox entry up
     /// to `after` (its commit's mark) is handed on, and after any earlier
-    /// result of the stream; past `deadline` it goes at once.
+    /// result of the stream, and the events of its own transition after it
+    /// (`msg` `None`: no result, from a stream that no longer holds the
+    /// device; `after` `None`: nothing committed, so what came meanwhile
+    /// goes first); past `deadline` it goes at once.
     async fn answer(
         self: &Arc<Self>,
         conn: ConnId,
         epoch: u64,
-        after: EntryId,
-        msg: Outgoing,
+        after: Option<EntryId>,
+        msg: Option<Outgoing>,
         deadline: tokio::time::Instant,
     ) {
         let (id, sent) = {
             let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let held = local.in_flight.remove(&conn).unwrap_or_default();
+            let (before, own): (Vec<_>, Vec<_>) = held
+                .into_iter()
+                .partition(|(i, _)| after.is_none_or(|a| *i <= a));
+            let after = after.unwrap_or_default();
+            for (_, m) in before {
+                self.answer_now(&mut local, conn, epoch, m);
+            }
             let behind = local.waiting.iter().any(|w| w.conn == conn);
+            let Some(msg) = msg else {
+                for (_, m) in own {
+                    self.answer_now(&mut local, conn, epoch, m);
+                }
+                return;
+            };
             if after <= local.delivered && !behind {
                 self.answer_now(&mut local, conn, epoch, msg);
+                for (_, m) in own {
+                    self.answer_now(&mut local, conn, epoch, m);
+                }
                 return;
             }
+            // Not read that far yet: nothing of its own came either.
             let id = local.next_waiting;
             local.next_waiting += 1;
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -653,6 +698,7 @@ impl Inner {
         local.early.clear();
         local.early_count = 0;
         local.waiting.clear();
+        local.in_flight.clear();
         // Dropping a queue's sender ends its response stream.
         for (_, e) in local.streams.drain() {
             e.moved.cancel();
@@ -1102,7 +1148,8 @@ impl Switchboard for ClusterSwitchboard {
         let inner = &self.inner;
         let deadline = tokio::time::Instant::now() + INPUT_TIMEOUT;
         let request = ctl.kind == ControlKind::Request;
-        let mut after = EntryId::default();
+        // The commit's mark; `None`: nothing committed (or not known to).
+        let mut after = None;
         let outcome = if request
             && inner.business.is_some()
             && inner.approvals.load(Ordering::Relaxed) >= inner.limits.max_pending_approvals
@@ -1115,6 +1162,7 @@ impl Switchboard for ClusterSwitchboard {
             let mut node = inner.node.clone();
             let mut out = Vec::new();
             let now = inner.now();
+            inner.committing(conn);
             match bounded(
                 inner,
                 node.control(conn, Some(epoch), &ctl, call_id, now, &mut out),
@@ -1123,11 +1171,14 @@ impl Switchboard for ClusterSwitchboard {
             {
                 Ok(Some(outcome)) => {
                     inner.perform(out);
-                    after = node.store().mark();
+                    after = Some(node.store().mark());
                     outcome
                 }
                 // From a stream that no longer holds the device.
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    inner.answer(conn, epoch, None, None, deadline).await;
+                    return Ok(());
+                }
                 Err(_) => UNAVAILABLE,
             }
         };
@@ -1143,7 +1194,7 @@ impl Switchboard for ClusterSwitchboard {
             call_id: outcome.call_id,
             reason: Reason(outcome.reason),
         };
-        inner.answer(conn, epoch, after, msg, deadline).await;
+        inner.answer(conn, epoch, after, Some(msg), deadline).await;
         Ok(())
     }
 
