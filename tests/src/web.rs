@@ -26,7 +26,11 @@ pub type Closed = (u16, String);
 /// Opens a socket at `web_url`'s session with `origin` (if any) and the
 /// subprotocol; the HTTP status when the upgrade is refused.
 pub async fn open(web_url: &str, origin: Option<&str>) -> Result<WebDevice, u16> {
-    let url = format!("{}{}", web_url.replacen("http", "ws", 1), call_service::web::SESSION_PATH);
+    let url = format!(
+        "{}{}",
+        web_url.replacen("http", "ws", 1),
+        call_service::web::SESSION_PATH
+    );
     let mut req = url.into_client_request().expect("a request");
     req.headers_mut().insert(
         "sec-websocket-protocol",
@@ -116,7 +120,9 @@ impl WebDevice {
     /// The next message, which must be an event; returned as its fields.
     pub async fn event(&mut self) -> Value {
         let msg = self.next().await.expect("open");
-        msg.get("event").cloned().unwrap_or_else(|| panic!("not an event: {msg}"))
+        msg.get("event")
+            .cloned()
+            .unwrap_or_else(|| panic!("not an event: {msg}"))
     }
 
     /// Drops the connection without a close frame (a network fault).

@@ -32,18 +32,30 @@ async fn two_browsers_place_a_call_over_websockets_as_grpc_clients_do() {
     let (svc, url) = with_web(|_| {}).await;
     let (mut alice, connected) = web::device(&url, "alice").await;
     assert_eq!(connected["userId"], "alice");
-    assert!(connected["resumeToken"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        connected["resumeToken"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+    );
     let (mut bob, _) = web::device(&url, "bob").await;
 
     let (r, before) = alice
-        .control("REQUEST", "bob", json!({ "userStr": "hello bob", "flags": 3 }))
+        .control(
+            "REQUEST",
+            "bob",
+            json!({ "userStr": "hello bob", "flags": 3 }),
+        )
         .await;
     assert!(before.is_empty(), "{before:?}");
     assert!(r.get("code").is_none(), "taken (code 0 is left out): {r}");
     let call_id = r["callId"].as_str().expect("a call id").to_owned();
     let ring = bob.event().await;
     assert_eq!(
-        (kind(&ring), ring["peerUserId"].as_str(), ring["userStr"].as_str()),
+        (
+            kind(&ring),
+            ring["peerUserId"].as_str(),
+            ring["userStr"].as_str()
+        ),
         ("EVENT_TYPE_REQUEST", Some("alice"), Some("hello bob"))
     );
     assert_eq!(ring["callId"], call_id.as_str());
@@ -77,8 +89,14 @@ async fn two_browsers_place_a_call_over_websockets_as_grpc_clients_do() {
     assert_eq!(kind(&fin), "EVENT_TYPE_FINISH");
     assert!(fin.get("errorCode").is_none(), "a normal hang-up: {fin}");
     let admin = svc.admin().await;
-    assert_eq!(user_state(&admin, "alice").await, videocall_proto::v1::UserState::Idle);
-    assert_eq!(user_state(&admin, "bob").await, videocall_proto::v1::UserState::Idle);
+    assert_eq!(
+        user_state(&admin, "alice").await,
+        videocall_proto::v1::UserState::Idle
+    );
+    assert_eq!(
+        user_state(&admin, "bob").await,
+        videocall_proto::v1::UserState::Idle
+    );
     svc.stop().await;
 }
 
@@ -93,10 +111,15 @@ async fn a_browser_and_an_sdk_device_of_one_user_both_ring_and_the_first_answer_
     let mut bob = phone_at(&svc.client_url, "bob").await;
     let call_id = bob.call("alice").await;
     let ring = alice_web.event().await;
-    assert_eq!((kind(&ring), ring["callId"].as_str()), ("EVENT_TYPE_REQUEST", Some(call_id.as_str())));
+    assert_eq!(
+        (kind(&ring), ring["callId"].as_str()),
+        ("EVENT_TYPE_REQUEST", Some(call_id.as_str()))
+    );
     alice_sdk.expect(EventKind::Request, "bob", Code::OK).await;
 
-    let (r, _) = alice_web.control("REPLY", "bob", json!({ "errorCode": 0 })).await;
+    let (r, _) = alice_web
+        .control("REPLY", "bob", json!({ "errorCode": 0 }))
+        .await;
     assert!(r.get("code").is_none(), "{r}");
     alice_sdk
         .expect(EventKind::Finish, "bob", Code::ANSWERED_ELSEWHERE)
@@ -122,7 +145,10 @@ async fn bad_frames_end_only_their_socket_with_a_clear_reason() {
     let (svc, url) = with_web(|_| {}).await;
     let (mut bob, _) = web::device(&url, "bob").await;
     let cases: Vec<(Message, &str)> = vec![
-        (Message::text("{not json"), "not a videocall.v1.ClientMessage in JSON"),
+        (
+            Message::text("{not json"),
+            "not a videocall.v1.ClientMessage in JSON",
+        ),
         (
             Message::text(r#"{"control":{"seq":1,"peer":"bob"}}"#),
             "unrecognized field name 'peer'",
@@ -131,7 +157,10 @@ async fn bad_frames_end_only_their_socket_with_a_clear_reason() {
             Message::text(r#"{"control":{"seq":"one"}}"#),
             "not a videocall.v1.ClientMessage in JSON",
         ),
-        (Message::binary(vec![0x0a, 0x00]), "binary frames are not read"),
+        (
+            Message::binary(vec![0x0a, 0x00]),
+            "binary frames are not read",
+        ),
         (
             Message::text(format!(
                 r#"{{"control":{{"seq":1,"userStr":"{}"}}}}"#,
@@ -157,7 +186,10 @@ async fn bad_frames_end_only_their_socket_with_a_clear_reason() {
     // Alice's sockets are gone and nothing else changed; bob's socket
     // still works.
     let admin = svc.admin().await;
-    assert_eq!(user_state(&admin, "alice").await, videocall_proto::v1::UserState::Offline);
+    assert_eq!(
+        user_state(&admin, "alice").await,
+        videocall_proto::v1::UserState::Offline
+    );
     let (r, _) = bob.control("FINISH", "nobody", json!({})).await;
     assert_eq!(r["code"], Code::NOT_IN_CALL.0);
     svc.stop().await;
@@ -168,9 +200,17 @@ async fn bad_frames_end_only_their_socket_with_a_clear_reason() {
 async fn a_socket_needs_the_subprotocol_and_an_allowed_origin() {
     let (svc, url) = with_web(|c| c.web_origins = vec!["https://app.example".into()]).await;
     let host = url.trim_start_matches("http://");
-    assert_eq!(web::open(&url, Some("https://evil.example")).await.err(), Some(403));
+    assert_eq!(
+        web::open(&url, Some("https://evil.example")).await.err(),
+        Some(403)
+    );
     assert!(web::open(&url, Some("https://app.example")).await.is_ok());
-    assert!(web::open(&url, Some(&format!("http://{host}"))).await.is_ok(), "its own page");
+    assert!(
+        web::open(&url, Some(&format!("http://{host}")))
+            .await
+            .is_ok(),
+        "its own page"
+    );
     assert!(web::open(&url, None).await.is_ok(), "not a browser");
     // Without the subprotocol.
     let ws_url = format!("ws://{host}{}", call_service::web::SESSION_PATH);
@@ -233,7 +273,10 @@ async fn the_first_frames_token_is_checked_as_grpc_metadata_is() {
         .await;
     let connected = d.next().await.expect("open");
     assert_eq!(connected["connected"]["userId"], "alice", "{connected}");
-    assert!(connected["connected"]["expiresAtMs"].as_str().is_some(), "{connected}");
+    assert!(
+        connected["connected"]["expiresAtMs"].as_str().is_some(),
+        "{connected}"
+    );
     // A refresh on the socket, as on gRPC.
     d.send(json!({ "refresh": { "seq": 9, "token": token("alice", 7200) } }))
         .await;
@@ -293,8 +336,14 @@ async fn the_web_phone_is_served_at_the_web_address() {
     ] {
         let (status, headers, body) = get(&url, path).await;
         assert_eq!(status, 200, "{path}");
-        assert!(headers.contains(&format!("content-type: {kind}")), "{path}: {headers}");
-        assert!(headers.contains("content-security-policy: default-src 'self'"), "{headers}");
+        assert!(
+            headers.contains(&format!("content-type: {kind}")),
+            "{path}: {headers}"
+        );
+        assert!(
+            headers.contains("content-security-policy: default-src 'self'"),
+            "{headers}"
+        );
         assert!(body.contains(has), "{path}");
     }
     svc.stop().await;
@@ -305,9 +354,11 @@ async fn get(url: &str, path: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = url.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.expect("read");
     let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
