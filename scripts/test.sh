@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, the end-to-end suites three ways (one node in memory,
 # one node on Redis, three nodes on one Redis). Sets up what the tests need beyond the Rust toolchain:
-# tmux, debootstrap and redis-server (Debian packages, with apt-get), and a Python virtual
+# tmux, debootstrap, redis-server, chromium and chromium-driver (Debian packages, with
+# apt-get), and a Python virtual
 # environment with examples/python/requirements.txt and
 # tests/python/requirements.txt (from PyPI), for the any-language tests and
 # the third-party clients. Extra arguments go to `cargo test`.
@@ -9,12 +10,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Programs the tests drive, from Debian's packages: tmux (the terminal phone
-# test), debootstrap (the local base image of the container test) and
-# redis-server (the shared store's tests start their own on a free port).
+# test), debootstrap (the local base image of the container test),
+# redis-server (the shared store's tests start their own on a free port) and
+# chromium with its chromedriver (the web phone's browser tests).
 missing=()
 command -v tmux >/dev/null || missing+=(tmux)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages the tests drive)..."
   sudo=""
@@ -24,7 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, prometheus_client' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, prometheus_client, selenium' 2>/dev/null; then
   echo "setting up $venv (Python packages for the any-language and third-party-client tests)..."
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
@@ -40,7 +44,7 @@ cargo test --workspace "$@"
 # as above, so the dependencies keep the features they were built with
 # (`-p videocall-tests` alone would rebuild some of them).
 e2e=(--test call_flow --test security --test resume --test notices --test hardening
-  --test business --test observability --test phone)
+  --test business --test observability --test phone --test web)
 for store in redis cluster; do
   echo "end-to-end suites, call state: $store"
   VIDEOCALL_TEST_STORE=$store cargo test --workspace "${e2e[@]}" "$@"

@@ -22,7 +22,7 @@
 //!
 //! **Origins.** A page from another site could open a session with a
 //! token it got hold of, so a request carrying `Origin` is served only
-//! when that origin is the web address itself or on `--web-origin`'s list.
+//! when that origin is the web address itself or on `--web-origins`'s list.
 //! Clients that are not browsers send no `Origin`.
 //!
 //! **Slow consumers.** A socket is written as fast as the browser reads;
@@ -217,7 +217,7 @@ impl<S: Switchboard> Web<S> {
         if same {
             Ok(())
         } else {
-            Err("origin not allowed (see --web-origin)")
+            Err("origin not allowed (see --web-origins)")
         }
     }
 

@@ -30,6 +30,8 @@ const CODES = {
 const words = (code) => CODES[code] || `code ${code}`;
 const $ = (id) => document.getElementById(id);
 const MAX_USER_STR = 4096;
+// STUN/TURN servers for media behind NAT; none are needed on one network.
+const ICE_SERVERS = [];
 
 // What the page knows; `window.phone` lets a test (or a curious user) look.
 const phone = {
@@ -47,6 +49,7 @@ const phone = {
   waiting: new Map(), // seq -> resolve
   seen: new Set(), // "callId/type": repeats after a resume are dropped
   retry: 500,
+  resumes: 0, // streams that took this device's place after a break
   async framesDecoded() {
     if (!this.pc) return 0;
     let frames = 0;
@@ -155,13 +158,15 @@ function receive(msg) {
     phone.me = c.userId;
     phone.resumeToken = c.resumeToken;
     phone.retry = 500;
+    if (c.resumed) phone.resumes += 1;
     log(c.resumed ? "reconnected: the call goes on" : `signed in as ${c.userId}`);
     if (!c.resumed) {
       // A new device: whatever call the page showed is gone.
       endCall(null);
     }
-    phone.state = phone.call ? phone.state : "idle";
-    if (phone.state === "connecting") phone.state = "idle";
+    // Back where the call was (a resumed device keeps its call).
+    const c2 = phone.call;
+    phone.state = !c2 ? "idle" : phone.room ? "talking" : c2.role === "caller" ? "calling" : "ringing";
     show();
   } else if (msg.result) {
     const r = msg.result;
@@ -243,7 +248,7 @@ async function inflate(b64) {
 }
 
 async function media() {
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const pc = new RTCPeerConnection({ iceServers: ICE_SERVERS });
   phone.pc = pc;
   phone.ice = "new";
   pc.onconnectionstatechange = () => {

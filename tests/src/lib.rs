@@ -13,6 +13,7 @@
 //! (`memory`, the default; `redis`; `cluster`): `scripts/test.sh` runs the
 //! end-to-end suites all three ways.
 
+pub mod browser;
 pub mod process;
 pub mod redis;
 pub mod web;
