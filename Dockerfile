@@ -45,7 +45,7 @@ ENV CALL_SERVICE_CLIENT_ADDR=0.0.0.0:50051 \
     CALL_SERVICE_ADMIN_ADDR=0.0.0.0:50052 \
     CALL_SERVICE_METRICS_ADDR=0.0.0.0:9151 \
     CALL_SERVICE_DRAIN_TIME=5s
-EXPOSE 50051 50052 9151
+EXPOSE 50051 50052 9151 8080
 USER videocall
 HEALTHCHECK --interval=5s --timeout=4s --start-period=5s --retries=3 CMD ["call-service", "healthcheck"]
 ENTRYPOINT ["call-service"]

@@ -195,7 +195,10 @@ pub async fn serve(
         match listeners.web {
             Some(l) => {
                 let origins = config.web_origins.clone();
-                let r = crate::web::serve(l, sessions, origins, tasks.clone(), closing.clone())
+                let refused = metrics.connections_refused.clone();
+                let conns =
+                    crate::web::Limited::new(l, accept, refused).map_err(ServeError::Web)?;
+                let r = crate::web::serve(conns, sessions, origins, tasks.clone(), closing.clone())
                     .await
                     .map_err(ServeError::Web);
                 closing.cancel();

@@ -25,10 +25,18 @@
 //! when that origin is the web address itself or on `--web-origins`'s list.
 //! Clients that are not browsers send no `Origin`.
 //!
+//! **Connections.** The web listener accepts with the gRPC listeners'
+//! limits ([`Limited`]): `--max-connections-per-peer` per IP address (its
+//! own count), the first bytes within `--handshake-timeout`, accept errors
+//! waited out; then a socket has [`HELLO_TIMEOUT`] to say who it is.
+//!
 //! **Slow consumers.** A socket is written as fast as the browser reads;
 //! behind it the device's queue fills and the device is dropped exactly as
 //! on gRPC. A write that stalls for [`WRITE_TIMEOUT`] closes the socket.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,8 +56,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::server::Connected;
 use tracing::debug;
 use videocall_proto::v1 as pb;
+use videocall_telemetry::accept::{AcceptLimits, Conn, Refused, incoming};
 
 use crate::api::{ClientApi, RESUME_HEADER};
 use crate::auth::DEV_USER_HEADER;
@@ -119,11 +129,58 @@ struct Web<S> {
     tasks: TaskTracker,
 }
 
+/// The web listener's connections, past the accept limits every listener
+/// of the node has ([`videocall_telemetry::accept::incoming`]).
+pub struct Limited {
+    conns: Pin<Box<dyn Stream<Item = Result<Conn, Infallible>> + Send>>,
+    addr: SocketAddr,
+}
+
+impl Limited {
+    pub fn new(
+        listener: TcpListener,
+        limits: AcceptLimits,
+        refused: Refused,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            conns: Box::pin(incoming(listener, limits, refused)),
+            addr,
+        })
+    }
+}
+
+impl std::fmt::Debug for Limited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limited").field("addr", &self.addr).finish()
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        match self.conns.next().await {
+            Some(Ok(conn)) => {
+                let peer = conn.connect_info().remote_addr().unwrap_or(self.addr);
+                (conn, peer)
+            }
+            // The stream never ends (accept errors are waited out).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
 /// Serves the web phone and the WebSocket session on `listener` until
 /// `shutdown`; the sessions are tracked on `tasks` (they end with the
 /// switchboard, as gRPC streams do).
 pub async fn serve<S: Switchboard>(
-    listener: TcpListener,
+    listener: Limited,
     api: Arc<ClientApi<S>>,
     origins: Vec<String>,
     tasks: TaskTracker,
@@ -333,10 +390,7 @@ struct Inbound {
 impl Stream for Inbound {
     type Item = Result<pb::ClientMessage, Status>;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             let frame = match std::task::ready!(self.rx.poll_next_unpin(cx)) {
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(None),

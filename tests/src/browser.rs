@@ -61,7 +61,12 @@ impl Browsers {
         }
         let mut child = Command::new(&python)
             .arg(workspace().join("tests/python/browser.py"))
-            .args(["--chromium", &which(&chromium), "--chromedriver", &which(&chromedriver)])
+            .args([
+                "--chromium",
+                &which(&chromium),
+                "--chromedriver",
+                &which(&chromedriver),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

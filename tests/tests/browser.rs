@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use client_sdk::{Code, EventKind};
 use serde_json::{Value, json};
+use videocall_proto::v1::UserState;
 use videocall_tests::browser::Browsers;
 use videocall_tests::process::workspace;
 use videocall_tests::{CallService, Proxy, phone_at, user_state};
-use videocall_proto::v1::UserState;
 
 async fn with_web() -> (CallService, String) {
     with_web_and(|_| {}).await
@@ -58,7 +58,10 @@ async fn two_web_phones_call_talk_over_webrtc_and_hang_up() {
     assert_eq!(bob.text("caller").await, "alice");
     assert_eq!(bob.text("caller-message").await, "Hello Bob!");
     // The caller's video offer came in the REQUEST's user string.
-    assert_eq!(bob.eval("return Boolean(phone.call.offer)").await, json!(true));
+    assert_eq!(
+        bob.eval("return Boolean(phone.call.offer)").await,
+        json!(true)
+    );
     bob.click("answer").await;
 
     for name in ["alice", "bob"] {
@@ -87,7 +90,11 @@ async fn two_web_phones_call_talk_over_webrtc_and_hang_up() {
     let events = bob.events().await;
     assert_eq!(types(&events), ["REQUEST", "START", "FINISH"]);
     assert_eq!(last(&events), ("FINISH".into(), "alice".into(), 0));
-    assert_eq!(bob.eval("return phone.pc").await, Value::Null, "media closed");
+    assert_eq!(
+        bob.eval("return phone.pc").await,
+        Value::Null,
+        "media closed"
+    );
     let mut alice = browsers.page("alice");
     alice.wait_state("idle").await;
     // The one who hangs up hears its own FINISH too, as on gRPC.
@@ -124,7 +131,10 @@ async fn a_web_phone_and_an_sdk_client_call_each_other_both_ways() {
     assert_eq!(sdk.client.finish("carol").await.expect("finish"), Code::OK);
     sdk.expect(EventKind::Finish, "carol", Code::OK).await;
     web.wait_state("idle").await;
-    assert_eq!(last(&web.events().await), ("FINISH".into(), "dave".into(), 0));
+    assert_eq!(
+        last(&web.events().await),
+        ("FINISH".into(), "dave".into(), 0)
+    );
 
     // Browser → SDK: the SDK sees the page's text (and its video offer) in
     // the user string, and rejects; the page shows why.
@@ -135,7 +145,10 @@ async fn a_web_phone_and_an_sdk_client_call_each_other_both_ways() {
     assert!(user["offer"].as_str().is_some_and(|o| !o.is_empty()));
     assert!(ring.user_str.len() <= 4096);
     assert_eq!(
-        sdk.client.reply("carol", Code::REJECTED).await.expect("reply"),
+        sdk.client
+            .reply("carol", Code::REJECTED)
+            .await
+            .expect("reply"),
         Code::OK
     );
     web.wait_state("idle").await;
@@ -221,7 +234,10 @@ async fn a_web_phone_whose_connection_breaks_reconnects_and_its_call_goes_on() {
     // The resumed stream carries the call: a hang-up from the peer arrives.
     assert_eq!(sdk.client.finish("grace").await.expect("finish"), Code::OK);
     web.wait_state("idle").await;
-    assert_eq!(last(&web.events().await), ("FINISH".into(), "heidi".into(), 0));
+    assert_eq!(
+        last(&web.events().await),
+        ("FINISH".into(), "heidi".into(), 0)
+    );
     browsers.quit().await;
     svc.stop().await;
 }

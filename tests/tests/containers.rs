@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use client_sdk::{Code, EventKind};
 use videocall_tests::process::{binaries, free_port, workspace};
+use videocall_tests::web;
 use videocall_tests::{phone_at, scrape_metrics, talking};
 
 const BASE: &str = "videocall-base:bookworm";
@@ -178,6 +179,7 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
 
     let (client_port, admin_port) = (free_port().await, free_port().await);
     let (metrics_port, business_metrics_port) = (free_port().await, free_port().await);
+    let web_port = free_port().await;
     let compose = Compose {
         project: format!("videocalltest{}", std::process::id()),
         file: None,
@@ -187,6 +189,7 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
             ("VIDEOCALL_CLIENT_PORT".into(), client_port.to_string()),
             ("VIDEOCALL_ADMIN_PORT".into(), admin_port.to_string()),
             ("VIDEOCALL_METRICS_PORT".into(), metrics_port.to_string()),
+            ("VIDEOCALL_WEB_PORT".into(), web_port.to_string()),
             (
                 "VIDEOCALL_BUSINESS_METRICS_PORT".into(),
                 business_metrics_port.to_string(),
@@ -197,6 +200,10 @@ async fn compose_up_calls_through_the_containers_and_keeps_records() {
     run(&mut compose.cmd(&["up", "-d", "--no-build"]));
     compose.healthy("business-service").await;
     compose.healthy("call-service").await;
+
+    // The web edge is published too: a browser's session opens through it.
+    let (_web, connected) = web::device(&format!("http://127.0.0.1:{web_port}"), "carol").await;
+    assert_eq!(connected["userId"], "carol", "{connected}");
 
     // Real clients on the host call through the containers.
     let url = format!("http://127.0.0.1:{client_port}");

@@ -369,3 +369,43 @@ async fn get(url: &str, path: &str) -> (u16, String, String) {
         .expect("a status");
     (status, head.to_lowercase(), body.to_owned())
 }
+
+/// The web listener accepts with the node's accept limits: a socket that
+/// sends nothing is closed after the handshake timeout, and one peer's
+/// connections beyond its limit are closed at once while its sessions go on.
+#[tokio::test]
+async fn the_web_listener_closes_silent_sockets_and_one_peers_excess() {
+    use tokio::io::AsyncReadExt;
+    let (svc, url) = with_web(|c| {
+        c.limits.handshake_timeout = Duration::from_millis(300);
+        c.limits.max_connections_per_peer = 2;
+    })
+    .await;
+    let host = url.trim_start_matches("http://").to_owned();
+    let closed = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the server never closed the connection");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    };
+    closed(
+        tokio::net::TcpStream::connect(&host)
+            .await
+            .expect("connect"),
+    )
+    .await;
+
+    let (mut a, _) = web::device(&url, "alice").await;
+    let (_b, _) = web::device(&url, "bob").await;
+    closed(
+        tokio::net::TcpStream::connect(&host)
+            .await
+            .expect("connect"),
+    )
+    .await;
+    // The two sessions are untouched.
+    let (r, _) = a.control("FINISH", "nobody", json!({})).await;
+    assert_eq!(r["code"], Code::NOT_IN_CALL.0, "{r}");
+    svc.stop().await;
+}
