@@ -20,6 +20,7 @@ use crate::process::workspace;
 pub const PAGE_PATIENCE_S: u64 = 30;
 
 /// The driver process and its browsers; they all end when it is dropped.
+#[derive(Debug)]
 pub struct Browsers {
     child: Child,
     stdin: ChildStdin,
@@ -27,6 +28,7 @@ pub struct Browsers {
 }
 
 /// One browser of [`Browsers`], by name.
+#[derive(Debug)]
 pub struct Page<'a> {
     browsers: &'a mut Browsers,
     name: String,
@@ -93,8 +95,7 @@ impl Browsers {
             .write_all(line.as_bytes())
             .await
             .expect("write to the browser driver");
-        let answer = self.answer().await;
-        answer
+        self.answer().await
     }
 
     async fn answer(&mut self) -> Value {
