@@ -86,6 +86,9 @@ const EARLY_LIMIT: usize = 4096;
 /// dies, so a reaper parks them again (clients drop what they already had:
 /// one event of each type per call and device).
 const REDELIVERY_WINDOW: Duration = Duration::from_secs(3);
+/// How often the inbox reader trims what it read past the redelivery
+/// window (the inbox holds at most this much more).
+const TRIM_EVERY: Duration = Duration::from_millis(500);
 /// How long they are held.
 const EARLY_TTL: Duration = Duration::from_secs(5);
 
@@ -322,25 +325,24 @@ impl Inner {
 
     /// Backpressure on a caller whose calls' notices pile up (see
     /// `business`): its flood must not cost others theirs. Counted over
-    /// the cluster: what waits in the notice lanes in Redis, and what
-    /// waits here if this node hands them on.
-    async fn over_quota(&self, conn: ConnId) -> Result<bool, SharedError> {
+    /// the cluster: what waits here if this node hands them on (`Err`:
+    /// over quota already), and what waits in the notice lanes in Redis,
+    /// which the REQUEST's commit checks (the caller and the quota, `Ok`).
+    fn quota(&self, conn: ConnId) -> Result<Option<(UserId, usize)>, ()> {
         let Some(b) = &self.business else {
-            return Ok(false);
+            return Ok(None);
         };
         let user = {
             let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
             match local.streams.get(&conn) {
                 Some(e) => e.user.clone(),
-                None => return Ok(false),
+                None => return Ok(None),
             }
         };
         if b.caller_over_quota(&user) {
-            return Ok(true);
+            return Err(());
         }
-        let mut node = self.node.clone();
-        let waiting = bounded(self, node.store().pending(&user)).await?;
-        Ok(waiting >= self.limits.max_notices_per_caller)
+        Ok(Some((user, self.limits.max_notices_per_caller)))
     }
 
     fn unhealthy(&self, e: &SharedError) {
@@ -735,6 +737,7 @@ fn hold_early(local: &mut Local, conn: ConnId, epoch: u64, now: Time, msg: Outgo
 /// committed until then are handed on, and the node leaves.
 async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
     let mut wait = Duration::from_millis(50);
+    let mut trimmed = tokio::time::Instant::now();
     loop {
         if !inner.held.load(Ordering::SeqCst) {
             // Its lease ran out: what is in the inbox is for the reaping
@@ -764,12 +767,17 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
                     let lag = now.saturating_sub(u128::from(at));
                     inner.metrics.inbox_lag_seconds.observe(lag as f64 / 1000.0);
                 }
-                let mut node = inner.node.clone();
-                let last = reader.last().to_owned();
-                let trim = node
-                    .store()
-                    .trim_inbox_read(inner.id, &last, REDELIVERY_WINDOW);
-                let _ = bounded(&inner, trim).await;
+                // Trimmed at most every TRIM_EVERY, not after every read:
+                // a round trip per read would be one per event at low rates.
+                if trimmed.elapsed() >= TRIM_EVERY {
+                    trimmed = tokio::time::Instant::now();
+                    let mut node = inner.node.clone();
+                    let last = reader.last().to_owned();
+                    let trim = node
+                        .store()
+                        .trim_inbox_read(inner.id, &last, REDELIVERY_WINDOW);
+                    let _ = bounded(&inner, trim).await;
+                }
             }
             Err(e) => {
                 inner.unhealthy(&e);
@@ -1155,9 +1163,14 @@ impl Switchboard for ClusterSwitchboard {
             && inner.approvals.load(Ordering::Relaxed) >= inner.limits.max_pending_approvals
         {
             APPROVALS_FULL
-        } else if request && inner.over_quota(conn).await.unwrap_or(false) {
+        } else if let (true, Err(())) = (request, inner.quota(conn)) {
             CALLER_OVER_QUOTA
         } else {
+            let quota = if request {
+                inner.quota(conn).ok().flatten()
+            } else {
+                None
+            };
             let call_id = new_call_id(request);
             let mut node = inner.node.clone();
             let mut out = Vec::new();
@@ -1165,7 +1178,7 @@ impl Switchboard for ClusterSwitchboard {
             inner.committing(conn);
             match bounded(
                 inner,
-                node.control(conn, Some(epoch), &ctl, call_id, now, &mut out),
+                node.control(conn, Some(epoch), &ctl, call_id, quota, now, &mut out),
             )
             .await
             {

@@ -46,12 +46,13 @@ use redis::aio::ConnectionManager;
 
 use crate::device::Outgoing;
 use crate::domain::{Call, CallId, ConnId, Control, Effect, Event, Notice, Outcome, Phase, Time};
-use crate::domain::{ForceFinish, UserId, Verdict};
+use crate::domain::{ControlKind, ForceFinish, UserId, Verdict};
 use crate::machine::{CONTENDED, Step};
 use crate::store::{
     DeviceRec, MAX_ATTEMPTS, NodeId, PARK_LIMIT, Records, Timer, Transition, Txn, UserRec, Version,
     ring_deadline, room,
 };
+use crate::switchboard::CALLER_OVER_QUOTA;
 
 /// The longest wait for one reply from Redis.
 pub const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -86,13 +87,19 @@ pub enum SharedError {
 /// inbox and lane entries (key index, device or empty for a notice, epoch
 /// or for a notice its caller, counted in `pending`, JSON),
 /// set members (key index, `a`dd or `r`emove, device), live calls listed
-/// (`a` or `r`, call id), phase counts (phase, delta). Returns
+/// (`a` or `r`, call id), phase counts (phase, delta); last, a caller and
+/// a quota (0: none): with that many of the caller's notices pending, the
+/// commit is refused with `{2, 'quota', ''}` and changes nothing. Returns
 /// `{1, version, mark}` or `{0, what conflicted, ''}`, where `mark` is the
 /// committing node's last inbox entry before this commit's own (`0-0`: none),
 /// how far that node must have read for its devices to have every event
 /// committed before this one.
 const COMMIT: &str = r#"
 local base = 8
+local qmax = tonumber(ARGV[#ARGV])
+if qmax > 0 and tonumber(redis.call('HGET', KEYS[7], ARGV[#ARGV - 1]) or '0') >= qmax then
+  return {2, 'quota', ''}
+end
 local n = tonumber(ARGV[1])
 local a = 2
 for i = 1, n do
@@ -257,6 +264,53 @@ pub enum Lease {
     Lost,
 }
 
+/// What an input is known to read before its rules say so, loaded ahead of
+/// its first run: the rules find their reads one step at a time (a
+/// device, then its user, then the peer the control names...), a round
+/// trip per step, when the input itself names most of them. `absent`:
+/// calls the input creates (their ids are new, UUID v7), taken as absent
+/// without a load; the commit checks each is still absent, so a wrong
+/// guess costs a retry, never a wrong result.
+#[derive(Debug, Default)]
+pub struct Prefetch {
+    pub users: Vec<UserId>,
+    pub devices: Vec<ConnId>,
+    pub calls: Vec<CallId>,
+    pub absent: Vec<CallId>,
+    /// Not a load: the commit is refused, changing nothing, while this
+    /// many notices of this caller's calls wait in the lanes (the
+    /// per-caller quota, checked where the count is, in the same round
+    /// trip as the commit).
+    pub quota: Option<(UserId, usize)>,
+}
+
+impl Prefetch {
+    pub fn user(user: &UserId) -> Self {
+        Self {
+            users: vec![user.clone()],
+            ..Self::default()
+        }
+    }
+
+    pub fn device(conn: ConnId) -> Self {
+        Self {
+            devices: vec![conn],
+            ..Self::default()
+        }
+    }
+
+    pub fn call(call: CallId) -> Self {
+        Self {
+            calls: vec![call],
+            ..Self::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.devices.is_empty() && self.calls.is_empty()
+    }
+}
+
 /// Records loaded for one input, each with its version; a read of one not
 /// loaded is a miss (see the module docs).
 #[derive(Debug, Default)]
@@ -268,6 +322,11 @@ pub struct Snapshot {
     tokens: HashMap<String, Option<ConnId>>,
     rooms: HashMap<u32, bool>,
     hint: u32,
+    /// A room not loaded is taken as free: rooms are picked at random from
+    /// 2^32 and the commit checks every claim, so the guess is nearly
+    /// always right and a wrong one is a conflict, after which the retry
+    /// loads the rooms it reads.
+    rooms_free: bool,
     misses: RefCell<Misses>,
 }
 
@@ -341,6 +400,7 @@ impl Records for Snapshot {
     fn room_taken(&self, room: u32) -> bool {
         match self.rooms.get(&room) {
             Some(taken) => *taken,
+            None if self.rooms_free => false,
             None => {
                 self.misses.borrow_mut().rooms.push(room);
                 false
@@ -378,11 +438,16 @@ enum Committed {
     /// With the committing node's inbox mark (see [`COMMIT`]).
     Yes(EntryId),
     Conflict,
+    /// The caller's notice quota was full (see [`Prefetch::quota`]).
+    OverQuota,
 }
 
 /// A node's handle on the shared store.
 #[derive(Clone)]
 pub struct SharedStore {
+    /// Set when this handle's last commit was refused for the caller's
+    /// notice quota (see [`Prefetch::quota`]).
+    over_quota: bool,
     conn: ConnectionManager,
     prefix: Arc<str>,
     node: NodeId,
@@ -437,6 +502,8 @@ struct Args {
     listed: Vec<(&'static str, String)>,
     /// Calls per phase, changed by this commit.
     phases: Vec<(&'static str, i64)>,
+    /// The caller whose notice quota the commit checks, and the quota.
+    quota: Option<(UserId, usize)>,
 }
 
 impl Args {
@@ -489,6 +556,7 @@ impl SharedStore {
             conflicts: Arc::new(AtomicU64::new(0)),
             trips: Arc::new(AtomicU64::new(0)),
             mark: EntryId::default(),
+            over_quota: false,
             approval_timeout: None,
         })
     }
@@ -776,16 +844,37 @@ impl SharedStore {
     /// parked. The devices that parked past their limit come back.
     pub async fn transact<T>(
         &mut self,
+        first: &Prefetch,
         out: &mut Vec<Effect>,
         mut rule: impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
     ) -> Result<Option<(T, Vec<ConnId>)>, SharedError> {
         let from = out.len();
         let mut reconnected = false;
-        'attempt: for _ in 0..MAX_ATTEMPTS {
+        'attempt: for attempt in 0..MAX_ATTEMPTS {
             let mut snap = Snapshot {
                 hint: self.rooms.fetch_add(1, Ordering::Relaxed),
+                rooms_free: attempt == 0,
                 ..Snapshot::default()
             };
+            for c in &first.absent {
+                snap.calls.insert(*c, None);
+            }
+            if !first.is_empty() {
+                *snap.misses.borrow_mut() = Misses {
+                    users: first.users.clone(),
+                    devices: first.devices.clone(),
+                    calls: first.calls.clone(),
+                    ..Misses::default()
+                };
+                match self.load(&mut snap).await {
+                    Ok(()) => {}
+                    Err(e) if !reconnected && dropped(&e) => {
+                        reconnected = true;
+                        continue 'attempt;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let (value, t, routed) = loop {
                 // The transaction ends before any await: it borrows the
                 // snapshot, which the load then fills.
@@ -813,7 +902,8 @@ impl SharedStore {
                 }
             };
             let overflowed = routed.overflowed.clone();
-            let args = self.args(&snap, &t, routed)?;
+            let mut args = self.args(&snap, &t, routed)?;
+            args.quota.clone_from(&first.quota);
             let committed = match self.commit(args).await {
                 Ok(c) => c,
                 // Once, on a connection found dropped (a Redis restart, a
@@ -835,6 +925,11 @@ impl SharedStore {
                 Committed::Conflict => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     out.truncate(from);
+                }
+                Committed::OverQuota => {
+                    out.truncate(from);
+                    self.over_quota = true;
+                    return Ok(None);
                 }
             }
         }
@@ -1083,11 +1178,15 @@ impl SharedStore {
         for (p, d) in &a.phases {
             inv.arg(*p).arg(*d);
         }
+        match &a.quota {
+            Some((caller, max)) => inv.arg(caller.as_ref()).arg(*max),
+            None => inv.arg("").arg(0),
+        };
         let (ok, _what, mark): (u8, redis::Value, String) = inv.invoke_async(self.conn()).await?;
-        Ok(if ok == 1 {
-            Committed::Yes(EntryId::parse(&mark).unwrap_or_default())
-        } else {
-            Committed::Conflict
+        Ok(match ok {
+            1 => Committed::Yes(EntryId::parse(&mark).unwrap_or_default()),
+            2 => Committed::OverQuota,
+            _ => Committed::Conflict,
         })
     }
 
@@ -1111,6 +1210,12 @@ impl SharedStore {
     /// commit (see [`COMMIT`]).
     pub fn mark(&self) -> EntryId {
         self.mark
+    }
+
+    /// Whether the last commit was refused for a caller's notice quota
+    /// (and clears it).
+    fn take_over_quota(&mut self) -> bool {
+        std::mem::take(&mut self.over_quota)
     }
 
     /// The entries of `node`'s inbox after `after` (`0-0` at first), at
@@ -1723,6 +1828,7 @@ impl Node {
     async fn run<T>(
         &mut self,
         now: Option<Time>,
+        first: Prefetch,
         out: &mut Vec<Effect>,
         mut rule: impl FnMut(&mut Step<'_, '_>, &mut Vec<Effect>) -> T,
     ) -> Result<Option<T>, SharedError> {
@@ -1732,16 +1838,20 @@ impl Node {
         }
         let Some((value, mut overflowed)) = self
             .store
-            .transact(out, |t, o| rule(&mut Step { t, ring_timeout }, o))
+            .transact(&first, out, |t, o| rule(&mut Step { t, ring_timeout }, o))
             .await?
         else {
             return Ok(None);
         };
         let now = self.now;
         while let Some(conn) = overflowed.pop() {
+            let first = Prefetch {
+                devices: vec![conn],
+                ..Prefetch::default()
+            };
             let dropped = self
                 .store
-                .transact(out, |t, o| {
+                .transact(&first, out, |t, o| {
                     Step { t, ring_timeout }.drop_device(conn, now, o)
                 })
                 .await?;
@@ -1762,8 +1872,12 @@ impl Node {
         out: &mut Vec<Effect>,
     ) -> Result<Result<(), usize>, SharedError> {
         let node = self.store.node;
+        let first = Prefetch {
+            users: vec![user.clone()],
+            ..Prefetch::default()
+        };
         Ok(self
-            .run(None, out, |s, o| {
+            .run(None, first, out, |s, o| {
                 s.attach(conn, &user, node, &resume_token, max_devices, o)
             })
             .await?
@@ -1772,21 +1886,40 @@ impl Node {
 
     /// A control from a device (see [`crate::machine::Machine::control`]).
     /// `None`: from a stream that no longer holds the device (`epoch`).
+    /// `quota`: a REQUEST is answered [`CALLER_OVER_QUOTA`] while its
+    /// caller has that many notices pending in the lanes.
+    #[allow(clippy::too_many_arguments)]
     pub async fn control(
         &mut self,
         conn: ConnId,
         epoch: Option<u64>,
         ctl: &Control,
         new_call_id: CallId,
+        quota: Option<(UserId, usize)>,
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<Option<Outcome>, SharedError> {
-        Ok(self
-            .run(Some(now), out, |s, o| {
+        // The device, its user (through it) and the peer's user and
+        // devices in one load; a REQUEST's call is new.
+        let first = Prefetch {
+            users: vec![ctl.peer.clone()],
+            devices: vec![conn],
+            absent: match ctl.kind {
+                ControlKind::Request => vec![new_call_id],
+                _ => Vec::new(),
+            },
+            quota: quota.filter(|_| ctl.kind == ControlKind::Request),
+            ..Prefetch::default()
+        };
+        let outcome = self
+            .run(Some(now), first, out, |s, o| {
                 s.control(conn, epoch, ctl, new_call_id, now, o)
             })
-            .await?
-            .unwrap_or(Some(CONTENDED)))
+            .await?;
+        if self.store.take_over_quota() {
+            return Ok(Some(CALLER_OVER_QUOTA));
+        }
+        Ok(outcome.unwrap_or(Some(CONTENDED)))
     }
 
     /// The verdict on a call's REQUEST.
@@ -1797,7 +1930,7 @@ impl Node {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<(), SharedError> {
-        self.run(Some(now), out, |s, o| {
+        self.run(Some(now), Prefetch::call(call_id), out, |s, o| {
             s.approval_done(call_id, verdict, now, o)
         })
         .await
@@ -1812,7 +1945,9 @@ impl Node {
         out: &mut Vec<Effect>,
     ) -> Result<Outcome, SharedError> {
         Ok(self
-            .run(Some(now), out, |s, o| s.force_finish(f, now, o))
+            .run(Some(now), Prefetch::user(&f.user), out, |s, o| {
+                s.force_finish(f, now, o)
+            })
             .await?
             .unwrap_or(CONTENDED))
     }
@@ -1823,16 +1958,20 @@ impl Node {
         for timer in self.store.due(now, 256).await? {
             match timer {
                 Due::Store(Timer::Ring(call_id)) => {
-                    self.run(Some(now), out, |s, o| s.ring_out(call_id, now, o))
-                        .await?;
+                    self.run(Some(now), Prefetch::call(call_id), out, |s, o| {
+                        s.ring_out(call_id, now, o)
+                    })
+                    .await?;
                 }
                 Due::Store(Timer::Grace(conn)) => {
-                    self.run(Some(now), out, |s, o| s.expire(conn, now, o))
-                        .await?;
+                    self.run(Some(now), Prefetch::device(conn), out, |s, o| {
+                        s.expire(conn, now, o)
+                    })
+                    .await?;
                 }
                 Due::Approval(call_id) => {
                     let failure = self.approval_failure;
-                    self.run(Some(now), out, |s, o| {
+                    self.run(Some(now), Prefetch::call(call_id), out, |s, o| {
                         // The business service may not have been asked: its
                         // REQUEST as a notice (the same event id as the
                         // approval's, so a duplicate is known as one).
@@ -1858,7 +1997,7 @@ impl Node {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<(), SharedError> {
-        self.run(Some(now), out, |s, o| {
+        self.run(Some(now), Prefetch::device(conn), out, |s, o| {
             s.stream_ended(conn, epoch, keep_until, now, o)
         })
         .await
@@ -1876,7 +2015,7 @@ impl Node {
         now: Time,
         out: &mut Vec<Effect>,
     ) -> Result<(), SharedError> {
-        self.run(Some(now), out, |s, o| {
+        self.run(Some(now), Prefetch::device(conn), out, |s, o| {
             let Some(user) =
                 s.t.device(&conn)
                     .filter(|d| d.epoch == epoch)
@@ -1908,7 +2047,7 @@ impl Node {
         .await?;
         // A transition of its own: events for a device dropped in the same
         // transition would not be routed to it.
-        self.run(Some(now), out, |s, o| {
+        self.run(Some(now), Prefetch::device(conn), out, |s, o| {
             s.stream_ended(conn, epoch, None, now, o)
         })
         .await
@@ -1926,7 +2065,7 @@ impl Node {
         let node = self.store.node;
         let mut before = None;
         let resumed = self
-            .run(None, &mut Vec::new(), |s, _| {
+            .run(None, Prefetch::user(user), &mut Vec::new(), |s, _| {
                 before =
                     s.t.device_by_token(token)
                         .and_then(|c| s.t.device(&c))
@@ -2033,7 +2172,7 @@ impl Node {
                 }
                 let pending = events.remove(&conn).unwrap_or_default();
                 let done = self
-                    .run(Some(now), out, |s, o| {
+                    .run(Some(now), Prefetch::device(conn), out, |s, o| {
                         let epoch =
                             s.t.device(&conn)
                                 .filter(|d| d.attached && d.node == dead)

@@ -148,8 +148,8 @@ async fn glare_across_two_nodes_makes_exactly_one_call() {
             ctl(ControlKind::Request, "alice", 0),
         );
         let (ra, rb) = tokio::join!(
-            n1.control(a, None, &to_bob, ida, now, &mut oa),
-            n2.control(b, None, &to_alice, idb, now, &mut ob),
+            n1.control(a, None, &to_bob, ida, None, now, &mut oa),
+            n2.control(b, None, &to_alice, idb, None, now, &mut ob),
         );
         let (ra, rb) = (ra.unwrap().unwrap(), rb.unwrap().unwrap());
         conflicts_seen += n1.store().conflicts() + n2.store().conflicts() - before;
@@ -190,6 +190,7 @@ async fn glare_across_two_nodes_makes_exactly_one_call() {
                 None,
                 &ctl(ControlKind::Finish, peer, 0),
                 id,
+                None,
                 now,
                 &mut Vec::new(),
             )
@@ -245,6 +246,7 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
                 None,
                 &ctl(ControlKind::Request, "bob", 0),
                 id,
+                None,
                 now,
                 &mut out,
             )
@@ -269,7 +271,7 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
                     let mut out = Vec::new();
                     let answer = ctl(ControlKind::Reply, "alice", 0);
                     let r = node
-                        .control(conn, None, &answer, id, now, &mut out)
+                        .control(conn, None, &answer, id, None, now, &mut out)
                         .await
                         .unwrap()
                         .expect("from the current stream");
@@ -333,6 +335,7 @@ async fn eight_devices_on_three_nodes_answer_at_once_and_one_wins() {
                 None,
                 &ctl(ControlKind::Finish, "bob", 0),
                 id,
+                None,
                 now,
                 &mut Vec::new(),
             )
@@ -362,6 +365,7 @@ async fn a_timer_fired_twice_and_late_acts_once() {
             None,
             &ctl(ControlKind::Request, "bob", 0),
             id,
+            None,
             now,
             &mut out,
         )
@@ -447,6 +451,7 @@ async fn talking(n1: &mut Node, n2: &mut Node, id: CallId, now: Time) -> ConnId 
             None,
             &ctl(ControlKind::Request, "bob", 0),
             id,
+            None,
             now,
             &mut out,
         )
@@ -463,6 +468,7 @@ async fn talking(n1: &mut Node, n2: &mut Node, id: CallId, now: Time) -> ConnId 
             None,
             &ctl(ControlKind::Reply, "alice", 0),
             id,
+            None,
             now,
             &mut out,
         )
@@ -550,6 +556,7 @@ async fn a_reaped_nodes_device_resumes_on_another_node_and_the_call_goes_on() {
             None,
             &ctl(ControlKind::Finish, "bob", 0),
             id,
+            None,
             t2,
             &mut out,
         )
@@ -655,6 +662,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
         None,
         &ctl(ControlKind::Request, "bob", 0),
         id,
+        None,
         T0,
         &mut out,
     )
@@ -679,6 +687,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
         None,
         &ctl(ControlKind::Finish, "bob", 0),
         id,
+        None,
         T0,
         &mut out,
     )
@@ -720,6 +729,7 @@ async fn a_commits_mark_is_its_nodes_last_inbox_entry_before_it() {
         None,
         &ctl(ControlKind::Request, "bob", 0),
         id,
+        None,
         T0,
         &mut out,
     )
@@ -743,6 +753,7 @@ async fn a_commits_mark_is_its_nodes_last_inbox_entry_before_it() {
         None,
         &ctl(ControlKind::Reply, "alice", 0),
         id,
+        None,
         T0,
         &mut out,
     )
@@ -802,6 +813,7 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
             None,
             &ctl(ControlKind::Request, "bob", 0),
             id,
+            None,
             now,
             &mut out,
         )
@@ -818,6 +830,7 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
                     None,
                     &ctl(ControlKind::Finish, "bob", 0),
                     id,
+                    None,
                     now,
                     &mut out,
                 )
@@ -871,6 +884,7 @@ async fn a_call_whose_node_died_while_asking_is_decided_at_its_deadline() {
             None,
             &ctl(ControlKind::Request, "bob", 0),
             id,
+            None,
             T0,
             &mut out,
         )
@@ -884,6 +898,7 @@ async fn a_call_whose_node_died_while_asking_is_decided_at_its_deadline() {
                 None,
                 &ctl(ControlKind::Finish, "bob", 0),
                 id,
+                None,
                 T0,
                 &mut out,
             )
@@ -937,4 +952,127 @@ async fn a_call_whose_node_died_while_asking_is_decided_at_its_deadline() {
                 .is_empty()
         );
     }
+}
+
+/// An input names most of what it reads: a control loads its device, its
+/// user and the peer's in one round trip, and a REQUEST's call is new, so
+/// each input of a call takes one load and its commit, whatever the
+/// steps the rules take to find their reads.
+#[tokio::test]
+async fn each_input_of_a_call_takes_one_load_and_its_commit() {
+    let redis = Redis::start();
+    let mut n1 = redis.node(1).await;
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(1), 2));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n1, b, "bob").await;
+    let id = CallId(uuid::Uuid::now_v7());
+    let mut out = Vec::new();
+    let trips = |n: &mut Node| n.store().round_trips();
+
+    let before = trips(&mut n1);
+    let r = n1
+        .control(
+            a,
+            None,
+            &ctl(ControlKind::Request, "bob", 0),
+            id,
+            None,
+            T0,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    assert_eq!(trips(&mut n1) - before, 2, "REQUEST");
+
+    let before = trips(&mut n1);
+    n1.approval_done(id, Verdict::Allow, T0, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(trips(&mut n1) - before, 2, "the approval");
+
+    // The answer picks a room (taken as free, checked by the commit).
+    let before = trips(&mut n1);
+    let r = n1
+        .control(
+            b,
+            None,
+            &ctl(ControlKind::Reply, "alice", 0),
+            id,
+            None,
+            T0,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    assert_eq!(trips(&mut n1) - before, 2, "REPLY");
+
+    let before = trips(&mut n1);
+    let r = n1
+        .control(
+            a,
+            None,
+            &ctl(ControlKind::Finish, "bob", 0),
+            id,
+            None,
+            T0,
+            &mut out,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, codes::OK);
+    assert_eq!(trips(&mut n1) - before, 2, "FINISH");
+}
+
+/// The per-caller notice quota is checked by the REQUEST's commit, where
+/// the count is: at the quota the REQUEST is refused and nothing changes;
+/// below it the call is placed.
+#[tokio::test]
+async fn a_request_at_its_callers_notice_quota_is_refused_by_its_commit() {
+    let redis = Redis::start();
+    let mut n1 = redis.node(1).await;
+    let (a, b) = (ConnId::on(NodeId(1), 1), ConnId::on(NodeId(1), 2));
+    attach(&mut n1, a, "alice").await;
+    attach(&mut n1, b, "bob").await;
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg("vc:pending")
+        .arg("alice")
+        .arg(4)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let quota = Some((UserId::from("alice"), 4));
+    let request = ctl(ControlKind::Request, "bob", 0);
+    let id = CallId(uuid::Uuid::now_v7());
+    let mut out = Vec::new();
+    let r = n1
+        .control(a, None, &request, id, quota.clone(), T0, &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, codes::OVERLOADED, "{r:?}");
+    assert!(out.is_empty(), "nothing happens: {out:?}");
+    assert!(n1.user_call("alice").await.unwrap().is_none());
+    assert!(n1.user_call("bob").await.unwrap().is_none());
+
+    let _: i64 = redis::cmd("HSET")
+        .arg("vc:pending")
+        .arg("alice")
+        .arg(3)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = n1
+        .control(a, None, &request, id, quota, T0, &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, codes::OK, "{r:?}");
+    assert_eq!(n1.user_call("alice").await.unwrap().map(|c| c.id), Some(id));
 }
