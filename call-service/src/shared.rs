@@ -10,8 +10,12 @@
 //! runs over a [`Snapshot`] of loaded records; a read of a record not
 //! loaded yet is noted as a miss (and answered "absent"), the misses are
 //! loaded in one round trip, and the input runs again. The run whose reads
-//! all hit is the one committed; a rule reads at most the records of two
-//! users, their devices and one call, so this takes two or three rounds.
+//! all hit is the one committed. An input loads what it names before its
+//! first run ([`Prefetch`]: a control's device and peer, a timer's call),
+//! and a load follows what the records name ([`FETCH`]), so nearly every
+//! input takes one load and its commit. A REQUEST's new call and the room
+//! an answer picks are taken as absent and free without a load: the
+//! commit checks both, so a wrong guess is a conflict and a retry.
 //!
 //! **Routing** happens before the commit, in the transition itself: the
 //! device of every event is read (so its version is checked too); events
