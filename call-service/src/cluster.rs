@@ -63,7 +63,7 @@ use crate::hook::Hook;
 use crate::machine::{CallSummary, MachineConfig, UserSummary, state_of};
 use crate::metrics::Metrics;
 use crate::shared::{
-    EntryId, Inbound, InboxReader, LaneReader, Lease, Node, SharedError, SharedStore,
+    EntryId, Inbound, InboxReader, LaneDone, LaneReader, Lease, Node, SharedError, SharedStore,
 };
 use crate::store::NodeId;
 use crate::switchboard::{
@@ -89,6 +89,11 @@ const REDELIVERY_WINDOW: Duration = Duration::from_secs(3);
 /// How often the inbox reader trims what it read past the redelivery
 /// window (the inbox holds at most this much more).
 const TRIM_EVERY: Duration = Duration::from_millis(500);
+
+/// The pause after a read of the notice lanes that found notices (see
+/// `lane_loop`): notices are not awaited by calls, so a few milliseconds
+/// more for some of them buys one read per batch instead of per notice.
+const LANE_LINGER: Duration = Duration::from_millis(5);
 /// How long they are held.
 const EARLY_TTL: Duration = Duration::from_secs(5);
 
@@ -819,12 +824,16 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
             while let Ok(notices) = bounded(&inner, node.store().lane(lane, &after, 512)).await {
                 let Some((id, _)) = notices.last() else { break };
                 after = id.clone();
-                let mut callers = HashMap::new();
+                let mut done = LaneDone {
+                    lane,
+                    upto: after.clone(),
+                    callers: HashMap::new(),
+                };
                 for (_, n) in notices {
-                    *callers.entry(n.caller.clone()).or_insert(0) += 1;
+                    *done.callers.entry(n.caller.clone()).or_insert(0) += 1;
                     inner.notice(n);
                 }
-                let _ = bounded(&inner, node.store().lane_done(lane, &after, &callers)).await;
+                let _ = bounded(&inner, node.store().lanes_done(&[done])).await;
             }
         }
     }
@@ -896,25 +905,39 @@ async fn lane_loop(inner: Arc<Inner>, mut reader: LaneReader) {
         match read {
             Ok(notices) => {
                 wait = Duration::from_millis(50);
-                let mut done: Vec<(u32, String, HashMap<UserId, i64>)> = Vec::new();
+                if notices.is_empty() {
+                    continue;
+                }
+                let mut done: Vec<LaneDone> = Vec::new();
                 for (lane, id, n) in notices {
                     let caller = n.caller.clone();
                     inner.notice(n);
-                    let d = match done.iter().position(|(l, _, _)| *l == lane) {
+                    let d = match done.iter().position(|d| d.lane == lane) {
                         Some(i) => &mut done[i],
                         None => {
-                            done.push((lane, String::new(), HashMap::new()));
+                            done.push(LaneDone {
+                                lane,
+                                ..LaneDone::default()
+                            });
                             done.last_mut().expect("pushed")
                         }
                     };
-                    d.1 = id;
-                    *d.2.entry(caller).or_insert(0) += 1;
+                    d.upto = id;
+                    *d.callers.entry(caller).or_insert(0) += 1;
                 }
-                for (lane, id, callers) in done {
-                    if let Some(o) = owned.iter_mut().find(|(l, _)| *l == lane) {
-                        o.1 = id.clone();
+                for d in &done {
+                    if let Some(o) = owned.iter_mut().find(|(l, _)| *l == d.lane) {
+                        o.1 = d.upto.clone();
                     }
-                    let _ = bounded(&inner, node.store().lane_done(lane, &id, &callers)).await;
+                }
+                let _ = bounded(&inner, node.store().lanes_done(&done)).await;
+                // A read that found notices is followed by a short pause, so
+                // that under load one read (and one note of how far it got)
+                // carries the notices of many calls instead of a round trip
+                // each; the first notice after a quiet spell is read at once.
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(LANE_LINGER) => {}
                 }
             }
             Err(e) => {

@@ -94,10 +94,15 @@ pub enum SharedError {
 /// (`a` or `r`, call id), phase counts (phase, delta); last, a caller and
 /// a quota (0: none): with that many of the caller's notices pending, the
 /// commit is refused with `{2, 'quota', ''}` and changes nothing. Returns
-/// `{1, version, mark}` or `{0, what conflicted, ''}`, where `mark` is the
+/// `{1, version, mark}` or `{0, what conflicted, ''}` followed, when records
+/// were stale, by key, version and record (empty when absent) of each, so
+/// that the next attempt needs no load; `mark` is the
 /// committing node's last inbox entry before this commit's own (`0-0`: none),
 /// how far that node must have read for its devices to have every event
-/// committed before this one.
+/// committed before this one. Versions come from `seq`; when it is missing
+/// (Redis restarted empty) it starts again from the clock in microseconds,
+/// so no version is ever given twice and a node's cached version of a
+/// record (see [`RecordCache`]) never matches a newer record.
 const COMMIT: &str = r#"
 local base = 8
 local qmax = tonumber(ARGV[#ARGV])
@@ -106,11 +111,19 @@ if qmax > 0 and tonumber(redis.call('HGET', KEYS[7], ARGV[#ARGV - 1]) or '0') >=
 end
 local n = tonumber(ARGV[1])
 local a = 2
+local stale = {0, 'stale', ''}
 for i = 1, n do
-  local have = redis.call('HGET', KEYS[base + i], 'v') or '0'
-  if have ~= ARGV[a] then return {0, KEYS[base + i], ''} end
+  local k = KEYS[base + i]
+  local have = redis.call('HGET', k, 'v') or '0'
+  if have ~= ARGV[a] then
+    stale[#stale + 1] = k
+    local r = redis.call('HGET', k, 'r')
+    if r then stale[#stale + 1] = have else stale[#stale + 1] = '' end
+    stale[#stale + 1] = r or ''
+  end
   a = a + 3
 end
+if #stale > 3 then return stale end
 local claims = tonumber(ARGV[a]); a = a + 1
 for i = 0, claims - 1 do
   if redis.call('SISMEMBER', KEYS[3], ARGV[a + i]) == 1 then return {0, 'room ' .. ARGV[a + i], ''} end
@@ -118,6 +131,10 @@ end
 local last = redis.call('XREVRANGE', KEYS[8], '+', '-', 'COUNT', 1)
 local mark = '0-0'
 if last[1] then mark = last[1][1] end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[1], t[1] * 1000000 + t[2])
+end
 local v = redis.call('INCR', KEYS[1])
 local r = 2
 for i = 1, n do
@@ -439,9 +456,14 @@ fn phase_name(c: &Call) -> &'static str {
 
 /// How a commit went.
 enum Committed {
-    /// With the committing node's inbox mark (see [`COMMIT`]).
-    Yes(EntryId),
-    Conflict,
+    /// With the committing node's inbox mark (see [`COMMIT`]) and the
+    /// version the commit gave its records.
+    Yes(EntryId, Version),
+    /// With the stale records' current values: key (without the prefix),
+    /// version, record (both empty when absent).
+    Conflict(Vec<(String, String, String)>),
+    /// A room the transition claimed was taken.
+    RoomTaken,
     /// The caller's notice quota was full (see [`Prefetch::quota`]).
     OverQuota,
 }
@@ -466,6 +488,9 @@ pub struct SharedStore {
     trips: Arc<AtomicU64>,
     /// The inbox mark of this handle's last commit (see [`COMMIT`]).
     mark: EntryId,
+    /// The records this node last loaded or committed, shared by its
+    /// handles (see [`RecordCache`]).
+    cache: Arc<std::sync::Mutex<RecordCache>>,
     /// With a business service: how long after its REQUEST a call still
     /// waiting for approval (or holding its notices for it) is given the
     /// failure policy by any node (its own node died while asking).
@@ -560,6 +585,7 @@ impl SharedStore {
             conflicts: Arc::new(AtomicU64::new(0)),
             trips: Arc::new(AtomicU64::new(0)),
             mark: EntryId::default(),
+            cache: Arc::new(std::sync::Mutex::new(RecordCache::default())),
             over_quota: false,
             approval_timeout: None,
         })
@@ -685,8 +711,14 @@ impl SharedStore {
 
     /// Loads what a run missed, in one round trip: with the records they
     /// lead to (see [`FETCH`]), unless tokens or rooms were missed too.
-    async fn load(&mut self, snap: &mut Snapshot) -> Result<(), SharedError> {
-        let m = std::mem::take(&mut *snap.misses.borrow_mut());
+    async fn load(&mut self, snap: &mut Snapshot, cached: bool) -> Result<(), SharedError> {
+        let mut m = std::mem::take(&mut *snap.misses.borrow_mut());
+        if cached {
+            self.from_cache(snap, &mut m)?;
+            if m.is_empty() {
+                return Ok(());
+            }
+        }
         if m.tokens.is_empty() && m.rooms.is_empty() {
             return self.fetch(snap, m).await;
         }
@@ -782,61 +814,60 @@ impl SharedStore {
         }
         self.trips.fetch_add(1, Ordering::Relaxed);
         let flat: Vec<String> = inv.invoke_async(&mut self.conn).await?;
-        fn decode<T: serde::de::DeserializeOwned>(
-            key: &str,
-            v: &str,
-            r: &str,
-        ) -> Result<Option<(Version, T)>, SharedError> {
-            if r.is_empty() {
-                return Ok(None);
-            }
-            let corrupt = |source| SharedError::Corrupt {
-                key: key.to_owned(),
-                source,
-            };
-            let v = v.parse().map_err(|_| SharedError::Corrupt {
-                key: key.to_owned(),
-                source: serde::de::Error::custom("version"),
-            })?;
-            Ok(Some((v, serde_json::from_str(r).map_err(corrupt)?)))
-        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for t in flat.chunks_exact(3) {
             let (key, v, r) = (t[0].as_str(), t[1].as_str(), t[2].as_str());
-            let Some((kind, id)) = key.split_once(':') else {
-                continue;
-            };
-            match kind {
-                "u" => {
-                    if let std::collections::hash_map::Entry::Vacant(e) =
-                        snap.users.entry(Arc::from(id))
-                    {
-                        e.insert(decode(key, v, r)?);
-                    }
-                }
-                "d" => {
-                    if let Ok(n) = id.parse()
-                        && let std::collections::hash_map::Entry::Vacant(e) =
-                            snap.devices.entry(ConnId(n))
-                    {
-                        e.insert(decode(key, v, r)?);
-                    }
-                }
-                "c" | "h" => {
-                    let Ok(u) = id.parse() else { continue };
-                    let id = CallId(u);
-                    use std::collections::hash_map::Entry::Vacant;
-                    if kind == "c" {
-                        if let Vacant(e) = snap.calls.entry(id) {
-                            e.insert(decode(key, v, r)?);
-                        }
-                    } else if let Vacant(e) = snap.held.entry(id) {
-                        e.insert(decode(key, v, r)?);
-                    }
-                }
-                _ => {}
-            }
+            absorb(snap, key, v, r)?;
+            cache.loaded(key, v, r);
         }
         Ok(())
+    }
+
+    /// Takes what `m` names from this node's cache into `snap`; leaves in
+    /// `m` what the cache does not hold.
+    fn from_cache(&self, snap: &mut Snapshot, m: &mut Misses) -> Result<(), SharedError> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.is_empty() {
+            return Ok(());
+        }
+        let mut take = |key: String| -> Result<bool, SharedError> {
+            match cache.get(&key) {
+                Some((v, r)) => absorb(snap, &key, &v.to_string(), r).map(|()| true),
+                None => Ok(false),
+            }
+        };
+        let mut keep = Misses::default();
+        for u in std::mem::take(&mut m.users) {
+            if !take(format!("u:{u}"))? {
+                keep.users.push(u);
+            }
+        }
+        for d in std::mem::take(&mut m.devices) {
+            if !take(format!("d:{}", d.0))? {
+                keep.devices.push(d);
+            }
+        }
+        for c in std::mem::take(&mut m.calls) {
+            if !take(format!("c:{c}"))? {
+                keep.calls.push(c);
+            }
+        }
+        for h in std::mem::take(&mut m.held) {
+            if !take(format!("h:{h}"))? {
+                keep.held.push(h);
+            }
+        }
+        m.users = keep.users;
+        m.devices = keep.devices;
+        m.calls = keep.calls;
+        m.held = keep.held;
+        Ok(())
+    }
+
+    /// Forgets every cached record (a connection dropped, Redis may have
+    /// restarted: nothing cached is trusted again before it is loaded).
+    fn forget_cached(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Runs `rule` over records from Redis and commits what it did, again
@@ -852,16 +883,33 @@ impl SharedStore {
         out: &mut Vec<Effect>,
         mut rule: impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
     ) -> Result<Option<(T, Vec<ConnId>)>, SharedError> {
+        let result = self.attempts(first, out, &mut rule).await;
+        if result.is_err() {
+            self.forget_cached();
+        }
+        result
+    }
+
+    async fn attempts<T>(
+        &mut self,
+        first: &Prefetch,
+        out: &mut Vec<Effect>,
+        rule: &mut impl FnMut(&mut Txn<'_>, &mut Vec<Effect>) -> T,
+    ) -> Result<Option<(T, Vec<ConnId>)>, SharedError> {
         let from = out.len();
         let mut reconnected = false;
-        'attempt: for attempt in 0..MAX_ATTEMPTS {
+        let mut rooms_free = true;
+        // One attempt more than the rules' budget: the first may run over a
+        // cached record another node has changed since.
+        'attempt: for _ in 0..=MAX_ATTEMPTS {
             let mut snap = Snapshot {
                 hint: self.rooms.fetch_add(1, Ordering::Relaxed),
-                rooms_free: attempt == 0,
+                rooms_free,
                 ..Snapshot::default()
             };
             for c in &first.absent {
                 snap.calls.insert(*c, None);
+                snap.held.insert(*c, None);
             }
             if !first.is_empty() {
                 *snap.misses.borrow_mut() = Misses {
@@ -870,10 +918,11 @@ impl SharedStore {
                     calls: first.calls.clone(),
                     ..Misses::default()
                 };
-                match self.load(&mut snap).await {
+                match self.load(&mut snap, true).await {
                     Ok(()) => {}
                     Err(e) if !reconnected && dropped(&e) => {
                         reconnected = true;
+                        self.forget_cached();
                         continue 'attempt;
                     }
                     Err(e) => return Err(e),
@@ -895,10 +944,11 @@ impl SharedStore {
                 };
                 match run {
                     Some(run) => break run,
-                    None => match self.load(&mut snap).await {
+                    None => match self.load(&mut snap, true).await {
                         Ok(()) => {}
                         Err(e) if !reconnected && dropped(&e) => {
                             reconnected = true;
+                            self.forget_cached();
                             continue 'attempt;
                         }
                         Err(e) => return Err(e),
@@ -908,6 +958,19 @@ impl SharedStore {
             let overflowed = routed.overflowed.clone();
             let mut args = self.args(&snap, &t, routed)?;
             args.quota.clone_from(&first.quota);
+            // What the commit writes, and the records it finds absent, for
+            // the cache once it has committed (a record read and left
+            // alone keeps the entry it has).
+            let written: Vec<(String, Option<String>)> = args
+                .keys
+                .iter()
+                .zip(&args.records)
+                .filter(|(_, (v, op, _))| *op != "k" || *v == 0)
+                .map(|(k, (_, op, j))| {
+                    let key = k.strip_prefix(&*self.prefix).unwrap_or(k).to_owned();
+                    (key, (*op == "w").then(|| j.clone()))
+                })
+                .collect();
             let committed = match self.commit(args).await {
                 Ok(c) => c,
                 // Once, on a connection found dropped (a Redis restart, a
@@ -916,18 +979,37 @@ impl SharedStore {
                 // records sees its own commit and does nothing twice.
                 Err(e) if !reconnected && dropped(&e) => {
                     reconnected = true;
+                    self.forget_cached();
                     out.truncate(from);
                     continue 'attempt;
                 }
                 Err(e) => return Err(e),
             };
             match committed {
-                Committed::Yes(mark) => {
+                Committed::Yes(mark, v) => {
                     self.mark = mark;
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    // A new call's held notices: none, as of this commit
+                    // (no other node knew the call before it).
+                    for c in &first.absent {
+                        cache.committed(format!("h:{c}"), v, None);
+                    }
+                    for (key, rec) in written {
+                        cache.committed(key, v, rec);
+                    }
                     return Ok(Some((value, overflowed)));
                 }
-                Committed::Conflict => {
+                Committed::Conflict(stale) => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    for (key, v, r) in stale {
+                        cache.loaded(&key, &v, &r);
+                    }
+                    out.truncate(from);
+                }
+                Committed::RoomTaken => {
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    rooms_free = false;
                     out.truncate(from);
                 }
                 Committed::OverQuota => {
@@ -956,7 +1038,7 @@ impl SharedStore {
             };
             match value {
                 Some(v) => return Ok(v),
-                None => match self.load(&mut snap).await {
+                None => match self.load(&mut snap, false).await {
                     Ok(()) => {}
                     Err(e) if !reconnected && dropped(&e) => reconnected = true,
                     Err(e) => return Err(e),
@@ -1186,11 +1268,33 @@ impl SharedStore {
             Some((caller, max)) => inv.arg(caller.as_ref()).arg(*max),
             None => inv.arg("").arg(0),
         };
-        let (ok, _what, mark): (u8, redis::Value, String) = inv.invoke_async(self.conn()).await?;
+        let reply: Vec<redis::Value> = inv.invoke_async(self.conn()).await?;
+        let mut reply = reply.into_iter();
+        let ok: u8 = redis::from_redis_value(reply.next().unwrap_or(redis::Value::Nil))?;
+        let what = reply.next().unwrap_or(redis::Value::Nil);
+        if ok == 0 && matches!(&what, redis::Value::BulkString(w) if w.starts_with(b"room")) {
+            return Ok(Committed::RoomTaken);
+        }
+        let mark: String = redis::from_redis_value(reply.next().unwrap_or(redis::Value::Nil))?;
         Ok(match ok {
-            1 => Committed::Yes(EntryId::parse(&mark).unwrap_or_default()),
+            1 => Committed::Yes(
+                EntryId::parse(&mark).unwrap_or_default(),
+                redis::from_redis_value(what)?,
+            ),
             2 => Committed::OverQuota,
-            _ => Committed::Conflict,
+            _ => {
+                let rest: Vec<String> = reply
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()?;
+                let stale = rest
+                    .chunks_exact(3)
+                    .map(|t| {
+                        let key = t[0].strip_prefix(&*self.prefix).unwrap_or(&t[0]);
+                        (key.to_owned(), t[1].clone(), t[2].clone())
+                    })
+                    .collect();
+                Committed::Conflict(stale)
+            }
         })
     }
 
@@ -1404,39 +1508,39 @@ impl SharedStore {
         Ok(())
     }
 
-    /// Notes that a lane's notices up to `upto` were handed on (`callers`:
-    /// how many of each caller's), and drops them from the lane; the next
-    /// owner goes on from there.
-    pub async fn lane_done(
-        &mut self,
-        lane: u32,
-        upto: &str,
-        callers: &HashMap<UserId, i64>,
-    ) -> Result<(), SharedError> {
-        let Some(next) = next_entry(upto) else {
-            return Ok(());
-        };
+    /// Notes, for each lane, that its notices up to `upto` were handed on
+    /// (`callers`: how many of each caller's), and drops them from the
+    /// lane, in one round trip; the next owner goes on from there.
+    pub async fn lanes_done(&mut self, done: &[LaneDone]) -> Result<(), SharedError> {
         let mut pipe = redis::pipe();
-        for (caller, n) in callers {
-            pipe.cmd("HINCRBY")
-                .arg(format!("{}pending", self.prefix))
-                .arg(caller.as_ref())
-                .arg(-n)
+        let mut any = false;
+        for d in done {
+            let Some(next) = next_entry(&d.upto) else {
+                continue;
+            };
+            any = true;
+            for (caller, n) in &d.callers {
+                pipe.cmd("HINCRBY")
+                    .arg(format!("{}pending", self.prefix))
+                    .arg(caller.as_ref())
+                    .arg(-n)
+                    .ignore();
+            }
+            pipe.cmd("HSET")
+                .arg(format!("{}lane-pos", self.prefix))
+                .arg(d.lane)
+                .arg(&d.upto)
+                .ignore()
+                .cmd("XTRIM")
+                .arg(format!("{}nl:{}", self.prefix, d.lane))
+                .arg("MINID")
+                .arg(next)
                 .ignore();
         }
-        let _: () = pipe
-            .cmd("HSET")
-            .arg(format!("{}lane-pos", self.prefix))
-            .arg(lane)
-            .arg(upto)
-            .ignore()
-            .cmd("XTRIM")
-            .arg(format!("{}nl:{lane}", self.prefix))
-            .arg("MINID")
-            .arg(next)
-            .ignore()
-            .query_async(self.conn())
-            .await?;
+        if !any {
+            return Ok(());
+        }
+        let _: () = pipe.query_async(self.conn()).await?;
         Ok(())
     }
 
@@ -1476,6 +1580,15 @@ impl SharedStore {
         }
         Ok(out)
     }
+}
+
+/// How far a lane's notices were handed on, and how many of each
+/// caller's (see [`SharedStore::lanes_done`]).
+#[derive(Debug, Default)]
+pub struct LaneDone {
+    pub lane: u32,
+    pub upto: String,
+    pub callers: HashMap<UserId, i64>,
 }
 
 /// A node's reader of the notice lanes it owns (a connection of its own,
@@ -1737,6 +1850,127 @@ fn parse_timer(m: &str) -> Option<Due> {
     m.strip_prefix("g:")
         .and_then(|d| d.parse().ok())
         .map(|d| Due::Store(Timer::Grace(ConnId(d))))
+}
+
+/// Takes one loaded record (key without the prefix, version, JSON; both
+/// empty when absent) into `snap`, unless it holds that record already.
+fn absorb(snap: &mut Snapshot, key: &str, v: &str, r: &str) -> Result<(), SharedError> {
+    fn decode<T: serde::de::DeserializeOwned>(
+        key: &str,
+        v: &str,
+        r: &str,
+    ) -> Result<Option<(Version, T)>, SharedError> {
+        if r.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |source| SharedError::Corrupt {
+            key: key.to_owned(),
+            source,
+        };
+        let v = v.parse().map_err(|_| SharedError::Corrupt {
+            key: key.to_owned(),
+            source: serde::de::Error::custom("version"),
+        })?;
+        Ok(Some((v, serde_json::from_str(r).map_err(corrupt)?)))
+    }
+    use std::collections::hash_map::Entry::Vacant;
+    let Some((kind, id)) = key.split_once(':') else {
+        return Ok(());
+    };
+    match kind {
+        "u" => {
+            if let Vacant(e) = snap.users.entry(Arc::from(id)) {
+                e.insert(decode(key, v, r)?);
+            }
+        }
+        "d" => {
+            if let Ok(n) = id.parse()
+                && let Vacant(e) = snap.devices.entry(ConnId(n))
+            {
+                e.insert(decode(key, v, r)?);
+            }
+        }
+        "c" | "h" => {
+            let Ok(u) = id.parse() else {
+                return Ok(());
+            };
+            let id = CallId(u);
+            if kind == "c" {
+                if let Vacant(e) = snap.calls.entry(id) {
+                    e.insert(decode(key, v, r)?);
+                }
+            } else if let Vacant(e) = snap.held.entry(id) {
+                e.insert(decode(key, v, r)?);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// How many records a node's [`RecordCache`] holds before it starts over.
+const CACHE_LIMIT: usize = 100_000;
+
+/// The records a node last loaded or committed, as JSON with their
+/// versions (an absent record: empty JSON). A transition runs over them
+/// instead of loading, and its commit checks every version it read as
+/// always: a record another node changed since is a conflict, whose reply
+/// carries the record's current value, and the next attempt runs over that.
+/// So a cached record costs nothing when it is fresh (an input of a call
+/// whose records only this node writes takes one round trip, its commit)
+/// and one commit more when it is stale, never a wrong result. Queries
+/// (`read`) never use it: they answer from Redis. Bounded by
+/// [`CACHE_LIMIT`]: when full it is emptied and fills again from loads.
+#[derive(Debug, Default)]
+struct RecordCache {
+    records: HashMap<String, (Version, String)>,
+}
+
+impl RecordCache {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn get(&self, key: &str) -> Option<&(Version, String)> {
+        self.records.get(key)
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+    }
+
+    fn room(&mut self) {
+        if self.records.len() >= CACHE_LIMIT {
+            self.records.clear();
+        }
+    }
+
+    /// A record as Redis returned it (a load, a conflict's reply). A
+    /// reply may be older than what a commit of this node cached since,
+    /// so a present record replaces only an older one; an absent one
+    /// carries no version, so it drops the entry (the next use loads it).
+    fn loaded(&mut self, key: &str, v: &str, r: &str) {
+        match v.parse::<Version>() {
+            Ok(v) if !r.is_empty() => {
+                if self.records.get(key).is_none_or(|(have, _)| *have < v) {
+                    self.room();
+                    self.records.insert(key.to_owned(), (v, r.to_owned()));
+                }
+            }
+            _ => {
+                self.records.remove(key);
+            }
+        }
+    }
+
+    /// A record this node committed at version `v` (`None`: deleted).
+    fn committed(&mut self, key: String, v: Version, rec: Option<String>) {
+        if self.records.get(&key).is_some_and(|(have, _)| *have > v) {
+            return;
+        }
+        self.room();
+        self.records.insert(key, (v, rec.unwrap_or_default()));
+    }
 }
 
 fn op(read: Version, dirty: bool, json: Option<String>) -> (Version, &'static str, String) {
