@@ -12,10 +12,14 @@
 //! loaded in one round trip, and the input runs again. The run whose reads
 //! all hit is the one committed. An input loads what it names before its
 //! first run ([`Prefetch`]: a control's device and peer, a timer's call),
-//! and a load follows what the records name ([`FETCH`]), so nearly every
-//! input takes one load and its commit. A REQUEST's new call and the room
-//! an answer picks are taken as absent and free without a load: the
-//! commit checks both, so a wrong guess is a conflict and a retry.
+//! and a load follows what the records name ([`FETCH`]). A REQUEST's new
+//! call and the room an answer picks are taken as absent and free without
+//! a load: the commit checks both, so a wrong guess is a conflict and a
+//! retry. A node keeps what it loaded and committed ([`RecordCache`]) and
+//! runs inputs over that: an input over records only this node writes
+//! takes one round trip (its commit); over records another node changed,
+//! the commit is refused with their current values and the next attempt
+//! commits over those (two round trips, no load).
 //!
 //! **Routing** happens before the commit, in the transition itself: the
 //! device of every event is read (so its version is checked too); events
@@ -714,7 +718,7 @@ impl SharedStore {
     async fn load(&mut self, snap: &mut Snapshot, cached: bool) -> Result<(), SharedError> {
         let mut m = std::mem::take(&mut *snap.misses.borrow_mut());
         if cached {
-            self.from_cache(snap, &mut m)?;
+            self.take_cached(snap, &mut m)?;
             if m.is_empty() {
                 return Ok(());
             }
@@ -825,7 +829,7 @@ impl SharedStore {
 
     /// Takes what `m` names from this node's cache into `snap`; leaves in
     /// `m` what the cache does not hold.
-    fn from_cache(&self, snap: &mut Snapshot, m: &mut Misses) -> Result<(), SharedError> {
+    fn take_cached(&self, snap: &mut Snapshot, m: &mut Misses) -> Result<(), SharedError> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.is_empty() {
             return Ok(());
