@@ -312,6 +312,10 @@ async fn bounded<T>(
         Err(_) => Err(SharedError::Timeout),
     };
     if let Err(e) = &r {
+        // Any failure, on any of this node's commands (a lease renewal, a
+        // timer poll, a query), may be Redis restarting: nothing cached is
+        // trusted again before it is loaded.
+        inner.node.forget_cached();
         inner.unhealthy(e);
     }
     r

@@ -870,7 +870,7 @@ impl SharedStore {
 
     /// Forgets every cached record (a connection dropped, Redis may have
     /// restarted: nothing cached is trusted again before it is loaded).
-    fn forget_cached(&self) {
+    pub fn forget_cached(&self) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
@@ -2055,6 +2055,11 @@ impl Node {
 
     pub fn store(&mut self) -> &mut SharedStore {
         &mut self.store
+    }
+
+    /// Forgets every record this node cached (see [`RecordCache`]).
+    pub fn forget_cached(&self) {
+        self.store.forget_cached();
     }
 
     /// Calls waiting for approval longer than `timeout` (their node died
