@@ -753,40 +753,20 @@ impl SharedStore {
         }
         let values: Vec<redis::Value> = pipe.query_async(self.conn()).await?;
         let mut values = values.into_iter();
-        let mut next = || -> Result<Option<(Version, String)>, SharedError> {
-            let (v, r): (Option<u64>, Option<String>) =
+        // The records, in the order of `keys`, as a load's: one decoder.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &keys {
+            let (v, r): (Option<String>, Option<String>) =
                 redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
-            Ok(v.zip(r))
-        };
-        fn decode<T: serde::de::DeserializeOwned>(
-            key: String,
-            found: Option<(Version, String)>,
-        ) -> Result<Option<(Version, T)>, SharedError> {
-            found
-                .map(|(v, r)| {
-                    serde_json::from_str(&r)
-                        .map(|rec| (v, rec))
-                        .map_err(|source| SharedError::Corrupt { key, source })
-                })
-                .transpose()
+            let key = k.strip_prefix(&*self.prefix).unwrap_or(k);
+            let (v, r) = match (v, r) {
+                (Some(v), Some(r)) => (v, r),
+                _ => (String::new(), String::new()),
+            };
+            absorb(snap, key, &v, &r)?;
+            cache.loaded(key, &v, &r);
         }
-        for u in m.users {
-            let found = next()?;
-            let rec = decode(format!("u:{u}"), found)?;
-            snap.users.insert(u, rec);
-        }
-        for d in m.devices {
-            let found = next()?;
-            snap.devices.insert(d, decode(format!("d:{}", d.0), found)?);
-        }
-        for c in m.calls {
-            let found = next()?;
-            snap.calls.insert(c, decode(format!("c:{c}"), found)?);
-        }
-        for h in m.held {
-            let found = next()?;
-            snap.held.insert(h, decode(format!("h:{h}"), found)?);
-        }
+        drop(cache);
         for t in m.tokens {
             let d: Option<u64> =
                 redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
