@@ -34,6 +34,10 @@ pub struct Step {
     /// commands it ran per completed call.
     pub store_round_trips_per_call: Option<f64>,
     pub redis_commands_per_call: Option<f64>,
+    /// On Redis: commits per completed call (all nodes), and a commit's
+    /// mean round trip as the nodes time it (ms).
+    pub commits_per_call: Option<f64>,
+    pub commit_ms: Option<f64>,
 }
 
 /// How a ramp goes.
@@ -76,6 +80,7 @@ pub async fn step(
     let metrics = services.metrics()?;
     let dropped_before = dropped_all(services).await?;
     let trips_before = round_trips(services).await?;
+    let commits_before = commits(services).await?;
     let commands_before = services.redis_commands().await?;
     let before = services.samples();
     let generator_before = sample(std::process::id()).unwrap_or_default();
@@ -135,11 +140,21 @@ pub async fn step(
         Some(_) => Some(per_call(round_trips(services).await? - trips_before)),
         None => None,
     };
+    let (commits_per_call, commit_ms) = match services.redis {
+        Some(_) => {
+            let (n, secs) = commits(services).await?;
+            let (n, secs) = (n - commits_before.0, secs - commits_before.1);
+            (Some(per_call(n)), Some(secs * 1000.0 / n.max(1.0)))
+        }
+        None => (None, None),
+    };
     let redis_commands_per_call = match (services.redis_commands().await?, commands_before) {
         (Some(a), Some(b)) => Some(per_call(a - b)),
         _ => None,
     };
     Ok(Step {
+        commits_per_call,
+        commit_ms,
         store_round_trips_per_call,
         redis_commands_per_call,
         server_cpu_ms_per_call: cpu * 1000.0 / (load.completed.max(1) as f64),
@@ -176,6 +191,17 @@ async fn round_trips(services: &Services) -> anyhow::Result<f64> {
         n += scrape(&m, "videocall_store_round_trips_total").await?;
     }
     Ok(n)
+}
+
+/// Commits to Redis so far and the seconds their round trips took, all
+/// nodes together.
+async fn commits(services: &Services) -> anyhow::Result<(f64, f64)> {
+    let (mut n, mut secs) = (0.0, 0.0);
+    for m in services.all_metrics()? {
+        n += scrape(&m, "videocall_store_commit_seconds_count").await?;
+        secs += scrape(&m, "videocall_store_commit_seconds_sum").await?;
+    }
+    Ok((n, secs))
 }
 
 /// Notices the call service dropped so far (the floor relay sends none).

@@ -86,6 +86,12 @@ pub fn step(s: &Step) -> String {
             redis_cpu * 1000.0 / (l.completed.max(1) as f64)
         );
     }
+    if let (Some(n), Some(ms)) = (s.commits_per_call, s.commit_ms) {
+        let _ = writeln!(
+            m,
+            "Commits per completed call: {n:.1}, each {ms:.3} ms on average from the script sent to its reply in (`videocall_store_commit_seconds`)."
+        );
+    }
     m
 }
 

@@ -64,6 +64,7 @@ use crate::machine::{CallSummary, MachineConfig, UserSummary, state_of};
 use crate::metrics::Metrics;
 use crate::shared::{
     EntryId, Inbound, InboxReader, LaneDone, LaneReader, Lease, Node, SharedError, SharedStore,
+    Timing,
 };
 use crate::store::NodeId;
 use crate::switchboard::{
@@ -221,6 +222,10 @@ impl ClusterSwitchboard {
         shutdown: CancellationToken,
     ) -> Result<Self, SharedError> {
         let mut store = SharedStore::join(&cluster.redis_url, &cluster.prefix).await?;
+        store.time_round_trips(Timing {
+            commits: metrics.store_commit_seconds.clone(),
+            loads: metrics.store_load_seconds.clone(),
+        });
         let id = store.node();
         store.lease(clock.time(), cluster.lease, true).await?;
         // A new id's inbox is empty: read from its start.

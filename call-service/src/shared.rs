@@ -490,6 +490,8 @@ pub struct SharedStore {
     conflicts: Arc<AtomicU64>,
     /// Round trips to Redis (a pipeline or a script is one).
     trips: Arc<AtomicU64>,
+    /// Where commits' and loads' round trips are timed, if anywhere.
+    timing: Option<Timing>,
     /// The inbox mark of this handle's last commit (see [`COMMIT`]).
     mark: EntryId,
     /// The records this node last loaded or committed, shared by its
@@ -499,6 +501,26 @@ pub struct SharedStore {
     /// waiting for approval (or holding its notices for it) is given the
     /// failure policy by any node (its own node died while asking).
     approval_timeout: Option<std::time::Duration>,
+}
+
+/// The histograms a node's commits and loads are timed into (its
+/// metrics).
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub commits: prometheus_client::metrics::histogram::Histogram,
+    pub loads: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Times a round trip into `h` (when there is one).
+async fn timed<T>(
+    h: Option<&prometheus_client::metrics::histogram::Histogram>,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(h) = h else { return f.await };
+    let start = std::time::Instant::now();
+    let r = f.await;
+    h.observe(start.elapsed().as_secs_f64());
+    r
 }
 
 impl std::fmt::Debug for SharedStore {
@@ -588,6 +610,7 @@ impl SharedStore {
             rooms: Arc::new(AtomicU32::new(node.0.wrapping_mul(0x9E37_79B9))),
             conflicts: Arc::new(AtomicU64::new(0)),
             trips: Arc::new(AtomicU64::new(0)),
+            timing: None,
             mark: EntryId::default(),
             cache: Arc::new(std::sync::Mutex::new(RecordCache::default())),
             over_quota: false,
@@ -611,6 +634,11 @@ impl SharedStore {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Times every commit and load of this handle and its clones.
+    pub fn time_round_trips(&mut self, timing: Timing) {
+        self.timing = Some(timing);
     }
 
     /// Keeps an approval timer for every call waiting for approval (see
@@ -751,7 +779,8 @@ impl SharedStore {
         for r in &m.rooms {
             pipe.cmd("SISMEMBER").arg(&rooms).arg(r);
         }
-        let values: Vec<redis::Value> = pipe.query_async(self.conn()).await?;
+        let h = self.timing.as_ref().map(|t| t.loads.clone());
+        let values: Vec<redis::Value> = timed(h.as_ref(), pipe.query_async(self.conn())).await?;
         let mut values = values.into_iter();
         // The records, in the order of `keys`, as a load's: one decoder.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -797,7 +826,8 @@ impl SharedStore {
             inv.arg(format!("h:{h}"));
         }
         self.trips.fetch_add(1, Ordering::Relaxed);
-        let flat: Vec<String> = inv.invoke_async(&mut self.conn).await?;
+        let h = self.timing.as_ref().map(|t| &t.loads);
+        let flat: Vec<String> = timed(h, inv.invoke_async(&mut self.conn)).await?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for t in flat.chunks_exact(3) {
             let (key, v, r) = (t[0].as_str(), t[1].as_str(), t[2].as_str());
@@ -1252,7 +1282,8 @@ impl SharedStore {
             Some((caller, max)) => inv.arg(caller.as_ref()).arg(*max),
             None => inv.arg("").arg(0),
         };
-        let reply: Vec<redis::Value> = inv.invoke_async(self.conn()).await?;
+        let h = self.timing.as_ref().map(|t| t.commits.clone());
+        let reply: Vec<redis::Value> = timed(h.as_ref(), inv.invoke_async(self.conn())).await?;
         let mut reply = reply.into_iter();
         let ok: u8 = redis::from_redis_value(reply.next().unwrap_or(redis::Value::Nil))?;
         let what = reply.next().unwrap_or(redis::Value::Nil);
