@@ -28,13 +28,16 @@
 //! by epoch, and follow `Connected` (and what was parked).
 //!
 //! **Leases.** A node renews its lease ([`lease_loop`]); a node whose lease
-//! ran out is reaped by the others ([`timer_loop`]): its devices become
-//! detached for the resume grace window, its unread inbox is taken over. A
-//! node that finds its own lease lost closes its streams (its clients
-//! resume elsewhere) and joins afresh. A node reaps only after its own
-//! lease has been renewed without a failure for a whole lease period, so
-//! nodes that come back from a Redis outage together do not reap each
-//! other.
+//! ran out is reaped by the others ([`timer_loop`]): marked first, then its
+//! devices become detached for the resume grace window, its unread inbox
+//! is taken over. A lease nobody has marked is renewed even late; a node
+//! that finds its own lease lost (marked, or gone) closes its streams (its
+//! clients resume elsewhere) and joins afresh. A node reaps only after its
+//! own lease has been renewed without a failure for a whole lease period,
+//! so nodes that come back from a Redis outage together renew late and do
+//! not reap each other: their streams stay open. A node that cannot reach
+//! Redis keeps its streams until its lease and half the grace window have
+//! passed, then closes them (its clients resume on another node).
 //!
 //! **Redis faults.** Every input is bounded by [`INPUT_TIMEOUT`]: past it,
 //! or on a Redis error, a control is answered STORE_UNAVAILABLE (100208)
@@ -1022,13 +1025,22 @@ async fn lease_loop(inner: Arc<Inner>) {
     // When the lease was last renewed: a node cut off from Redis for
     // longer is being reaped by the others.
     let mut renewed = inner.now();
+    // Whether it closed its streams while cut off: what the store still
+    // has attached here is then served by nobody, so once Redis answers it
+    // reaps its own lease instead of renewing it (below).
+    let mut cut_closed = false;
     loop {
         tokio::select! {
             () = inner.shutdown.cancelled() => return,
             () = tokio::time::sleep(lease / 3) => {}
         }
         let now = inner.now();
-        match bounded(&inner, node.store().lease(now, lease, false)).await {
+        let renewal = if cut_closed {
+            Ok(Lease::Lost)
+        } else {
+            bounded(&inner, node.store().lease(now, lease, false)).await
+        };
+        match renewal {
             Ok(Lease::Held) => {
                 renewed = now;
                 inner.held.store(true, Ordering::SeqCst);
@@ -1043,8 +1055,8 @@ async fn lease_loop(inner: Arc<Inner>) {
                     .send_if_modified(|s| !std::mem::replace(s, true));
             }
             Ok(Lease::Lost) => {
-                // Reaped, or cut off (or the store away) for longer than the
-                // lease: what it holds may be stale. It takes no devices and
+                // Being reaped (or reaped and forgotten), or its streams
+                // closed while it was cut off: what it holds may be stale. It takes no devices and
                 // stops reading its inbox, ends its streams (its clients
                 // resume, here or elsewhere), reaps its old lease itself as
                 // any node would (devices the store still has attached here
@@ -1080,6 +1092,7 @@ async fn lease_loop(inner: Arc<Inner>) {
                 if let Ok(Lease::Held) = bounded(&inner, node.store().lease(now, lease, true)).await
                 {
                     renewed = now;
+                    cut_closed = false;
                     inner.held.store(true, Ordering::SeqCst);
                     inner.healthy_since.store(millis(now), Ordering::Relaxed);
                     inner
@@ -1087,10 +1100,15 @@ async fn lease_loop(inner: Arc<Inner>) {
                         .send_if_modified(|s| !std::mem::replace(s, true));
                 }
             }
-            Err(_) if now >= renewed + lease => {
-                // The others reap this node now: its clients are better off
-                // resuming on one of them than waiting on a node that
-                // cannot act. It joins again once Redis answers.
+            Err(_) if now >= renewed + lease + inner.limits.resume_grace / 2 => {
+                // Past its lease the others may reap this node (if they
+                // reach Redis: it cannot tell a cut of its own from Redis
+                // away for every node, when nobody reaps and its lease is
+                // renewed late once Redis is back). Its clients are kept
+                // for half their grace window, then they are better off
+                // resuming on another node, with half of it left, than
+                // waiting on a node that cannot act. It joins again once
+                // Redis answers.
                 let streams = inner
                     .local
                     .lock()
@@ -1105,6 +1123,7 @@ async fn lease_loop(inner: Arc<Inner>) {
                     );
                     inner.close_all();
                 }
+                cut_closed = true;
             }
             Err(_) => {}
         }

@@ -42,8 +42,10 @@
 //!   commit); `tokens`: resume token → device;
 //! - `inbox:<node>`: a stream per node of the events for its devices that
 //!   other nodes committed ([`InboxReader`] waits on it);
-//! - `leases`: when each node's lease ends; `devs:<node>`: the devices whose
-//!   records name the node (what [`Node::reap`] walks).
+//! - `leases`: when each node's lease ends; `reaping`: the nodes whose
+//!   lapsed lease another node has begun to reap (they cannot renew it
+//!   late); `devs:<node>`: the devices whose records name the node (what
+//!   [`Node::reap`] walks).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -252,30 +254,48 @@ return out
 /// How many steps [`FETCH`] follows from what a run missed.
 const FETCH_DEPTH: u32 = 2;
 
-/// Renews a node's lease (KEYS: `leases`; ARGV: node, now, new end,
-/// `join` or `renew`). A lease that ran out is never renewed: the node was
-/// (or is being) reaped, and must close its streams and join afresh. 1:
-/// held, 0: lost.
+/// Renews a node's lease (KEYS: `leases`, `reaping`; ARGV: node, now,
+/// new end, `join` or `renew`). A lease is renewed, in time or late, as
+/// long as no other node has begun to reap it ([`MARK`]): after an outage
+/// of Redis longer than a lease, every node renews late and keeps its
+/// streams, since no node reaps before its own lease has been renewed
+/// cleanly for a whole lease. A lease being reaped is never renewed: the
+/// node must close its streams and join afresh (`join`, once its lease is
+/// gone, which also clears the mark). 1: held, 0: lost.
 const RENEW: &str = r#"
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s and tonumber(s) >= tonumber(ARGV[2]) then
+if s and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
   return 1
 end
 if not s and ARGV[4] == 'join' then
+  redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
   return 1
 end
 return 0
 "#;
 
+/// Marks a node's lease as being reaped, if it ran out before `now`
+/// (KEYS: `leases`, `reaping`; ARGV: node, now): from then on the node
+/// cannot renew it late ([`RENEW`]). 1: marked (or was), 0: the lease is
+/// live (renewed meanwhile) or gone.
+const MARK: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s or tonumber(s) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"#;
+
 /// Forgets a reaped node once none of its devices is left, unless it has
-/// joined again meanwhile (KEYS: `leases`, `devs:<node>`; ARGV: node, now).
+/// joined again meanwhile (KEYS: `leases`, `devs:<node>`, `reaping`; ARGV:
+/// node, now).
 const FORGET: &str = r#"
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) >= tonumber(ARGV[2]) then return 0 end
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
   return 1
 end
 return 0
@@ -669,6 +689,7 @@ impl SharedStore {
     ) -> Result<Lease, SharedError> {
         let held: u8 = redis::Script::new(RENEW)
             .key(format!("{}leases", self.prefix))
+            .key(format!("{}reaping", self.prefix))
             .arg(self.node.0)
             .arg(millis(now))
             .arg(millis(now + ttl))
@@ -688,6 +709,19 @@ impl SharedStore {
             .query_async(self.conn())
             .await?;
         Ok(nodes.into_iter().map(NodeId).collect())
+    }
+
+    /// Marks `node`'s lease as being reaped if it ran out before `now`
+    /// (see [`MARK`]): whether it is, so that the reaping may go on.
+    pub async fn mark_reaping(&mut self, node: NodeId, now: Time) -> Result<bool, SharedError> {
+        let marked: u8 = redis::Script::new(MARK)
+            .key(format!("{}leases", self.prefix))
+            .key(format!("{}reaping", self.prefix))
+            .arg(node.0)
+            .arg(millis(now))
+            .invoke_async(self.conn())
+            .await?;
+        Ok(marked == 1)
     }
 
     /// Whether `node`'s lease ran out before `now` (or is gone).
@@ -714,6 +748,7 @@ impl SharedStore {
         let done: u8 = redis::Script::new(FORGET)
             .key(format!("{}leases", self.prefix))
             .key(format!("{}devs:{}", self.prefix, node.0))
+            .key(format!("{}reaping", self.prefix))
             .arg(node.0)
             .arg(millis(now))
             .invoke_async(self.conn())
@@ -2378,10 +2413,12 @@ impl Node {
     ) -> Result<usize, SharedError> {
         let mut detached = 0;
         for dead in self.store.expired_nodes(now).await? {
-            if dead == self.store.node {
+            // Marked first: from then on it cannot renew late and go on
+            // with devices reaped under it.
+            if dead == self.store.node || !self.store.mark_reaping(dead, now).await? {
                 continue;
             }
-            detached += self.reap_node(dead, now, grace, out).await?;
+            detached += self.reap_node(dead, now, grace, false, out).await?;
         }
         Ok(detached)
     }
@@ -2399,17 +2436,23 @@ impl Node {
         out: &mut Vec<Effect>,
     ) -> Result<usize, SharedError> {
         let me = self.store.node;
-        let detached = self.reap_node(me, now, grace, out).await?;
+        // Not checked against its lease: a renewal whose reply was lost
+        // (Redis stopped, then continued) may have renewed it, and the
+        // devices the store has attached here are served by nobody all
+        // the same (the node has ended its streams and takes none).
+        let detached = self.reap_node(me, now, grace, true, out).await?;
         self.store.leave().await?;
         Ok(detached)
     }
 
-    /// Reaps one node whose lease ran out (see [`Node::reap`]).
+    /// Reaps one node whose lease ran out (see [`Node::reap`]); `own`: this
+    /// node's own, whatever its lease says.
     async fn reap_node(
         &mut self,
         dead: NodeId,
         now: Time,
         grace: std::time::Duration,
+        own: bool,
         out: &mut Vec<Effect>,
     ) -> Result<usize, SharedError> {
         let mut detached = 0;
@@ -2425,7 +2468,7 @@ impl Node {
             for conn in self.store.node_devices(dead).await? {
                 // The node may have come back and joined again meanwhile:
                 // its devices are its own again.
-                if !self.store.lease_expired(dead, now).await? {
+                if !own && !self.store.lease_expired(dead, now).await? {
                     break;
                 }
                 let pending = events.remove(&conn).unwrap_or_default();
@@ -2450,7 +2493,7 @@ impl Node {
             }
             // A node that joined again meanwhile reads its inbox, and its
             // fresh lease stays.
-            if !self.store.lease_expired(dead, now).await? {
+            if !own && !self.store.lease_expired(dead, now).await? {
                 return Ok(detached);
             }
             if let Some(last) = last {

@@ -175,17 +175,31 @@ async fn raw_device(
     (tx, inbound)
 }
 
-/// Redis stopped for longer than a lease, then continued: every node's
-/// lease looks expired to the others, but no node reaps another (a node
-/// reaps only once its own lease has been renewed cleanly for a whole
-/// lease, by when the others have renewed theirs). No stream is closed, no
-/// device detached, and the talking call goes on.
-#[tokio::test]
-#[ignore = "not built yet: after an outage longer than a lease every node finds its own lease run out and closes its streams (clients resume, calls go on); keeping them needs a late renewal of a lease nobody reaped (a reaper marking the lease before it reaps)"]
-async fn after_an_outage_longer_than_a_lease_no_node_reaps_another() {
+/// How Redis goes away for every node at once.
+#[derive(Clone, Copy)]
+enum Outage {
+    /// SIGSTOP, then SIGCONT: what the nodes sent meanwhile waits in
+    /// Redis's sockets and runs when it continues (renewals included).
+    Stopped,
+    /// Every node's path to Redis cut, then opened: nothing they sent
+    /// meanwhile arrives, so every lease lapses and is renewed late.
+    Cut,
+}
+
+/// Redis away for longer than a lease, then back: every node's lease
+/// looks expired to the others, but no node reaps another (a node reaps
+/// only once its own lease has been renewed cleanly for a whole lease, by
+/// when the others have renewed theirs, late if need be). No stream is
+/// closed, no device detached, and the talking call goes on.
+async fn no_node_reaps_another_after(outage: Outage) {
     let redis = RedisServer::start();
+    let path = Proxy::start(&format!("127.0.0.1:{}", redis.port)).await;
+    let url = match outage {
+        Outage::Stopped => redis.url.clone(),
+        Outage::Cut => format!("redis://{}/", path.url.trim_start_matches("http://")),
+    };
     let lease = Duration::from_secs(1);
-    let svc = CallService::start_on(&redis.url, 3, None, |c| {
+    let svc = CallService::start_on(&url, 3, None, |c| {
         c.node_lease = lease;
         c.limits.resume_grace = Duration::from_secs(30);
     })
@@ -206,10 +220,19 @@ async fn after_an_outage_longer_than_a_lease_no_node_reaps_another() {
             .success();
         assert!(ok, "kill {s}");
     };
-    signal("-STOP");
+    match outage {
+        Outage::Stopped => signal("-STOP"),
+        Outage::Cut => {
+            path.set_open(false);
+            path.cut();
+        }
+    }
     // The outage itself: two and a half leases without Redis.
     tokio::time::sleep(lease * 5 / 2).await;
-    signal("-CONT");
+    match outage {
+        Outage::Stopped => signal("-CONT"),
+        Outage::Cut => path.set_open(true),
+    }
     for n in svc.nodes() {
         health_becomes(&n.client_url, ServingStatus::Serving).await;
     }
@@ -226,6 +249,16 @@ async fn after_an_outage_longer_than_a_lease_no_node_reaps_another() {
     talking(&mut alice, &mut bob).await;
     hang_up(&mut alice, &mut bob).await;
     svc.stop().await;
+}
+
+#[tokio::test]
+async fn after_redis_stopped_longer_than_a_lease_no_node_reaps_another() {
+    no_node_reaps_another_after(Outage::Stopped).await;
+}
+
+#[tokio::test]
+async fn after_every_node_is_cut_off_longer_than_a_lease_no_node_reaps_another() {
+    no_node_reaps_another_after(Outage::Cut).await;
 }
 
 /// The LiveKit breakage: a node alone on Redis, cut off from it (a TCP
@@ -406,7 +439,8 @@ async fn redis_restarted_empty_leaves_nobody_busy() {
 }
 
 /// One of two nodes is cut off from Redis (a TCP path the test closes)
-/// while the other goes on: past its lease it closes its streams, its
+/// while the other goes on: past its lease and half the grace window it
+/// closes its streams (the other has reaped it meanwhile), its
 /// client comes back through the balancer to the other node and resumes
 /// the same device, the peer sees nothing, and the call goes on. When the
 /// path opens again the node serves again.
@@ -419,7 +453,9 @@ async fn a_node_cut_off_from_redis_hands_its_clients_to_the_others() {
         let mut c = call_service::Config::for_tests(None);
         c.redis_url = Some(url.to_owned());
         c.node_lease = Duration::from_secs(1);
-        c.limits.resume_grace = Duration::from_secs(10);
+        // The cut node closes its streams after its lease and half of
+        // this: 4 s.
+        c.limits.resume_grace = Duration::from_secs(6);
         c
     };
     let cut = NodeProcess::start_at("127.0.0.1:0", config(&through_path)).await;

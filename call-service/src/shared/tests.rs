@@ -1098,3 +1098,55 @@ async fn a_request_at_its_callers_notice_quota_is_refused_by_its_commit() {
     assert_eq!(r.code, codes::OK, "{r:?}");
     assert_eq!(n1.user_call("alice").await.unwrap().map(|c| c.id), Some(id));
 }
+
+/// A lapsed lease that no node has begun to reap is renewed late (after
+/// an outage of Redis every node does so, and keeps its streams); once a
+/// reaper has marked it, it is lost, and the node joins again only after
+/// reaping itself.
+#[tokio::test]
+async fn a_lapsed_lease_is_renewed_late_unless_a_reaper_has_marked_it() {
+    let redis = Redis::start();
+    let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(n.store().lease(T0, LEASE, true).await.unwrap(), Lease::Held);
+    }
+    // Both lapse (Redis was away); nobody reaps before renewing.
+    let t1 = T0 + LEASE * 2;
+    for n in [&mut n1, &mut n2] {
+        assert_eq!(
+            n.store().lease(t1, LEASE, false).await.unwrap(),
+            Lease::Held,
+            "renewed late"
+        );
+    }
+    // Node 2 lapses again, alone: node 1 marks it, as a reaper does first.
+    let t2 = t1 + LEASE * 2;
+    assert_eq!(
+        n1.store().lease(t2, LEASE, false).await.unwrap(),
+        Lease::Held
+    );
+    let node2 = n2.store().node();
+    assert!(
+        !n1.store().mark_reaping(node2, t1).await.unwrap(),
+        "a live lease is not marked"
+    );
+    assert!(n1.store().mark_reaping(node2, t2).await.unwrap());
+    assert_eq!(
+        n2.store().lease(t2, LEASE, false).await.unwrap(),
+        Lease::Lost,
+        "a lease being reaped is not renewed"
+    );
+    // It reaps itself, and joins again.
+    let mut out = Vec::new();
+    n2.reap_self(t2, GRACE, &mut out).await.unwrap();
+    assert_eq!(
+        n2.store().lease(t2, LEASE, true).await.unwrap(),
+        Lease::Held
+    );
+    let t3 = t2 + LEASE / 2;
+    assert_eq!(
+        n2.store().lease(t3, LEASE, false).await.unwrap(),
+        Lease::Held,
+        "the mark went with the old lease"
+    );
+}
