@@ -1056,13 +1056,14 @@ async fn lease_loop(inner: Arc<Inner>) {
             }
             Ok(Lease::Lost) => {
                 // Being reaped (or reaped and forgotten), or its streams
-                // closed while it was cut off: what it holds may be stale. It takes no devices and
-                // stops reading its inbox, ends its streams (its clients
-                // resume, here or elsewhere), reaps its old lease itself as
-                // any node would (devices the store still has attached here
-                // are detached for their grace, its inbox parked for them),
-                // and only then joins again. Until it holds a lease it is
-                // not serving, so no client is taken only to be dropped.
+                // closed while it was cut off: what it holds may be stale.
+                // It takes no devices and stops reading its inbox, ends its
+                // streams (its clients resume, here or elsewhere), reaps its
+                // old lease itself as any node would (devices the store
+                // still has attached here are detached for their grace, its
+                // inbox parked for them), and only then joins again. Until
+                // it holds a lease it is not serving, so no client is taken
+                // only to be dropped.
                 warn!(
                     node = inner.id.0,
                     "this node's lease ran out: closing its streams and joining again"
