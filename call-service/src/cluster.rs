@@ -111,9 +111,10 @@ pub struct ClusterConfig {
     /// How long a node's lease lasts without renewal; a node silent for
     /// longer is reaped.
     pub lease: Duration,
-    /// With a business service: how long after its REQUEST a call still
-    /// waiting for approval is decided by the failure policy (this verdict)
-    /// on any node, for when the node that asked died.
+    /// How long after its REQUEST a call still waiting for approval is
+    /// decided by the failure policy (this verdict; without a business
+    /// service, Allow) on any node: for when the node that asked died, or
+    /// never learnt its REQUEST had committed (the reply lost).
     pub approval: Option<(Duration, Verdict)>,
 }
 

@@ -262,10 +262,13 @@ async fn start_switchboard(
         )));
     };
     // A call whose node died while asking is decided a little after the
-    // deadline that node would have kept.
-    let failure = match config.approval_failure_policy {
-        crate::business::FailurePolicy::Allow => crate::domain::Verdict::Allow,
-        crate::business::FailurePolicy::Refuse => crate::domain::Verdict::Refuse {
+    // deadline that node would have kept; so is one whose REQUEST's commit
+    // ran but whose reply was lost (Redis killed or slow right then), as
+    // the node that asked never learnt it had to. Without a business
+    // service nobody is asked and such a call is allowed, as every call is.
+    let failure = match (&hook, config.approval_failure_policy) {
+        (None, _) | (_, crate::business::FailurePolicy::Allow) => crate::domain::Verdict::Allow,
+        (Some(_), crate::business::FailurePolicy::Refuse) => crate::domain::Verdict::Refuse {
             code: crate::codes::BUSINESS_UNAVAILABLE,
             initiator: crate::domain::Initiator::Service,
         },
@@ -274,9 +277,7 @@ async fn start_switchboard(
         redis_url: url.clone(),
         prefix: config.redis_prefix.clone(),
         lease: config.node_lease,
-        approval: hook
-            .is_some()
-            .then(|| (config.approval_deadline + APPROVAL_MARGIN, failure)),
+        approval: Some((config.approval_deadline + APPROVAL_MARGIN, failure)),
     };
     let board = ClusterSwitchboard::start(
         cluster,

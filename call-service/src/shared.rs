@@ -70,7 +70,9 @@ pub const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(
 /// A Redis failure. The input it belonged to changed nothing, unless the
 /// failure was the commit's own reply lost (a timeout after the script
 /// ran): then the transition did happen, and its events and notices go on
-/// through the inboxes; only its caller is told it failed.
+/// through the inboxes; only its caller is told it failed. An approval it
+/// asked for is not asked by this node then: the call's approval timer
+/// (see [`SharedStore::time_approvals`]) decides it on some node.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
     #[error("redis: {0}")]

@@ -1150,3 +1150,43 @@ async fn a_lapsed_lease_is_renewed_late_unless_a_reaper_has_marked_it() {
         "the mark went with the old lease"
     );
 }
+
+/// A REQUEST whose commit ran but whose node never asked for its approval
+/// (the reply was lost: Redis killed or slow right then; or the node died)
+/// is not left waiting: without a business service its approval timer
+/// allows it at the deadline, on any node, and the callee rings.
+#[tokio::test]
+async fn a_request_never_asked_about_rings_at_its_deadline_without_a_business_service() {
+    let redis = Redis::start();
+    let (mut n1, mut n2, a, b) = alice_and_bob(&redis).await;
+    let timeout = Duration::from_secs(3);
+    n1.time_approvals(timeout, Verdict::Allow);
+    n2.time_approvals(timeout, Verdict::Allow);
+    let id = CallId(uuid::Uuid::now_v7());
+    let mut out = Vec::new();
+    n1.control(
+        a,
+        None,
+        &ctl(ControlKind::Request, "bob", 0),
+        id,
+        None,
+        T0,
+        &mut out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream");
+    // The approval it asks for is dropped, as with a lost reply.
+    assert!(matches!(out.as_slice(), [Effect::Approve(_)]), "{out:?}");
+    drain(&mut n1).await;
+    let mut out = Vec::new();
+    n2.tick(T0 + timeout, &mut out).await.unwrap();
+    // Bob's device is on node 2.
+    let (events, _) = drain(&mut n2).await;
+    assert!(
+        matches!(events.as_slice(), [(c, e)] if *c == b && e.kind == EventKind::Request),
+        "{events:?}"
+    );
+    let call = n2.user_call("alice").await.unwrap().expect("the call");
+    assert!(matches!(call.phase, Phase::Ringing { .. }), "{call:?}");
+}
