@@ -115,7 +115,7 @@ pub struct ClusterConfig {
     /// decided by the failure policy (this verdict; without a business
     /// service, Allow) on any node: for when the node that asked died, or
     /// never learnt its REQUEST had committed (the reply lost).
-    pub approval: Option<(Duration, Verdict)>,
+    pub approval: (Duration, Verdict),
 }
 
 /// Handle to this node. Cheap to clone.
@@ -253,9 +253,8 @@ impl ClusterSwitchboard {
             id,
             node: {
                 let mut node = Node::new(store, config.ring_timeout);
-                if let Some((timeout, failure)) = cluster.approval {
-                    node.time_approvals(timeout, failure);
-                }
+                let (timeout, failure) = cluster.approval;
+                node.time_approvals(timeout, failure);
                 node
             },
             cluster,

@@ -277,7 +277,7 @@ async fn start_switchboard(
         redis_url: url.clone(),
         prefix: config.redis_prefix.clone(),
         lease: config.node_lease,
-        approval: Some((config.approval_deadline + APPROVAL_MARGIN, failure)),
+        approval: (config.approval_deadline + APPROVAL_MARGIN, failure),
     };
     let board = ClusterSwitchboard::start(
         cluster,

@@ -533,18 +533,6 @@ pub struct Timing {
     pub loads: prometheus_client::metrics::histogram::Histogram,
 }
 
-/// Times a round trip into `h` (when there is one).
-async fn timed<T>(
-    h: Option<&prometheus_client::metrics::histogram::Histogram>,
-    f: impl std::future::Future<Output = T>,
-) -> T {
-    let Some(h) = h else { return f.await };
-    let start = std::time::Instant::now();
-    let r = f.await;
-    h.observe(start.elapsed().as_secs_f64());
-    r
-}
-
 impl std::fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedStore")
@@ -661,6 +649,18 @@ impl SharedStore {
     /// Times every commit and load of this handle and its clones.
     pub fn time_round_trips(&mut self, timing: Timing) {
         self.timing = Some(timing);
+    }
+
+    /// Notes how long a round trip that began at `start` took, in the
+    /// histogram `which` picks (if round trips are timed).
+    fn took(
+        &self,
+        which: fn(&Timing) -> &prometheus_client::metrics::histogram::Histogram,
+        start: std::time::Instant,
+    ) {
+        if let Some(t) = &self.timing {
+            which(t).observe(start.elapsed().as_secs_f64());
+        }
     }
 
     /// Keeps an approval timer for every call waiting for approval (see
@@ -816,8 +816,10 @@ impl SharedStore {
         for r in &m.rooms {
             pipe.cmd("SISMEMBER").arg(&rooms).arg(r);
         }
-        let h = self.timing.as_ref().map(|t| t.loads.clone());
-        let values: Vec<redis::Value> = timed(h.as_ref(), pipe.query_async(self.conn())).await?;
+        let start = std::time::Instant::now();
+        let values = pipe.query_async::<Vec<redis::Value>>(self.conn()).await;
+        self.took(|t| &t.loads, start);
+        let values = values?;
         let mut values = values.into_iter();
         // The records, in the order of `keys`, as a load's: one decoder.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -863,8 +865,10 @@ impl SharedStore {
             inv.arg(format!("h:{h}"));
         }
         self.trips.fetch_add(1, Ordering::Relaxed);
-        let h = self.timing.as_ref().map(|t| &t.loads);
-        let flat: Vec<String> = timed(h, inv.invoke_async(&mut self.conn)).await?;
+        let start = std::time::Instant::now();
+        let flat = inv.invoke_async::<Vec<String>>(&mut self.conn).await;
+        self.took(|t| &t.loads, start);
+        let flat = flat?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for t in flat.chunks_exact(3) {
             let (key, v, r) = (t[0].as_str(), t[1].as_str(), t[2].as_str());
@@ -1319,8 +1323,10 @@ impl SharedStore {
             Some((caller, max)) => inv.arg(caller.as_ref()).arg(*max),
             None => inv.arg("").arg(0),
         };
-        let h = self.timing.as_ref().map(|t| t.commits.clone());
-        let reply: Vec<redis::Value> = timed(h.as_ref(), inv.invoke_async(self.conn())).await?;
+        let start = std::time::Instant::now();
+        let reply = inv.invoke_async::<Vec<redis::Value>>(self.conn()).await;
+        self.took(|t| &t.commits, start);
+        let reply = reply?;
         let mut reply = reply.into_iter();
         let ok: u8 = redis::from_redis_value(reply.next().unwrap_or(redis::Value::Nil))?;
         let what = reply.next().unwrap_or(redis::Value::Nil);

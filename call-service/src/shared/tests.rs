@@ -90,6 +90,29 @@ async fn attach(node: &mut Node, conn: ConnId, who: &str) {
         .unwrap();
 }
 
+/// A REQUEST from `conn`'s current stream, without a quota: its outcome.
+async fn request(
+    n: &mut Node,
+    conn: ConnId,
+    peer: &str,
+    id: CallId,
+    now: Time,
+    out: &mut Vec<Effect>,
+) -> Outcome {
+    n.control(
+        conn,
+        None,
+        &ctl(ControlKind::Request, peer, 0),
+        id,
+        None,
+        now,
+        out,
+    )
+    .await
+    .unwrap()
+    .expect("from the current stream")
+}
+
 /// Two nodes, alice's device on node 1 and bob's on node 2.
 async fn alice_and_bob(redis: &Redis) -> (Node, Node, ConnId, ConnId) {
     let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
@@ -365,18 +388,7 @@ async fn a_timer_fired_twice_and_late_acts_once() {
         let id = CallId(uuid::Uuid::now_v7());
         let now = T0 + Duration::from_secs(100 * round);
         let mut out = Vec::new();
-        n1.control(
-            a,
-            None,
-            &ctl(ControlKind::Request, "bob", 0),
-            id,
-            None,
-            now,
-            &mut out,
-        )
-        .await
-        .unwrap()
-        .expect("from the current stream");
+        request(&mut n1, a, "bob", id, now, &mut out).await;
         n1.approval_done(id, Verdict::Allow, now, &mut out)
             .await
             .unwrap();
@@ -662,18 +674,7 @@ async fn an_inbox_reader_waits_for_another_nodes_events_and_resumes_from_its_las
         (reader, got)
     });
     let mut out = Vec::new();
-    n1.control(
-        a,
-        None,
-        &ctl(ControlKind::Request, "bob", 0),
-        id,
-        None,
-        T0,
-        &mut out,
-    )
-    .await
-    .unwrap()
-    .expect("from the current stream");
+    request(&mut n1, a, "bob", id, T0, &mut out).await;
     n1.approval_done(id, Verdict::Allow, T0, &mut out)
         .await
         .unwrap();
@@ -729,18 +730,7 @@ async fn a_commits_mark_is_its_nodes_last_inbox_entry_before_it() {
     let id = CallId(uuid::Uuid::now_v7());
     let mut out = Vec::new();
     // Node 1's inbox is empty: nothing to wait for.
-    n1.control(
-        a,
-        None,
-        &ctl(ControlKind::Request, "bob", 0),
-        id,
-        None,
-        T0,
-        &mut out,
-    )
-    .await
-    .unwrap()
-    .expect("from the current stream");
+    request(&mut n1, a, "bob", id, T0, &mut out).await;
     assert_eq!(n1.store().mark(), EntryId::default());
     n1.approval_done(id, Verdict::Allow, T0, &mut out)
         .await
@@ -813,18 +803,7 @@ async fn a_detached_device_that_parks_too_much_is_given_up() {
         assert!(round < 200, "never given up");
         let id = CallId(uuid::Uuid::now_v7());
         let now = T0 + Duration::from_secs(round);
-        n1.control(
-            a,
-            None,
-            &ctl(ControlKind::Request, "bob", 0),
-            id,
-            None,
-            now,
-            &mut out,
-        )
-        .await
-        .unwrap()
-        .expect("from the current stream");
+        request(&mut n1, a, "bob", id, now, &mut out).await;
         n1.approval_done(id, Verdict::Allow, now, &mut out)
             .await
             .unwrap();
@@ -884,18 +863,7 @@ async fn a_call_whose_node_died_while_asking_is_decided_at_its_deadline() {
     for cancel in [false, true] {
         let id = CallId(uuid::Uuid::now_v7());
         let mut out = Vec::new();
-        n1.control(
-            a,
-            None,
-            &ctl(ControlKind::Request, "bob", 0),
-            id,
-            None,
-            T0,
-            &mut out,
-        )
-        .await
-        .unwrap()
-        .expect("from the current stream");
+        request(&mut n1, a, "bob", id, T0, &mut out).await;
         assert!(matches!(out.as_slice(), [Effect::Approve(_)]), "{out:?}");
         if cancel {
             n1.control(
@@ -1164,18 +1132,7 @@ async fn a_request_never_asked_about_rings_at_its_deadline_without_a_business_se
     n2.time_approvals(timeout, Verdict::Allow);
     let id = CallId(uuid::Uuid::now_v7());
     let mut out = Vec::new();
-    n1.control(
-        a,
-        None,
-        &ctl(ControlKind::Request, "bob", 0),
-        id,
-        None,
-        T0,
-        &mut out,
-    )
-    .await
-    .unwrap()
-    .expect("from the current stream");
+    request(&mut n1, a, "bob", id, T0, &mut out).await;
     // The approval it asks for is dropped, as with a lost reply.
     assert!(matches!(out.as_slice(), [Effect::Approve(_)]), "{out:?}");
     drain(&mut n1).await;
