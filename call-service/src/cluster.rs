@@ -233,7 +233,9 @@ impl ClusterSwitchboard {
         let id = store.node();
         store.lease(clock.time(), cluster.lease, true).await?;
         // A new id's inbox is empty: read from its start.
-        let reader = InboxReader::open(&cluster.redis_url, &cluster.prefix, id, "0-0").await?;
+        let reader = InboxReader::open(&cluster.redis_url, &cluster.prefix, id, "0-0")
+            .await?
+            .feeding(&store);
         let lanes = LaneReader::open(&cluster.redis_url, &cluster.prefix).await?;
         let (observed, observed_rx) = mpsc::channel(OBSERVER_QUEUE);
         // The handle (and with it the observer's sender) lives as long as
@@ -806,7 +808,7 @@ async fn inbox_loop(inner: Arc<Inner>, mut reader: InboxReader) {
                 wait = (wait * 2).min(Duration::from_secs(1));
                 let c = &inner.cluster;
                 match InboxReader::open(&c.redis_url, &c.prefix, inner.id, reader.last()).await {
-                    Ok(r) => reader = r,
+                    Ok(r) => reader = r.feeding(inner.node.clone().store()),
                     Err(e) => debug!(error = %e, "inbox reader: not reconnected yet"),
                 }
             }

@@ -19,7 +19,11 @@
 //! runs inputs over that: an input over records only this node writes
 //! takes one round trip (its commit); over records another node changed,
 //! the commit is refused with their current values and the next attempt
-//! commits over those (two round trips, no load).
+//! commits over those (two round trips, no load). The usual input after
+//! another node's commit is a reply to its event (an answer to a ring, a
+//! hang-up after START), and that event carries the records its commit
+//! read and wrote into the receiving node's cache
+//! ([`InboxReader::feeding`]): one round trip then, too.
 //!
 //! **Routing** happens before the commit, in the transition itself: the
 //! device of every event is read (so its version is checked too); events
@@ -94,7 +98,9 @@ pub enum SharedError {
 /// `phases`, `pending`, the committing node's inbox, then the records (n), then the other keys it writes
 /// (inboxes, notice lanes, nodes' device sets). ARGV: n, then per record its expected version, `k`
 /// (only read), `w` (write, with its JSON) or `d` (delete), and the JSON (or
-/// empty); then counted lists: rooms claimed, rooms freed, timers cleared,
+/// empty; of a record only read, its JSON when the commit sends an event to
+/// another node: the first entry to each other node's inbox carries the
+/// records written and read, see [`InboxReader::feeding`]); then counted lists: rooms claimed, rooms freed, timers cleared,
 /// timers set (score, member), tokens dropped, tokens set (token, device),
 /// inbox and lane entries (key index, device or empty for a notice, epoch
 /// or for a notice its caller, counted in `pending`, JSON),
@@ -172,12 +178,34 @@ local tokens = tonumber(ARGV[a]); a = a + 1
 for i = 0, tokens - 1 do redis.call('HSET', KEYS[4], ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) end
 a = a + 2 * tokens
 local sent = tonumber(ARGV[a]); a = a + 1
+local carry, carried = nil, {}
 for i = 0, sent - 1 do
   local j = a + 4 * i
   local inbox = KEYS[base + n + tonumber(ARGV[j])]
   if ARGV[j + 1] == '' then
     redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'n', ARGV[j + 3])
     redis.call('HINCRBY', KEYS[7], ARGV[j + 2], 1)
+  elseif inbox ~= KEYS[8] and not carried[inbox] then
+    carried[inbox] = true
+    if not carry then
+      carry = {'d', ARGV[j + 1], 'p', ARGV[j + 2], 'e', ARGV[j + 3]}
+      local at = string.format('%.0f', v) .. ' '
+      local w = 2
+      for k = 1, n do
+        local op = ARGV[w + 1]
+        if op == 'w' or op == 'd' then
+          carry[#carry + 1] = KEYS[base + k]
+          carry[#carry + 1] = at .. ARGV[w + 2]
+        elseif ARGV[w + 2] ~= '' then
+          carry[#carry + 1] = KEYS[base + k]
+          carry[#carry + 1] = ARGV[w] .. ' ' .. ARGV[w + 2]
+        end
+        w = w + 3
+      end
+    else
+      carry[2], carry[4], carry[6] = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
+    end
+    redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', unpack(carry))
   else
     redis.call('XADD', inbox, 'MAXLEN', '~', 100000, '*', 'd', ARGV[j + 1], 'p', ARGV[j + 2], 'e', ARGV[j + 3])
   end
@@ -1147,10 +1175,12 @@ impl SharedStore {
     /// versions to check, the writes, and the indexes its records imply.
     fn args(&self, snap: &Snapshot, t: &Transition, routed: Routed) -> Result<Args, SharedError> {
         let mut a = Args::default();
+        // Records read go along too when an event goes to another node:
+        // its next input is likely to read them (see `InboxReader::feeding`).
+        let carry = routed.events.iter().any(|(node, ..)| *node != self.node);
         for s in t.users_slots() {
             a.keys.push(self.key("u", &s.key));
-            a.records
-                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            a.records.push(op(s, carry)?);
         }
         // A call's approval timer: while it is approving, or its notices
         // are held for the approval (it ended meanwhile).
@@ -1158,8 +1188,7 @@ impl SharedStore {
         let approval = self.approval_timeout;
         for s in t.held_slots() {
             a.keys.push(self.key("h", s.key));
-            a.records
-                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            a.records.push(op(s, carry)?);
             if let (Some(after), true) = (approval, s.dirty) {
                 let at = |h: &Vec<Notice>| h.first().map(|n| n.requested_at + after);
                 let old = snap
@@ -1174,8 +1203,7 @@ impl SharedStore {
         }
         for s in t.calls_slots() {
             a.keys.push(self.key("c", s.key));
-            a.records
-                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            a.records.push(op(s, carry)?);
             if !s.dirty {
                 continue;
             }
@@ -1214,8 +1242,7 @@ impl SharedStore {
         }
         for s in t.devices_slots() {
             a.keys.push(self.key("d", s.key.0));
-            a.records
-                .push(op(s.read, s.dirty, s.value.as_ref().map(json).transpose()?));
+            a.records.push(op(s, carry)?);
             if !s.dirty {
                 continue;
             }
@@ -1789,6 +1816,10 @@ fn next_entry(id: &str) -> Option<String> {
 pub struct InboxReader {
     conn: redis::aio::MultiplexedConnection,
     key: String,
+    prefix: String,
+    /// The node's [`RecordCache`], kept fresh with the records an entry
+    /// carries (see [`InboxReader::feeding`]).
+    cache: Option<Arc<std::sync::Mutex<RecordCache>>>,
     /// The last entry read: a reader that reconnects goes on from it, so
     /// nothing is lost.
     last: String,
@@ -1826,9 +1857,26 @@ impl InboxReader {
         Ok(Self {
             conn,
             key: format!("{prefix}inbox:{}", node.0),
+            prefix: prefix.to_owned(),
+            cache: None,
             last: after.to_owned(),
             oldest_ms: None,
         })
+    }
+
+    /// Puts the records its entries carry into `store`'s cache. The first
+    /// event a commit sends to another node's inbox carries what the
+    /// commit wrote, so that node's next input over them (the callee's
+    /// answer after its REQUEST, the caller's hang-up after START) runs
+    /// over current records and commits at once, instead of being refused
+    /// as stale first. The cache is taken before the events are handed on,
+    /// so a client's reply to an event always finds it. Versions order
+    /// what the cache keeps (a newer record is never replaced by an older
+    /// one) and every commit checks them, so a carried record is only
+    /// ever a round trip saved, never a wrong read.
+    pub fn feeding(mut self, store: &SharedStore) -> Self {
+        self.cache = Some(store.cache.clone());
+        self
     }
 
     /// The entry it read last.
@@ -1858,6 +1906,7 @@ impl InboxReader {
         self.oldest_ms = None;
         for (_, entries) in reply.unwrap_or_default() {
             for (id, fields) in entries {
+                self.carried(&fields);
                 if let Some(e) = inbound(&self.key, &id, &fields)? {
                     out.push((EntryId::parse(&id).unwrap_or_default(), e));
                 }
@@ -1868,6 +1917,24 @@ impl InboxReader {
             }
         }
         Ok(out)
+    }
+
+    /// Caches the records an entry carries (fields named by their keys,
+    /// each `<version> <record>`; an empty record: deleted).
+    fn carried(&self, fields: &HashMap<String, String>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, vr) in fields {
+            if let Some(key) = k.strip_prefix(&self.prefix)
+                && key.contains(':')
+                && let Some((v, r)) = vr.split_once(' ')
+                && let Ok(v) = v.parse::<Version>()
+            {
+                cache.committed(key.to_owned(), v, (!r.is_empty()).then(|| r.to_owned()));
+            }
+        }
     }
 
     /// When the oldest entry of the last batch was added (Unix ms, by the
@@ -2031,12 +2098,19 @@ impl RecordCache {
     }
 }
 
-fn op(read: Version, dirty: bool, json: Option<String>) -> (Version, &'static str, String) {
-    match (dirty, json) {
-        (false, _) => (read, "k", String::new()),
-        (true, Some(j)) => (read, "w", j),
-        (true, None) => (read, "d", String::new()),
-    }
+/// A record's part of the commit: its version read, what the commit does
+/// with it, and its JSON (of a record only read: when `carry`, see
+/// [`InboxReader::feeding`]).
+fn op<K, V: serde::Serialize>(
+    s: &crate::store::Slot<K, V>,
+    carry: bool,
+) -> Result<(Version, &'static str, String), SharedError> {
+    Ok(match (s.dirty, &s.value) {
+        (true, Some(v)) => (s.read, "w", json(v)?),
+        (true, None) => (s.read, "d", String::new()),
+        (false, Some(v)) if carry => (s.read, "k", json(v)?),
+        (false, _) => (s.read, "k", String::new()),
+    })
 }
 
 fn json<T: serde::Serialize>(rec: &T) -> Result<String, SharedError> {

@@ -1018,6 +1018,100 @@ async fn an_input_over_records_another_node_committed_takes_two_commits() {
     }
 }
 
+/// Round trips of the answer (node 2) and the hang-up (node 1) of a
+/// second call between alice on node 1 and bob on node 2, each node having
+/// read its inbox before its input, as a client answers only what it was
+/// sent. With `fed`, the readers put what the entries carry in their
+/// nodes' caches.
+async fn trips_across_nodes(redis: &Redis, fed: bool) -> Vec<(&'static str, u64)> {
+    let (mut n1, mut n2, a, b) = alice_and_bob(redis).await;
+    let mut r1 = InboxReader::open(&redis.url, "vc:", NodeId(1), "0-0")
+        .await
+        .unwrap();
+    let mut r2 = InboxReader::open(&redis.url, "vc:", NodeId(2), "0-0")
+        .await
+        .unwrap();
+    if fed {
+        r1 = r1.feeding(n1.store());
+        r2 = r2.feeding(n2.store());
+    }
+    async fn next(r: &mut InboxReader, kind: EventKind) {
+        let got = r.next(Duration::from_secs(30), 100).await.unwrap();
+        assert!(
+            got.iter()
+                .any(|(_, e)| matches!(e, Inbound::Event { event, .. } if event.kind == kind)),
+            "{kind:?} in {got:?}"
+        );
+    }
+    let mut counted = Vec::new();
+    for round in 0..2 {
+        let id = CallId(uuid::Uuid::now_v7());
+        let mut out = Vec::new();
+        request(&mut n1, a, "bob", id, T0, &mut out).await;
+        n1.approval_done(id, Verdict::Allow, T0, &mut out)
+            .await
+            .unwrap();
+        next(&mut r2, EventKind::Request).await;
+        let before = n2.store().round_trips();
+        let r = n2
+            .control(
+                b,
+                None,
+                &ctl(ControlKind::Reply, "alice", 0),
+                id,
+                None,
+                T0,
+                &mut out,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.code, codes::OK, "{r:?}");
+        let reply = n2.store().round_trips() - before;
+        next(&mut r1, EventKind::Start).await;
+        let before = n1.store().round_trips();
+        let r = n1
+            .control(
+                a,
+                None,
+                &ctl(ControlKind::Finish, "bob", 0),
+                id,
+                None,
+                T0,
+                &mut out,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.code, codes::OK, "{r:?}");
+        let finish = n1.store().round_trips() - before;
+        next(&mut r2, EventKind::Finish).await;
+        if round == 1 {
+            counted = vec![("REPLY", reply), ("FINISH", finish)];
+        }
+    }
+    assert!(n1.user_call("alice").await.unwrap().is_none());
+    assert!(n2.user_call("bob").await.unwrap().is_none());
+    counted
+}
+
+/// The first event a commit sends to another node carries the records the
+/// commit read and wrote, and that node's reader caches them: an answer
+/// after a REQUEST rung from another node, and a hang-up after the START
+/// it sent back, each commit in one round trip. Without them, each finds a
+/// record the other node changed and takes two or more.
+#[tokio::test]
+async fn an_input_after_another_nodes_event_commits_over_what_the_event_carried() {
+    let redis = Redis::start();
+    for (what, trips) in trips_across_nodes(&redis, true).await {
+        assert_eq!(trips, 1, "{what}, fed");
+    }
+    let redis = Redis::start();
+    for (what, trips) in trips_across_nodes(&redis, false).await {
+        assert!(trips >= 2, "{what}, not fed: {trips}");
+    }
+}
+
 /// The per-caller notice quota is checked by the REQUEST's commit, where
 /// the count is: at the quota the REQUEST is refused and nothing changes;
 /// below it the call is placed.
