@@ -693,6 +693,12 @@ impl Step<'_, '_> {
         out: &mut Vec<Effect>,
     ) -> Outcome {
         if let Some(current) = self.t.user(&caller).and_then(|u| u.call) {
+            // This very REQUEST, placed already: a shared store retries a
+            // commit whose reply a dropped connection lost, and the retry
+            // finds its own call. Placed is what its sender is told.
+            if current == call_id && self.t.call(&current).is_some_and(|c| c.caller_conn == conn) {
+                return Outcome::ok(call_id);
+            }
             // Glare: the sender is being called by the very peer it dials,
             // and the call has not started. However the two REQUESTs crossed,
             // this one gets REPLY 100103 (below) and the other call goes on.

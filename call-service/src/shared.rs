@@ -982,6 +982,11 @@ impl SharedStore {
         let from = out.len();
         let mut reconnected = false;
         let mut rooms_free = true;
+        // A new call is taken as absent until a commit says otherwise (a
+        // conflict on it) or may have placed it (a connection dropped with
+        // the commit's reply on the way): then it is read like any record,
+        // and the retry finds the call its own commit placed.
+        let mut new_absent = true;
         // One attempt more than the rules' budget: the first may run over a
         // cached record another node has changed since.
         'attempt: for _ in 0..=MAX_ATTEMPTS {
@@ -990,7 +995,7 @@ impl SharedStore {
                 rooms_free,
                 ..Snapshot::default()
             };
-            for c in &first.absent {
+            for c in first.absent.iter().filter(|_| new_absent) {
                 snap.calls.insert(*c, None);
                 snap.held.insert(*c, None);
             }
@@ -1062,6 +1067,7 @@ impl SharedStore {
                 // records sees its own commit and does nothing twice.
                 Err(e) if !reconnected && dropped(&e) => {
                     reconnected = true;
+                    new_absent = false;
                     self.forget_cached();
                     out.truncate(from);
                     continue 'attempt;
@@ -1074,7 +1080,7 @@ impl SharedStore {
                     let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                     // A new call's held notices: none, as of this commit
                     // (no other node knew the call before it).
-                    for c in &first.absent {
+                    for c in first.absent.iter().filter(|_| new_absent) {
                         cache.committed(format!("h:{c}"), v, None);
                     }
                     for (key, rec) in written {
@@ -1085,6 +1091,15 @@ impl SharedStore {
                 Committed::Conflict(stale) => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    let new_key = |k: &str| {
+                        first
+                            .absent
+                            .iter()
+                            .any(|c| k.strip_prefix("c:").is_some_and(|id| id == c.to_string()))
+                    };
+                    if stale.iter().any(|(key, ..)| new_key(key)) {
+                        new_absent = false;
+                    }
                     for (key, v, r) in stale {
                         cache.loaded(&key, &v, &r);
                     }

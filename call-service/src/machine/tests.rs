@@ -102,6 +102,33 @@ fn full_call_then_hang_up() {
     m.check_invariants().unwrap();
 }
 
+/// A REQUEST repeated with its call id by the device that placed it (a
+/// shared store's retry of a commit that ran) is answered as placed and
+/// changes nothing; another device of the same user with that id is still
+/// refused.
+#[test]
+fn a_request_repeated_with_its_call_id_changes_nothing() {
+    let mut m = machine();
+    let mut out = vec![];
+    m.connect(ConnId(0), user_of(0), &mut out);
+    m.connect(ConnId(4), user_of(4), &mut out);
+    m.connect(ConnId(1), user_of(1), &mut out);
+    let req = ctl(ControlKind::Request, "u1", 0);
+    out.clear();
+    assert_eq!(
+        m.control(ConnId(0), &req, id(1), Duration::ZERO, &mut out)
+            .code,
+        0
+    );
+    out.clear();
+    let again = m.control(ConnId(0), &req, id(1), Duration::ZERO, &mut out);
+    assert_eq!((again.code, again.call_id), (0, Some(id(1))));
+    assert!(out.is_empty(), "{out:?}");
+    let other = m.control(ConnId(4), &req, id(1), Duration::ZERO, &mut out);
+    assert_eq!(other.code, codes::ALREADY_IN_CALL);
+    assert_eq!(m.user_state("u1").0, UserState::Ringing);
+}
+
 #[test]
 fn glare_gives_one_call_and_one_busy() {
     let mut m = machine();

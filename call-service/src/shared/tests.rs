@@ -1112,6 +1112,33 @@ async fn an_input_after_another_nodes_event_commits_over_what_the_event_carried(
     }
 }
 
+/// A REQUEST whose commit ran but whose reply never came back is tried
+/// again with the same call id (after a connection found dropped): the
+/// retry is refused as stale on the call it guessed absent, then reads the
+/// call and answers it placed, and sends nothing twice.
+#[tokio::test]
+async fn a_request_tried_again_after_its_commit_ran_is_answered_placed() {
+    let redis = Redis::start();
+    let (mut n1, mut n2, a, _) = alice_and_bob(&redis).await;
+    let id = CallId(uuid::Uuid::now_v7());
+    let mut out = Vec::new();
+    assert_eq!(
+        request(&mut n1, a, "bob", id, T0, &mut out).await.code,
+        codes::OK
+    );
+    assert!(
+        out.iter().any(|e| matches!(e, Effect::Approve(_))),
+        "{out:?}"
+    );
+    let conflicts = n1.store().conflicts();
+    let mut again = Vec::new();
+    let o = request(&mut n1, a, "bob", id, T0, &mut again).await;
+    assert_eq!((o.code, o.call_id), (codes::OK, Some(id)));
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(n1.store().conflicts(), conflicts + 1);
+    assert_eq!(n2.user_call("bob").await.unwrap().map(|c| c.id), Some(id));
+}
+
 /// The per-caller notice quota is checked by the REQUEST's commit, where
 /// the count is: at the quota the REQUEST is refused and nothing changes;
 /// below it the call is placed.
