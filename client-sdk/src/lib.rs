@@ -855,11 +855,13 @@ async fn run(
             if link.outbound.strong_count() == 0 {
                 return;
             }
-            match open(
+            // Boxed, as the connect below: the task is sized for its
+            // largest state, and every idle device would pay for these.
+            match Box::pin(open(
                 &link.channel,
                 &link.credentials,
                 Some(&session.connected.resume_token),
-            )
+            ))
             .await
             {
                 Ok(x) => {
@@ -874,7 +876,7 @@ async fn run(
                     debug!(attempt, error = %e, "reconnect failed");
                     // The next attempt on a connection of its own.
                     if let Some(ep) = &link.endpoint
-                        && let Ok(c) = ep.connect().await
+                        && let Ok(c) = Box::pin(ep.connect()).await
                     {
                         link.channel = c;
                     }
