@@ -62,14 +62,25 @@ pub struct ConnResult {
     pub server_kib_per_call: f64,
     /// The load generator's own RSS per client (KiB), for reference.
     pub generator_kib_per_client: f64,
+    /// Redis's `used_memory` per connected client (bytes: the device
+    /// record, its token and its node's set), on Redis.
+    pub redis_bytes_per_client: Option<f64>,
     pub first_errors: Vec<String>,
 }
 
 type Device = (Client, Events);
 
-pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::Result<ConnResult> {
+/// Connects `spec.clients` idle devices to `url` (the node `call_service`);
+/// with `services` on Redis, Redis's memory per device too.
+pub async fn run(
+    url: &str,
+    call_service: &Server,
+    services: &crate::procs::Services,
+    spec: &ConnSpec,
+) -> anyhow::Result<ConnResult> {
     let metrics = call_service.addr("metrics")?;
     let before = call_service.sample();
+    let redis_before = services.redis_used_memory().await?;
     let me_before = crate::procs::sample(std::process::id()).unwrap_or_default();
     let started = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
@@ -153,6 +164,7 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
         .await
         .unwrap_or(-1.0);
     let with_clients = call_service.sample();
+    let redis_with_clients = services.redis_used_memory().await?;
     let me_after = crate::procs::sample(std::process::id()).unwrap_or_default();
     let per = |a: u64, b: u64, n: usize| (a as f64 - b as f64) / n.max(1) as f64;
 
@@ -191,6 +203,9 @@ pub async fn run(url: &str, call_service: &Server, spec: &ConnSpec) -> anyhow::R
         server_rss_calls_kib: with_calls.rss_kib,
         server_kib_per_call: per(with_calls.rss_kib, with_clients.rss_kib, talking),
         generator_kib_per_client: per(me_after.rss_kib, me_before.rss_kib, connected),
+        redis_bytes_per_client: redis_before
+            .zip(redis_with_clients)
+            .map(|(b, a)| (a as f64 - b as f64) / connected.max(1) as f64),
         first_errors,
     })
 }

@@ -550,7 +550,7 @@ async fn connections_mode(
     spec: conns::ConnSpec,
 ) -> anyhow::Result<()> {
     let started = Services::start(&services.options()).await?;
-    let result = conns::run(&started.client_url()?, &started.call, &spec).await?;
+    let result = conns::run(&started.client_url()?, &started.call, &started, &spec).await?;
     started.stop().await;
     write_out(&out, "connections", &result, report::conns(&result))?;
     Ok(())

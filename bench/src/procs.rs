@@ -391,6 +391,24 @@ impl Services {
         ))
     }
 
+    /// The memory Redis holds for data (`used_memory`, bytes), if there
+    /// is one.
+    pub async fn redis_used_memory(&self) -> anyhow::Result<Option<u64>> {
+        let Some((_, port)) = &self.redis else {
+            return Ok(None);
+        };
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "INFO", "memory"])
+            .output()
+            .await
+            .context("redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok()))
+    }
+
     /// The business service's records database, if it keeps one.
     pub fn records_db(&self) -> Option<&std::path::Path> {
         self.records_db.as_deref()

@@ -188,6 +188,12 @@ pub fn conns(c: &ConnResult) -> String {
         "| **server memory per idle client** | **{:.2} KiB** |",
         c.server_kib_per_client
     );
+    if let Some(b) = c.redis_bytes_per_client {
+        let _ = writeln!(
+            m,
+            "| Redis memory per idle client (`used_memory`) | {b:.0} bytes |"
+        );
+    }
     let _ = writeln!(m, "| calls in talking state | {} |", c.active_calls);
     let _ = writeln!(
         m,
