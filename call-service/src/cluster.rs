@@ -548,6 +548,16 @@ impl Inner {
                 match entry {
                     // Not in inboxes (see `shared`); handed on if found.
                     Inbound::Notice(n) => notices.push(n),
+                    // Resumed on another node: this stream ends as one a
+                    // resume replaces on one node (FAILED_PRECONDITION).
+                    Inbound::Moved { conn, epoch } => {
+                        if local.streams.get(&conn).is_some_and(|e| e.epoch == epoch)
+                            && let Some(old) = local.streams.remove(&conn)
+                        {
+                            local.in_flight.remove(&conn);
+                            old.superseded.cancel();
+                        }
+                    }
                     Inbound::Event { conn, epoch, event } => {
                         let msg = Outgoing::Event(event);
                         match local.streams.get(&conn).map(|e| e.epoch) {

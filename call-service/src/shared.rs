@@ -45,7 +45,8 @@
 //! - `rooms`: the rooms of live calls (a claim is checked free in the
 //!   commit); `tokens`: resume token → device;
 //! - `inbox:<node>`: a stream per node of the events for its devices that
-//!   other nodes committed ([`InboxReader`] waits on it);
+//!   other nodes committed ([`InboxReader`] waits on it), and of its
+//!   streams that a resume elsewhere took over ([`Inbound::Moved`]);
 //! - `leases`: when each node's lease ends; `reaping`: the nodes whose
 //!   lapsed lease another node has begun to reap (they cannot renew it
 //!   late); `devs:<node>`: the devices whose records name the node (what
@@ -1398,6 +1399,30 @@ impl SharedStore {
         })
     }
 
+    /// Tells `node` that its stream of `conn` at `epoch` was taken over by
+    /// a resume elsewhere ([`Inbound::Moved`]).
+    pub async fn moved(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        epoch: u64,
+    ) -> Result<(), SharedError> {
+        let key = format!("{}inbox:{}", self.prefix, node.0);
+        let _: String = redis::cmd("XADD")
+            .arg(key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*")
+            .arg("m")
+            .arg(conn.0)
+            .arg("p")
+            .arg(epoch)
+            .query_async(self.conn())
+            .await?;
+        Ok(())
+    }
+
     /// Timers due at `now` (at most `limit`), earliest first.
     pub async fn due(&mut self, now: Time, limit: usize) -> Result<Vec<Due>, SharedError> {
         let members: Vec<String> = redis::cmd("ZRANGE")
@@ -1767,6 +1792,10 @@ pub enum Inbound {
     },
     /// A notice for the business service (in a notice lane).
     Notice(Notice),
+    /// The device was resumed on another node while its stream at `epoch`
+    /// was still open here: that stream is deaf from now on (its events go
+    /// to the new node, its controls are refused by epoch) and is ended.
+    Moved { conn: ConnId, epoch: u64 },
 }
 
 /// An inbox entry's fields read back (`None`: not one of ours).
@@ -1783,6 +1812,13 @@ fn inbound(
         return Ok(Some(Inbound::Notice(
             serde_json::from_str(n).map_err(corrupt)?,
         )));
+    }
+    if let Some(conn) = fields.get("m").and_then(|m| m.parse().ok()) {
+        let epoch = fields.get("p").and_then(|p| p.parse().ok()).unwrap_or(0);
+        return Ok(Some(Inbound::Moved {
+            conn: ConnId(conn),
+            epoch,
+        }));
     }
     let (Some(d), Some(e)) = (
         fields.get("d").and_then(|d| d.parse().ok()),
@@ -2459,15 +2495,24 @@ impl Node {
                 before =
                     s.t.device_by_token(token)
                         .and_then(|c| s.t.device(&c))
-                        .map(|d| (d.node, d.epoch));
+                        .map(|d| (d.node, d.epoch, d.attached));
                 s.resume(user, token, &next_token, node)
             })
             .await?
             .flatten();
-        let (Some((conn, epoch, mut parked)), Some((old_node, old_epoch))) = (resumed, before)
+        let (Some((conn, epoch, mut parked)), Some((old_node, old_epoch, attached))) =
+            (resumed, before)
         else {
             return Ok(None);
         };
+        // Taken from a stream another node still holds (its client's path
+        // broke without that node noticing): that node ends it, as one
+        // node ends the stream a resume replaces. After the commit, not in
+        // it: if this node dies in between, the old stream stays deaf
+        // until keep-alive ends it, which is all it was before.
+        if attached && old_node != node {
+            self.store.moved(old_node, conn, old_epoch).await?;
+        }
         // The events the old stream was sent last may never have reached
         // the client (its node died, or the path broke, with them on the
         // way): those still in the old node's inbox (kept a while after

@@ -80,6 +80,45 @@ impl Raw {
     }
 }
 
+/// A device resumed on another node while its first node still holds its
+/// stream open (the client's path broke without that node noticing): the
+/// old stream ends as on one node (FAILED_PRECONDITION) instead of staying
+/// open and deaf, and the resumed stream carries the calls. On one node,
+/// both streams are on it.
+#[tokio::test]
+async fn a_resume_on_another_node_ends_the_stream_it_replaces() {
+    let svc = CallService::start(None, |c| c.limits.resume_grace = Duration::from_secs(30)).await;
+    let nodes = svc.nodes();
+    let (here, there) = (
+        nodes[0].client_url.clone(),
+        nodes[nodes.len() - 1].client_url.clone(),
+    );
+    let mut first = raw(&here, "alice", None).await.expect("connect");
+    let token = first.hello.resume_token.clone();
+    let mut current = raw(&there, "alice", Some(&token)).await.expect("resume");
+    assert!(current.hello.resumed);
+    assert_eq!(current.hello.connection_id, first.hello.connection_id);
+    let end = first.end().await.expect("ended with a status");
+    assert_eq!(end.code(), tonic::Code::FailedPrecondition, "{end:?}");
+    // The resumed stream is the device: a REQUEST from it is answered.
+    current.request(1, "nobody").await;
+    let answered = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match current.inbound.message().await {
+                Ok(Some(pb::ServerMessage {
+                    kind: Some(pb::server_message::Kind::Result(r)),
+                })) => return r,
+                Ok(Some(_)) => continue,
+                other => panic!("the resumed stream ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no result");
+    assert_eq!(answered.seq, 1);
+    svc.stop().await;
+}
+
 /// Finding 1: one token, many streams. Each resume takes the device from the
 /// stream before it (which ends, FAILED_PRECONDITION) and hands out a new
 /// token; a used token resumes nothing; the node counts streams as devices.

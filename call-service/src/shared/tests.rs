@@ -136,6 +136,7 @@ async fn drain(n: &mut Node) -> (Vec<(ConnId, Event)>, Vec<Notice>) {
         match e {
             Inbound::Event { conn, event, .. } => events.push((conn, event)),
             Inbound::Notice(n) => panic!("a notice in an inbox: {n:?}"),
+            Inbound::Moved { conn, .. } => panic!("{conn:?} moved"),
         }
     }
     // The notice lanes, as their owner would read them.
