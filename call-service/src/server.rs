@@ -662,7 +662,6 @@ impl videocall_telemetry::Refresh for Refresh {
 mod tests {
     use super::*;
     use crate::domain::ControlKind;
-    use crate::machine::MachineConfig;
 
     /// What a device's reader task holds for the switchboard while idle is
     /// sized by the switchboard's `control` and `disconnect` futures: on a
@@ -671,17 +670,7 @@ mod tests {
     /// otherwise: 5.9 against 12.1 KiB per idle client, measured).
     #[tokio::test]
     async fn a_device_pays_for_the_in_memory_futures_only() {
-        let tasks = TaskTracker::new();
-        let token = CancellationToken::new();
-        let local = LocalSwitchboard::start(
-            MachineConfig::default(),
-            SwitchboardLimits::default(),
-            Clock::now(),
-            None,
-            Metrics::default(),
-            &tasks,
-            token.clone(),
-        );
+        let (local, token, _tasks) = crate::switchboard::tests::start();
         let control = Control {
             kind: ControlKind::Request,
             peer: Arc::from("bob"),

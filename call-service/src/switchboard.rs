@@ -973,14 +973,15 @@ pub(crate) fn connected(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::convert;
     use crate::machine::UserState;
     use tokio::time::Instant;
     use videocall_proto::v1 as pb;
 
-    fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
+    /// An in-memory switchboard with the defaults, until the token.
+    pub(crate) fn start() -> (LocalSwitchboard, CancellationToken, TaskTracker) {
         let tasks = TaskTracker::new();
         let token = CancellationToken::new();
         let sb = LocalSwitchboard::start(

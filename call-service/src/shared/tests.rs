@@ -113,6 +113,26 @@ async fn request(
     .expect("from the current stream")
 }
 
+/// A control from `conn`'s current stream, answered OK: the round trips
+/// it took.
+async fn control_ok(
+    n: &mut Node,
+    conn: ConnId,
+    kind: ControlKind,
+    peer: &str,
+    id: CallId,
+    out: &mut Vec<Effect>,
+) -> u64 {
+    let before = n.store().round_trips();
+    let r = n
+        .control(conn, None, &ctl(kind, peer, 0), id, None, T0, out)
+        .await
+        .unwrap()
+        .expect("from the current stream");
+    assert_eq!(r.code, codes::OK, "{kind:?}: {r:?}");
+    n.store().round_trips() - before
+}
+
 /// Two nodes, alice's device on node 1 and bob's on node 2.
 async fn alice_and_bob(redis: &Redis) -> (Node, Node, ConnId, ConnId) {
     let (mut n1, mut n2) = (redis.node(1).await, redis.node(2).await);
@@ -974,22 +994,17 @@ async fn trips_per_input(redis: &Redis, touch: bool) -> Vec<(&'static str, u64)>
                 .unwrap();
             }
         }
-        let before = n.store().round_trips();
-        match input {
-            Some((c, kind, peer)) => {
-                let r = n
-                    .control(c, None, &ctl(kind, peer, 0), id, None, T0, &mut out)
+        let trips = match input {
+            Some((c, kind, peer)) => control_ok(&mut n, c, kind, peer, id, &mut out).await,
+            None => {
+                let before = n.store().round_trips();
+                n.approval_done(id, Verdict::Allow, T0, &mut out)
                     .await
-                    .unwrap()
                     .unwrap();
-                assert_eq!(r.code, codes::OK, "{what}: {r:?}");
+                n.store().round_trips() - before
             }
-            None => n
-                .approval_done(id, Verdict::Allow, T0, &mut out)
-                .await
-                .unwrap(),
-        }
-        counted.push((what, n.store().round_trips() - before));
+        };
+        counted.push((what, trips));
     }
     assert!(n.user_call("alice").await.unwrap().is_none());
     assert!(n.user_call("bob").await.unwrap().is_none());
@@ -1053,39 +1068,9 @@ async fn trips_across_nodes(redis: &Redis, fed: bool) -> Vec<(&'static str, u64)
             .await
             .unwrap();
         next(&mut r2, EventKind::Request).await;
-        let before = n2.store().round_trips();
-        let r = n2
-            .control(
-                b,
-                None,
-                &ctl(ControlKind::Reply, "alice", 0),
-                id,
-                None,
-                T0,
-                &mut out,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.code, codes::OK, "{r:?}");
-        let reply = n2.store().round_trips() - before;
+        let reply = control_ok(&mut n2, b, ControlKind::Reply, "alice", id, &mut out).await;
         next(&mut r1, EventKind::Start).await;
-        let before = n1.store().round_trips();
-        let r = n1
-            .control(
-                a,
-                None,
-                &ctl(ControlKind::Finish, "bob", 0),
-                id,
-                None,
-                T0,
-                &mut out,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.code, codes::OK, "{r:?}");
-        let finish = n1.store().round_trips() - before;
+        let finish = control_ok(&mut n1, a, ControlKind::Finish, "bob", id, &mut out).await;
         next(&mut r2, EventKind::Finish).await;
         if round == 1 {
             counted = vec![("REPLY", reply), ("FINISH", finish)];
