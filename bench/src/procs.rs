@@ -371,42 +371,38 @@ impl Services {
             .collect()
     }
 
-    /// Commands Redis has run so far (`INFO commandstats`, scripts' own
-    /// commands included), if there is one.
-    pub async fn redis_commands(&self) -> anyhow::Result<Option<f64>> {
+    /// A section of Redis's `INFO`, if there is a Redis.
+    async fn redis_info(&self, section: &str) -> anyhow::Result<Option<String>> {
         let Some((_, port)) = &self.redis else {
             return Ok(None);
         };
         let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+            .args(["-p", &port.to_string(), "INFO", section])
             .output()
             .await
             .context("redis-cli")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(Some(
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    /// Commands Redis has run so far (`INFO commandstats`, scripts' own
+    /// commands included), if there is one.
+    pub async fn redis_commands(&self) -> anyhow::Result<Option<f64>> {
+        Ok(self.redis_info("commandstats").await?.map(|text| {
             text.lines()
                 .filter_map(|l| l.split("calls=").nth(1))
                 .filter_map(|v| v.split(',').next()?.parse::<f64>().ok())
-                .sum(),
-        ))
+                .sum()
+        }))
     }
 
     /// The memory Redis holds for data (`used_memory`, bytes), if there
     /// is one.
     pub async fn redis_used_memory(&self) -> anyhow::Result<Option<u64>> {
-        let Some((_, port)) = &self.redis else {
-            return Ok(None);
-        };
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "INFO", "memory"])
-            .output()
-            .await
-            .context("redis-cli")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok()))
+        Ok(self.redis_info("memory").await?.and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse().ok())
+        }))
     }
 
     /// The business service's records database, if it keeps one.

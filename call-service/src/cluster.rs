@@ -554,7 +554,6 @@ impl Inner {
                         if local.streams.get(&conn).is_some_and(|e| e.epoch == epoch)
                             && let Some(old) = local.streams.remove(&conn)
                         {
-                            local.in_flight.remove(&conn);
                             old.superseded.cancel();
                         }
                     }

@@ -1092,13 +1092,10 @@ impl SharedStore {
                 Committed::Conflict(stale) => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                    let new_key = |k: &str| {
-                        first
-                            .absent
-                            .iter()
-                            .any(|c| k.strip_prefix("c:").is_some_and(|id| id == c.to_string()))
-                    };
-                    if stale.iter().any(|(key, ..)| new_key(key)) {
+                    if stale
+                        .iter()
+                        .any(|(key, ..)| first.absent.iter().any(|c| *key == format!("c:{c}")))
+                    {
                         new_absent = false;
                     }
                     for (key, v, r) in stale {
@@ -1407,9 +1404,8 @@ impl SharedStore {
         conn: ConnId,
         epoch: u64,
     ) -> Result<(), SharedError> {
-        let key = format!("{}inbox:{}", self.prefix, node.0);
         let _: String = redis::cmd("XADD")
-            .arg(key)
+            .arg(self.key("inbox", node.0))
             .arg("MAXLEN")
             .arg("~")
             .arg(100_000)
@@ -1917,7 +1913,7 @@ impl InboxReader {
 
     /// Puts the records its entries carry into `store`'s cache. The first
     /// event a commit sends to another node's inbox carries what the
-    /// commit wrote, so that node's next input over them (the callee's
+    /// commit read and wrote, so that node's next input over them (the callee's
     /// answer after its REQUEST, the caller's hang-up after START) runs
     /// over current records and commits at once, instead of being refused
     /// as stale first. The cache is taken before the events are handed on,
