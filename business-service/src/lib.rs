@@ -286,6 +286,13 @@ impl Hook {
         self.observers.subscribe()
     }
 
+    /// A copy of `n` for observers, sent once it is stored; none when
+    /// nobody observes (as in production), so the records take the
+    /// notices themselves instead of copies.
+    fn copy_for_observers(&self, n: &pb::CallEventNotice) -> Option<pb::CallEventNotice> {
+        (self.observers.receiver_count() > 0).then(|| n.clone())
+    }
+
     /// The policy holder (to reload it, e.g. on SIGHUP).
     pub fn policy(&self) -> &PolicyStore {
         &self.policy
@@ -419,7 +426,9 @@ impl BusinessHook for Hook {
         let n = request.into_inner();
         check(&n)?;
         let decision = self.observe(&n, n.decision_required);
+        let observed = self.copy_for_observers(&n);
         if let Some(records) = &self.records {
+            let call_id = n.call_id.clone();
             if decision.is_some() {
                 // In the approval journal before the answer: once approved,
                 // the call service does not send this REQUEST again, so a
@@ -430,18 +439,19 @@ impl BusinessHook for Hook {
                 // NOT_SERVING, as for any notice.
                 let rang_ms = (decision == Some(0)).then(|| Timestamp::now().as_millisecond());
                 let started = std::time::Instant::now();
-                let result = records.approval(n.clone(), rang_ms).await;
+                let result = records.approval(n, rang_ms).await;
                 self.metrics
                     .approval_record_seconds
                     .observe(started.elapsed().as_secs_f64());
-                let _ = self.stored(result, &n.call_id).await;
+                let _ = self.stored(result, &call_id).await;
             } else {
-                let result = records.store(n.clone()).await;
-                self.stored(result, &n.call_id).await?;
+                let result = records.store(n).await;
+                self.stored(result, &call_id).await?;
             }
         }
-        // No observer is fine.
-        let _ = self.observers.send(n);
+        if let Some(n) = observed {
+            let _ = self.observers.send(n);
+        }
         Ok(Response::new(pb::CallEventAck {
             result_code: decision.unwrap_or(0),
         }))
@@ -458,12 +468,16 @@ impl BusinessHook for Hook {
             // A batch carries no approvals.
             self.observe(n, false);
         }
+        let observed: Vec<_> = batch
+            .iter()
+            .flat_map(|n| self.copy_for_observers(n))
+            .collect();
         if let Some(records) = &self.records {
             let first = batch.first().map(|n| n.call_id.clone()).unwrap_or_default();
-            let result = records.store_all(batch.clone()).await;
+            let result = records.store_all(batch).await;
             self.stored(result, &first).await?;
         }
-        for n in batch {
+        for n in observed {
             let _ = self.observers.send(n);
         }
         Ok(Response::new(pb::CallEventBatchAck {}))

@@ -33,13 +33,16 @@
 //! takes whatever is waiting, up to [`CHUNK`] notices, into one transaction:
 //! under load a commit carries hundreds of events, and the pages it writes
 //! (a page per B-tree touched, whatever the rows in it) are shared by them.
+//! It gathers by sleeping out the linger once, not by waking for each job.
 //!
 //! **Cheap writes.** Statements are prepared once and cached; a notice costs
 //! two: its event row (skipped as a duplicate by `event_id`; the events
 //! table is its key's B-tree, `WITHOUT ROWID`), and one upsert of its call's
 //! columns that also counts the call's events and sets what follows from
 //! them (`complete`, `duration_ms`). An approved REQUEST's `rang_ms` goes in
-//! the same upsert. WAL
+//! the same upsert. Both B-trees grow at their right edge (call ids are
+//! time-ordered); there is no index by user, whose every new entry wrote a
+//! random page (lookups by user scan, see the migrations). WAL
 //! checkpoints stay SQLite's own, in the writer after a commit: moved to a
 //! thread of their own (tried), they never caught up with a writer that
 //! never pauses, the WAL could not restart, and the service's memory grew
@@ -151,8 +154,8 @@ ALTER TABLE events_by_id RENAME TO events;
     // No index by user: each new call wrote a random page of each of the
     // two (on every commit, a page per new call), half of all the records'
     // writes and a third of the writer's CPU. Lookups by user scan the
-    // calls instead, as the most recent calls always have (about 0.1 s
-    // for one user among a million calls, against 0.6 s for `recent`).
+    // calls instead, as the most recent calls always have (the operator
+    // CLI's queries; nothing on the calling path reads).
     r#"
 DROP INDEX calls_by_caller;
 DROP INDEX calls_by_callee;
