@@ -286,11 +286,11 @@ impl Hook {
         self.observers.subscribe()
     }
 
-    /// A copy of `n` for observers, sent once it is stored; none when
-    /// nobody observes (as in production), so the records take the
-    /// notices themselves instead of copies.
-    fn copy_for_observers(&self, n: &pb::CallEventNotice) -> Option<pb::CallEventNotice> {
-        (self.observers.receiver_count() > 0).then(|| n.clone())
+    /// Whether anybody observes notices: only then are they copied for
+    /// observers (sent once stored); in production nobody does, and the
+    /// records take the notices themselves.
+    fn observed(&self) -> bool {
+        self.observers.receiver_count() > 0
     }
 
     /// The policy holder (to reload it, e.g. on SIGHUP).
@@ -426,7 +426,7 @@ impl BusinessHook for Hook {
         let n = request.into_inner();
         check(&n)?;
         let decision = self.observe(&n, n.decision_required);
-        let observed = self.copy_for_observers(&n);
+        let observed = self.observed().then(|| n.clone());
         if let Some(records) = &self.records {
             let call_id = n.call_id.clone();
             if decision.is_some() {
@@ -468,10 +468,11 @@ impl BusinessHook for Hook {
             // A batch carries no approvals.
             self.observe(n, false);
         }
-        let observed: Vec<_> = batch
-            .iter()
-            .flat_map(|n| self.copy_for_observers(n))
-            .collect();
+        let observed = if self.observed() {
+            batch.clone()
+        } else {
+            Vec::new()
+        };
         if let Some(records) = &self.records {
             let first = batch.first().map(|n| n.call_id.clone()).unwrap_or_default();
             let result = records.store_all(batch).await;

@@ -313,8 +313,8 @@ const CLEAN: u8 = 2;
 /// in, by its `event_id`).
 ///
 /// **An approval never waits for the writer.** Appenders take the
-/// journal's lock only among themselves; the writer, which runs at idle
-/// priority and may be preempted anywhere, never takes it: it empties a
+/// journal's lock only among themselves; the writer, which runs at a
+/// lower priority and may be preempted anywhere, never takes it: it empties a
 /// segment nobody appends to any more (`FULL`), and hands it back through
 /// the segment's state. An append is one `write` and nothing else.
 #[derive(Debug)]
