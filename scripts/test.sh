@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, the end-to-end suites three ways (one node in memory,
 # one node on Redis, three nodes on one Redis). Sets up what the tests need beyond the Rust toolchain:
-# tmux, debootstrap, redis-server, chromium and chromium-driver (Debian packages, with
+# tmux, debootstrap, redis-server, chromium, chromium-driver and docker-compose (Debian packages, with
 # apt-get), and a Python virtual
 # environment with examples/python/requirements.txt and
 # tests/python/requirements.txt (from PyPI), for the any-language tests and
@@ -11,14 +11,16 @@ cd "$(dirname "$0")/.."
 
 # Programs the tests drive, from Debian's packages: tmux (the terminal phone
 # test), debootstrap (the local base image of the container test),
-# redis-server (the shared store's tests start their own on a free port) and
-# chromium with its chromedriver (the web phone's browser tests).
+# redis-server (the shared store's tests start their own on a free port),
+# chromium with its chromedriver (the web phone's browser tests) and
+# docker-compose (the container tests; Docker itself comes with the machine).
 missing=()
 command -v tmux >/dev/null || missing+=(tmux)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages the tests drive)..."
   sudo=""
