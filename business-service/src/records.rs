@@ -29,6 +29,14 @@
 //! redelivers the others). Like `synchronous=NORMAL`, the journal survives
 //! a crash of the process, not of the machine.
 //!
+//! **A failed commit** answers its notices with the error (the call
+//! service keeps them and sends them again; the service reports
+//! NOT_SERVING) and carries its approvals, answered already, into the next
+//! commit, or one after [`RETRY_FIRST`] (doubling to [`RETRY_MAX`]) if
+//! nothing else comes: until they are in, their journal segment cannot be
+//! emptied. Their frames stay in the journal meanwhile, so a crash then
+//! loses nothing either.
+//!
 //! **Few commits.** Nobody on the calling path waits for the writer, so it
 //! takes whatever is waiting, up to [`CHUNK`] notices, into one transaction:
 //! under load a commit carries hundreds of events, and the pages it writes
@@ -81,6 +89,11 @@ pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// checkpoint's two fsyncs come a tenth as often. The WAL file stays at
 /// most about this size (40 MiB of 4 KiB pages) and restarts after each.
 const AUTOCHECKPOINT_PAGES: i64 = 10_000;
+/// After a failed commit, its approvals are tried again with the next
+/// transaction, or after this long if nothing else comes; the wait doubles
+/// up to [`RETRY_MAX`] while commits fail.
+pub const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
 /// have been applied. Only ever append.
@@ -475,11 +488,20 @@ impl Records {
     /// Opens the database, stores what the approval journal holds from the
     /// previous run, and starts the writer thread.
     pub fn start(path: &Path) -> Result<Self, RecordsError> {
-        Self::start_with(path, SEGMENT_BYTES)
+        Self::start_with(path, SEGMENT_BYTES, None)
     }
 
-    fn start_with(path: &Path, segment_bytes: u64) -> Result<Self, RecordsError> {
+    /// With segments of `segment_bytes` and, if given, another wait for
+    /// the database's write lock than [`open`]'s.
+    fn start_with(
+        path: &Path,
+        segment_bytes: u64,
+        busy: Option<std::time::Duration>,
+    ) -> Result<Self, RecordsError> {
         let mut conn = open(path)?;
+        if let Some(busy) = busy {
+            conn.busy_timeout(busy)?;
+        }
         let (journal, left) = Journal::open(segment_paths(path), segment_bytes)?;
         if !left.is_empty() {
             commit(&mut conn, left.iter()).map_err(RecordsError::Write)?;
@@ -504,14 +526,28 @@ impl Records {
         notice: pb::CallEventNotice,
         rang_ms: Option<i64>,
     ) -> Result<(), RecordsError> {
-        let segment = self.journal.append(&notice, rang_ms)?;
-        self.queue
-            .send(Job {
-                notices: vec![(notice, rang_ms)],
-                then: Then::Journaled(segment),
-            })
+        // Room in the queue first: an approval dropped while it waits (its
+        // deadline passed) must not leave a frame in the journal that no
+        // job will ever count as committed, or its segment would never be
+        // emptied.
+        let permit = self
+            .queue
+            .reserve()
             .await
-            .map_err(|_| RecordsError::Stopped)
+            .map_err(|_| RecordsError::Stopped)?;
+        let segment = self.journal.append(&notice, rang_ms)?;
+        permit.send(Job {
+            notices: vec![(notice, rang_ms)],
+            then: Then::Journaled(segment),
+        });
+        Ok(())
+    }
+
+    /// Returns once everything stored before is committed (approvals are
+    /// answered before that): how a shutdown leaves the database complete
+    /// without the next start's replay.
+    pub async fn flush(&self) -> Result<(), RecordsError> {
+        self.send(Vec::new()).await
     }
 
     /// Stores a notice and returns once it is committed.
@@ -594,10 +630,29 @@ fn background_priority() {
 async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
     // Journal frames committed, per segment, since it was last emptied.
     let mut committed = [0u64; 2];
-    while let Some(first) = rx.recv().await {
+    // Approvals whose commit failed, for the next one: until they are in,
+    // their journal segment cannot be emptied.
+    let mut carried: Vec<Job> = Vec::new();
+    let mut backoff = RETRY_FIRST;
+    let mut open = true;
+    loop {
+        let mut jobs = std::mem::take(&mut carried);
+        if jobs.is_empty() {
+            match rx.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+        } else if open {
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => jobs.push(job),
+                    None => open = false,
+                },
+                () = tokio::time::sleep(backoff) => {}
+            }
+        }
         let deadline = tokio::time::Instant::now() + LINGER;
-        let mut count = first.notices.len();
-        let mut jobs = vec![first];
+        let mut count = jobs.iter().map(|j| j.notices.len()).sum();
         // What waits already; then, unless that fills a transaction, one
         // sleep for the rest of the linger and what came meanwhile: one
         // wake-up per transaction, not one per job (the senders' wake-ups
@@ -608,9 +663,8 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
             take_waiting(&mut rx, &mut jobs, &mut count);
         }
         let result = commit(&mut conn, jobs.iter().flat_map(|j| j.notices.iter()));
-        // A failed commit leaves its approvals in the journal, for the
-        // next start to store.
         if result.is_ok() {
+            backoff = RETRY_FIRST;
             for job in &jobs {
                 if let Then::Journaled(segment) = job.then {
                     committed[segment] += 1;
@@ -619,10 +673,19 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
             for (i, c) in committed.iter_mut().enumerate() {
                 journal.empty_if_committed(i, c);
             }
+        } else {
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
         for job in jobs {
-            if let Then::Acknowledge(done) = job.then {
-                let _ = done.send(result.clone());
+            match job.then {
+                Then::Acknowledge(done) => {
+                    let _ = done.send(result.clone());
+                }
+                // Answered already: again with the next commit. Once every
+                // handle is gone they stay in the journal, for the next
+                // start.
+                Then::Journaled(_) if result.is_err() && open => carried.push(job),
+                Then::Journaled(_) => {}
             }
         }
     }
@@ -1214,6 +1277,89 @@ mod tests {
         assert_eq!(rang, Some(1_000));
     }
 
+    /// An approval whose commit failed goes with the next commit, and its
+    /// journal segment is emptied once it is in; notices in a failed
+    /// commit are refused (the call service sends them again).
+    #[tokio::test]
+    async fn a_failed_commit_keeps_its_approvals_for_the_next() {
+        let dir = tempdir();
+        let db = dir.path().join("r.db");
+        let [first, second] = segment_paths(&db);
+        let records = Records::start_with(&db, 1, Some(std::time::Duration::ZERO)).unwrap();
+        let mut blocker = open(&db).unwrap();
+        let lock = blocker
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        let request = notice("approved", 1, 1, 0, pb::Initiator::Caller);
+        records.approval(request, Some(9)).await.unwrap();
+        // Queued behind it, so in the same failed commit.
+        let refused = records.store(notice("refused", 2, 2, 0, pb::Initiator::Callee));
+        assert!(matches!(refused.await, Err(RecordsError::Write(_))));
+        // Appends move on; the first segment still holds the approval.
+        let later = notice("later", 1, 1, 0, pb::Initiator::Caller);
+        records.approval(later, Some(10)).await.unwrap();
+        assert_eq!(frames(&first), ["approved"]);
+        drop(lock);
+        records.flush().await.unwrap();
+        assert_eq!(frames(&first), Vec::<String>::new());
+        let conn = open(&db).unwrap();
+        assert_eq!(
+            query(&conn, Query::Call("approved"), 1).unwrap()[0].rang_ms,
+            Some(9)
+        );
+        assert_eq!(
+            query(&conn, Query::Call("later"), 1).unwrap()[0].rang_ms,
+            Some(10)
+        );
+        assert!(query(&conn, Query::Call("refused"), 1).unwrap().is_empty());
+        // The second, left by appends, once they move on again.
+        records
+            .approval(notice("last", 1, 1, 0, pb::Initiator::Caller), None)
+            .await
+            .unwrap();
+        records.flush().await.unwrap();
+        assert_eq!(frames(&second), Vec::<String>::new());
+    }
+
+    /// An approval given up while it waits for room in the writer's queue
+    /// leaves nothing in the journal: a frame no job counts would keep its
+    /// segment from ever being emptied.
+    #[tokio::test]
+    async fn an_approval_given_up_for_a_full_queue_leaves_no_frame() {
+        let dir = tempdir();
+        let db = dir.path().join("r.db");
+        let records =
+            Records::start_with(&db, SEGMENT_BYTES, Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+        let mut blocker = open(&db).unwrap();
+        let lock = blocker
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        // The writer holds a transaction's worth, waiting for the lock; the
+        // queue behind it fills.
+        let mut waiting = 0;
+        loop {
+            let n = notice(&format!("call-{waiting}"), 1, 1, 0, pb::Initiator::Caller);
+            let approval = records.approval(n, Some(1));
+            match tokio::time::timeout(std::time::Duration::from_millis(50), approval).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            waiting += 1;
+            assert!(waiting <= QUEUE + CHUNK + 1, "the queue never filled");
+        }
+        assert_eq!(frames(&journal_path(&db)).len(), waiting);
+        drop(lock);
+        records.flush().await.unwrap();
+        let conn = open(&db).unwrap();
+        assert_eq!(query(&conn, Query::Recent, 10_000).unwrap().len(), waiting);
+        assert!(
+            query(&conn, Query::Call(&format!("call-{waiting}")), 1)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
     fn frames(path: &Path) -> Vec<String> {
         let mut left = Vec::new();
         Segment::open(path.to_owned(), &mut left).unwrap();
@@ -1229,7 +1375,7 @@ mod tests {
         let db = dir.path().join("r.db");
         let [first, second] = segment_paths(&db);
         // Past its size after one frame.
-        let records = Records::start_with(&db, 1).unwrap();
+        let records = Records::start_with(&db, 1, None).unwrap();
         let approve = |call: &'static str| {
             let r = records.clone();
             async move {
