@@ -628,8 +628,8 @@ impl Business {
         self.tasks.wait().await;
         if let Some(records) = &self.hook.records {
             // Approvals answered in the last few milliseconds are in the
-            // journal; committed now, the database is complete without the
-            // next start's replay.
+            // journal; committed now, the database is complete without
+            // needing the next start's replay.
             match tokio::time::timeout(RECORDS_FLUSH, records.flush()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "call records not flushed"),
@@ -777,12 +777,18 @@ mod tests {
         let served = tokio::spawn(business.serve(listener, None, async {
             let _ = stopped.await;
         }));
+        // The writer cannot commit them before the shutdown starts.
+        let mut blocker = records::open(&db).unwrap();
+        let lock = blocker
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
         for callee in ["bob", "carol", "dave"] {
             let ack = hook
                 .on_call_event(Request::new(request("alice", callee)))
                 .await;
             assert_eq!(ack.unwrap().into_inner().result_code, 0);
         }
+        drop(lock);
         stop.send(()).unwrap();
         served.await.unwrap().unwrap();
         let conn = records::open(&db).unwrap();

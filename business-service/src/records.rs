@@ -34,8 +34,9 @@
 //! NOT_SERVING) and carries its approvals, answered already, into the next
 //! commit, or one after [`RETRY_FIRST`] (doubling to [`RETRY_MAX`]) if
 //! nothing else comes: until they are in, their journal segment cannot be
-//! emptied. Their frames stay in the journal meanwhile, so a crash then
-//! loses nothing either.
+//! emptied. At most [`CARRIED_MAX`] are carried; the rest wait in the
+//! journal for the next start, as do all of them if the process ends
+//! first, so a crash then loses nothing either.
 //!
 //! **Few commits.** Nobody on the calling path waits for the writer, so it
 //! takes whatever is waiting, up to [`CHUNK`] notices, into one transaction:
@@ -75,8 +76,13 @@ use videocall_proto::v1 as pb;
 const QUEUE: usize = 1024;
 /// The most notices the writer takes into one transaction (a job bigger
 /// than this, one batch from the call service, is committed whole): a
-/// notice's acknowledgement waits for at most this many.
+/// notice's acknowledgement waits for at most this many, and for the
+/// approvals a failed commit carried, if any.
 pub const CHUNK: usize = 256;
+/// The most approvals a failed commit carries into the next (held in
+/// memory meanwhile); any more stay in the journal, unemptied, until the
+/// next start stores them.
+const CARRIED_MAX: usize = QUEUE;
 /// How long the writer gathers jobs after the first before it commits:
 /// fewer, larger transactions (each writes every page it touched, whatever
 /// the rows in it: at 2,000 calls/s half the writer's time went to writing
@@ -630,13 +636,16 @@ fn background_priority() {
 async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
     // Journal frames committed, per segment, since it was last emptied.
     let mut committed = [0u64; 2];
-    // Approvals whose commit failed, for the next one: until they are in,
-    // their journal segment cannot be emptied.
+    // Approvals whose commit failed, for the next one (at most
+    // CARRIED_MAX): until they are in, their journal segment cannot be
+    // emptied.
     let mut carried: Vec<Job> = Vec::new();
-    let mut backoff = RETRY_FIRST;
+    // How long a retry waits for something else to commit with.
+    let mut wait = RETRY_FIRST;
     let mut open = true;
     loop {
         let mut jobs = std::mem::take(&mut carried);
+        let retrying = jobs.len();
         if jobs.is_empty() {
             match rx.recv().await {
                 Some(job) => jobs.push(job),
@@ -648,11 +657,13 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
                     Some(job) => jobs.push(job),
                     None => open = false,
                 },
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         let deadline = tokio::time::Instant::now() + LINGER;
-        let mut count = jobs.iter().map(|j| j.notices.len()).sum();
+        // Carried approvals do not count: a retry takes in as much new
+        // as any transaction, so the queue keeps draining.
+        let mut count = jobs[retrying..].iter().map(|j| j.notices.len()).sum();
         // What waits already; then, unless that fills a transaction, one
         // sleep for the rest of the linger and what came meanwhile: one
         // wake-up per transaction, not one per job (the senders' wake-ups
@@ -664,7 +675,7 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
         }
         let result = commit(&mut conn, jobs.iter().flat_map(|j| j.notices.iter()));
         if result.is_ok() {
-            backoff = RETRY_FIRST;
+            wait = RETRY_FIRST;
             for job in &jobs {
                 if let Then::Journaled(segment) = job.then {
                     committed[segment] += 1;
@@ -673,20 +684,28 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
             for (i, c) in committed.iter_mut().enumerate() {
                 journal.empty_if_committed(i, c);
             }
-        } else {
-            backoff = (backoff * 2).min(RETRY_MAX);
+        } else if retrying > 0 {
+            wait = (wait * 2).min(RETRY_MAX);
         }
+        let mut left = 0;
         for job in jobs {
             match job.then {
                 Then::Acknowledge(done) => {
                     let _ = done.send(result.clone());
                 }
-                // Answered already: again with the next commit. Once every
-                // handle is gone they stay in the journal, for the next
-                // start.
-                Then::Journaled(_) if result.is_err() && open => carried.push(job),
+                // Answered already: again with the next commit.
+                Then::Journaled(_) if result.is_err() && open && carried.len() < CARRIED_MAX => {
+                    carried.push(job);
+                }
+                Then::Journaled(_) if result.is_err() => left += 1,
                 Then::Journaled(_) => {}
             }
+        }
+        if left > 0 {
+            tracing::warn!(
+                approvals = left,
+                "call records: approvals left in the journal for the next start"
+            );
         }
     }
 }
@@ -1300,8 +1319,16 @@ mod tests {
         records.approval(later, Some(10)).await.unwrap();
         assert_eq!(frames(&first), ["approved"]);
         drop(lock);
-        records.flush().await.unwrap();
+        // Nothing else comes: the retry goes on its own.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+        for _ in 0..1_000 {
+            if frames(&first).is_empty() {
+                break;
+            }
+            tick.tick().await;
+        }
         assert_eq!(frames(&first), Vec::<String>::new());
+        records.flush().await.unwrap();
         let conn = open(&db).unwrap();
         assert_eq!(
             query(&conn, Query::Call("approved"), 1).unwrap()[0].rang_ms,
