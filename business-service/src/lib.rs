@@ -6,8 +6,9 @@
 //! Layout:
 //! - [`policy`]: the rules (TOML), checked whole before use; deciding is
 //!   pure. [`PolicyStore`] holds the policy in force and reloads it.
-//! - [`records`]: call detail records in SQLite, built idempotently from
-//!   event ids; queries and CSV for the operator CLI.
+//! - [`records`]: call detail records in SQLite, each call's events folded
+//!   idempotently into its row (`records::row`, pure); queries and CSV for
+//!   the operator CLI.
 //! - [`enforcer`]: forced FINISH when a call reaches the maximum duration.
 //! - [`admin`]: a small client of the call service's admin API.
 //! - [`tokens`]: minting client tokens for tests and demos.

@@ -1,10 +1,10 @@
 //! Call detail records in SQLite.
 //!
-//! Every notice is stored once, by its `event_id` (a redelivered or late
-//! notice changes nothing), and folded into its call's record. Each event
-//! type sets only its own columns, so the record comes out the same whatever
-//! order the events arrive in. A record is `complete` when every event of
-//! its call is in: REQUEST and a non-zero REPLY for a call that never
+//! Every notice is folded into its call's record. Each event type sets only
+//! its own columns and its own bit of the row's `kinds`, so the record comes
+//! out the same whatever order the events arrive in, and a redelivered or
+//! late notice changes nothing (the `row` module). A record is `complete`
+//! when every event of its call is in: REQUEST and a non-zero REPLY for a call that never
 //! started (a *missed* call: no answer, cancelled, offline, busy, rejected,
 //! refused), or REQUEST, REPLY 0, START and FINISH.
 //!
@@ -44,14 +44,15 @@
 //! (a page per B-tree touched, whatever the rows in it) are shared by them.
 //! It gathers by sleeping out the linger once, not by waking for each job.
 //!
-//! **Cheap writes.** Statements are prepared once and cached; a notice costs
-//! two: its event row (skipped as a duplicate by `event_id`; the events
-//! table is its key's B-tree, `WITHOUT ROWID`), and one upsert of its call's
-//! columns that also counts the call's events and sets what follows from
-//! them (`complete`, `duration_ms`). An approved REQUEST's `rang_ms` goes in
-//! the same upsert. Both B-trees grow at their right edge (call ids are
+//! **Cheap writes.** A transaction writes each call it touches once,
+//! whatever the events it brought: one upsert of the whole row, folded in
+//! memory. The rows of calls in progress stay in the writer's memory as
+//! committed (bounded, `RowCache`), so a call's later events do not read
+//! its row back; a call not there is read once. Statements are prepared
+//! once and cached. The table grows at its right edge (call ids are
 //! time-ordered); there is no index by user, whose every new entry wrote a
-//! random page (lookups by user scan, see the migrations). WAL
+//! random page (lookups by user scan, see the migrations), and no table of
+//! events (the row's `kinds` recognises a redelivery). WAL
 //! checkpoints stay SQLite's own, in the writer after a commit: moved to a
 //! thread of their own (tried), they never caught up with a writer that
 //! never pauses, the WAL could not restart, and the service's memory grew
@@ -60,6 +61,7 @@
 //! Readers (the operator CLI) open their own connection; WAL mode lets them
 //! read while the service writes.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -70,6 +72,9 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use videocall_proto::v1 as pb;
+
+mod row;
+use row::Row;
 
 /// Jobs waiting for the writer thread; senders wait when it is full
 /// (backpressure on the hook, hence on the call service's lanes).
@@ -178,6 +183,20 @@ ALTER TABLE events_by_id RENAME TO events;
     r#"
 DROP INDEX calls_by_caller;
 DROP INDEX calls_by_callee;
+"#,
+    // Redelivered events recognised by their call's row, not by a table of
+    // every event: `kinds` has a bit per event type that is in (see the
+    // `row` module), and each call's row is written once per transaction.
+    // The events table was half of every commit's statements and most of
+    // its bytes.
+    r#"
+ALTER TABLE calls ADD COLUMN kinds INTEGER NOT NULL DEFAULT 0;
+UPDATE calls SET kinds = k.kinds
+FROM (SELECT call_id, SUM(DISTINCT 1 << (event_type - 1)) AS kinds
+      FROM events WHERE event_type BETWEEN 1 AND 4 GROUP BY call_id) AS k
+WHERE k.call_id = calls.call_id;
+DROP TABLE events;
+ALTER TABLE calls DROP COLUMN events;
 "#,
 ];
 
@@ -329,7 +348,7 @@ const CLEAN: u8 = 2;
 /// approval is answered: `[length u32 LE][rang_ms i64 LE][CallEventNotice]`
 /// (protobuf), one frame per approval, in two segment files. Replayed into
 /// the database on start (a replay changes nothing for a REQUEST already
-/// in, by its `event_id`).
+/// in: its call's row has it).
 ///
 /// **An approval never waits for the writer.** Appenders take the
 /// journal's lock only among themselves; the writer, which runs at a
@@ -504,13 +523,14 @@ impl Records {
         segment_bytes: u64,
         busy: Option<std::time::Duration>,
     ) -> Result<Self, RecordsError> {
-        let mut conn = open(path)?;
+        let conn = open(path)?;
         if let Some(busy) = busy {
             conn.busy_timeout(busy)?;
         }
         let (journal, left) = Journal::open(segment_paths(path), segment_bytes)?;
+        let mut store = Store::new(conn);
         if !left.is_empty() {
-            commit(&mut conn, left.iter()).map_err(RecordsError::Write)?;
+            store.commit(left.iter()).map_err(RecordsError::Write)?;
             tracing::info!(approvals = left.len(), "approval journal replayed");
         }
         journal.reset()?;
@@ -519,7 +539,7 @@ impl Records {
         let writer_journal = journal.clone();
         std::thread::Builder::new()
             .name("call-records".into())
-            .spawn(move || writer(conn, rx, writer_journal))
+            .spawn(move || writer(store, rx, writer_journal))
             .map_err(RecordsError::Thread)?;
         Ok(Self { queue, journal })
     }
@@ -585,29 +605,170 @@ impl Records {
     }
 }
 
-/// Commits `notices` in one transaction.
-fn commit<'a>(
-    conn: &mut Connection,
-    notices: impl IntoIterator<Item = &'a Entry>,
-) -> Result<(), String> {
-    let result = (|| {
-        let tx = conn.transaction()?;
-        for (n, rang_ms) in notices {
-            apply(&tx, n, *rang_ms)?;
+/// The writer's side of the database: its connection, and the rows of the
+/// calls in progress, as last committed, so that a call's next events fold
+/// into its row without reading it back.
+struct Store {
+    conn: Connection,
+    rows: RowCache,
+}
+
+/// Rows of calls not yet complete, in two generations: a lookup moves a row
+/// to the current one; when that holds [`ROWS`], the previous generation is
+/// dropped and the current one takes its place. A row dropped so is read
+/// from the database when its call's next event comes. Bounded by
+/// 2 × [`ROWS`] rows (about 200 bytes each), O(1) per event.
+#[derive(Default)]
+struct RowCache {
+    current: HashMap<String, Row>,
+    previous: HashMap<String, Row>,
+}
+
+/// Rows kept per generation of the [`RowCache`]: more than the calls in
+/// progress at a few thousand calls/s of minutes-long calls' events.
+const ROWS: usize = 16_384;
+
+impl RowCache {
+    fn take(&mut self, call_id: &str) -> Option<Row> {
+        self.current
+            .remove(call_id)
+            .or_else(|| self.previous.remove(call_id))
+    }
+
+    fn put(&mut self, row: Row) {
+        if self.current.len() >= ROWS {
+            self.previous = std::mem::take(&mut self.current);
         }
-        tx.commit()
-    })();
-    result.map_err(|e| {
-        tracing::error!(error = %e, "call records not written");
-        e.to_string()
+        self.current.insert(row.record.call_id.clone(), row);
+    }
+
+    fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
+}
+
+impl Store {
+    fn new(conn: Connection) -> Self {
+        Self {
+            conn,
+            rows: RowCache::default(),
+        }
+    }
+
+    /// Commits `notices` in one transaction: each call's events fold into
+    /// its row (from the cache, else read, else new), and each row they
+    /// changed is written once.
+    fn commit<'a>(&mut self, notices: impl IntoIterator<Item = &'a Entry>) -> Result<(), String> {
+        // The calls this transaction touches, in the order they came.
+        let mut touched: Vec<(Row, bool)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let result = (|| {
+            // The write lock first: a transaction that reads before it
+            // writes could not take it later while another connection
+            // holds it (SQLite answers BUSY at once instead of waiting).
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for (n, rang_ms) in notices {
+                let i = match index.get(n.call_id.as_str()) {
+                    Some(&i) => i,
+                    None => {
+                        let row = match self.rows.take(&n.call_id) {
+                            Some(row) => row,
+                            None => read_row(&tx, &n.call_id)?.unwrap_or_else(|| Row::new(n)),
+                        };
+                        touched.push((row, false));
+                        index.insert(&n.call_id, touched.len() - 1);
+                        touched.len() - 1
+                    }
+                };
+                let (row, changed) = &mut touched[i];
+                *changed |= row.fold(n, *rang_ms);
+            }
+            for (row, _) in touched.iter().filter(|(_, changed)| *changed) {
+                write_row(&tx, row)?;
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                // A complete call's row is not looked for again (a late
+                // duplicate reads it and changes nothing).
+                for (row, _) in touched {
+                    if !row.record.complete {
+                        self.rows.put(row);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Rolled back: what the cache holds may be newer than the
+                // database; the rows are read again.
+                self.rows.clear();
+                tracing::error!(error = %e, "call records not written");
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// A call's row as committed, if it has one.
+fn read_row(tx: &rusqlite::Transaction<'_>, call_id: &str) -> rusqlite::Result<Option<Row>> {
+    tx.prepare_cached(&format!(
+        "SELECT {COLUMNS}, kinds FROM calls WHERE call_id = ?1"
+    ))?
+    .query_row(params![call_id], |r| {
+        Ok(Row {
+            record: record(r)?,
+            kinds: r.get(16)?,
+        })
     })
+    .optional()
+}
+
+/// Writes a call's whole row, new or not: one statement whatever the
+/// events that changed it.
+fn write_row(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Result<()> {
+    let r = &row.record;
+    tx.prepare_cached(
+        "INSERT INTO calls (call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms,
+            answered_ms, ended_ms, duration_ms, end_code, ended_by, room_id, missed, complete, kinds)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+         ON CONFLICT (call_id) DO UPDATE SET flags = excluded.flags, param = excluded.param,
+            user_str = excluded.user_str, requested_ms = excluded.requested_ms,
+            rang_ms = excluded.rang_ms, answered_ms = excluded.answered_ms,
+            ended_ms = excluded.ended_ms, duration_ms = excluded.duration_ms,
+            end_code = excluded.end_code, ended_by = excluded.ended_by, room_id = excluded.room_id,
+            missed = excluded.missed, complete = excluded.complete, kinds = excluded.kinds",
+    )?
+    .execute(params![
+        r.call_id,
+        r.caller,
+        r.callee,
+        r.flags,
+        r.param,
+        r.user_str,
+        r.requested_ms,
+        r.rang_ms,
+        r.answered_ms,
+        r.ended_ms,
+        r.duration_ms,
+        r.end_code,
+        r.ended_by,
+        r.room_id,
+        r.missed,
+        r.complete,
+        row.kinds
+    ])?;
+    Ok(())
 }
 
 /// The writer thread: what arrives within [`LINGER`] of the first job, up
 /// to [`CHUNK`] notices, in one transaction. It waits on its queue in a
 /// runtime of its own (the SQLite calls block this thread, and only it);
 /// it ends when the queue is closed (every handle dropped).
-fn writer(conn: Connection, rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
+fn writer(store: Store, rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
     background_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -620,7 +781,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
             return;
         }
     };
-    runtime.block_on(write_loop(conn, rx, journal));
+    runtime.block_on(write_loop(store, rx, journal));
 }
 
 /// Lowers this thread's CPU priority (nice 10): on a busy machine the
@@ -633,7 +794,7 @@ fn background_priority() {
     }
 }
 
-async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
+async fn write_loop(mut store: Store, mut rx: mpsc::Receiver<Job>, journal: Arc<Journal>) {
     // Journal frames committed, per segment, since it was last emptied.
     let mut committed = [0u64; 2];
     // Approvals whose commit failed, for the next one (at most
@@ -673,7 +834,7 @@ async fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, journal: 
             tokio::time::sleep_until(deadline).await;
             take_waiting(&mut rx, &mut jobs, &mut count);
         }
-        let result = commit(&mut conn, jobs.iter().flat_map(|j| j.notices.iter()));
+        let result = store.commit(jobs.iter().flat_map(|j| j.notices.iter()));
         if result.is_ok() {
             wait = RETRY_FIRST;
             for job in &jobs {
@@ -722,133 +883,6 @@ fn take_waiting(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>, count: &mut u
             Err(_) => break,
         }
     }
-}
-
-fn millis(t: &Option<prost_types::Timestamp>) -> i64 {
-    t.as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-        .unwrap_or(0)
-}
-
-fn ended_by(n: &pb::CallEventNotice) -> String {
-    match pb::Initiator::try_from(n.initiator) {
-        Ok(pb::Initiator::Caller) => n.caller_user_id.clone(),
-        Ok(pb::Initiator::Callee) => n.callee_user_id.clone(),
-        Ok(pb::Initiator::Business) => "business".into(),
-        _ => "service".into(),
-    }
-}
-
-/// Stores one notice and folds it into its call's record. Idempotent.
-fn apply(
-    tx: &rusqlite::Transaction<'_>,
-    n: &pb::CallEventNotice,
-    rang_ms: Option<i64>,
-) -> rusqlite::Result<()> {
-    let t = millis(&n.time);
-    let fresh = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO events VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )?
-        .execute(params![
-            n.event_id,
-            n.call_id,
-            n.sequence,
-            n.event_type,
-            n.source_user_id,
-            n.target_user_id,
-            n.error_code,
-            n.flags,
-            n.param,
-            n.user_str,
-            n.initiator,
-            t
-        ])?;
-    if fresh == 0 {
-        // A REQUEST already in (its notice came first, or a replay): only
-        // when it was allowed, if that is new.
-        if let Some(r) = rang_ms {
-            tx.prepare_cached(
-                "UPDATE calls SET rang_ms = COALESCE(rang_ms, ?2) WHERE call_id = ?1",
-            )?
-            .execute(params![n.call_id, r])?;
-        }
-        return Ok(());
-    }
-    // One upsert per event: the row if it is the call's first event, this
-    // event's columns, one more event counted, and what follows from them
-    // (`complete`, `duration_ms`). SET expressions see the row as it was,
-    // so each one spells out the new values it depends on: `events + 1`,
-    // this event's `missed`, `answered_ms` or `ended_ms`. A new row has one
-    // event, so it is never complete and has no duration.
-    let (id, caller, callee) = (&n.call_id, &n.caller_user_id, &n.callee_user_id);
-    match pb::EventType::try_from(n.event_type) {
-        Ok(pb::EventType::Request) => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms, events)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET flags = excluded.flags, param = excluded.param,
-                    user_str = excluded.user_str, requested_ms = excluded.requested_ms,
-                    rang_ms = COALESCE(rang_ms, excluded.rang_ms),
-                    events = events + 1,
-                    complete = events + 1 = CASE WHEN missed = 1 THEN 2 ELSE 4 END",
-            )?
-            .execute(params![id, caller, callee, n.flags, n.param, n.user_str, t, rang_ms])?,
-        Ok(pb::EventType::Reply) if n.error_code == 0 => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, answered_ms, events)
-                 VALUES (?1, ?2, ?3, ?4, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET answered_ms = excluded.answered_ms,
-                    duration_ms = CASE WHEN missed = 0 AND ended_ms IS NOT NULL
-                                       THEN ended_ms - excluded.answered_ms END,
-                    events = events + 1,
-                    complete = events + 1 = CASE WHEN missed = 1 THEN 2 ELSE 4 END",
-            )?
-            .execute(params![id, caller, callee, t])?,
-        Ok(pb::EventType::Reply) => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, ended_ms, end_code, ended_by, missed, events)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET ended_ms = excluded.ended_ms,
-                    end_code = excluded.end_code, ended_by = excluded.ended_by, missed = 1,
-                    duration_ms = NULL,
-                    events = events + 1,
-                    complete = events + 1 = 2",
-            )?
-            .execute(params![id, caller, callee, t, n.error_code, ended_by(n)])?,
-        Ok(pb::EventType::Start) => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, room_id, answered_ms, events)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET room_id = excluded.room_id,
-                    answered_ms = COALESCE(answered_ms, excluded.answered_ms),
-                    duration_ms = CASE WHEN missed = 0 AND ended_ms IS NOT NULL
-                                       THEN ended_ms - COALESCE(answered_ms, excluded.answered_ms) END,
-                    events = events + 1,
-                    complete = events + 1 = CASE WHEN missed = 1 THEN 2 ELSE 4 END",
-            )?
-            .execute(params![id, caller, callee, n.param, t])?,
-        Ok(pb::EventType::Finish) => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, ended_ms, end_code, ended_by, events)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET ended_ms = excluded.ended_ms,
-                    end_code = excluded.end_code, ended_by = excluded.ended_by,
-                    duration_ms = CASE WHEN missed = 0 AND answered_ms IS NOT NULL
-                                       THEN excluded.ended_ms - answered_ms END,
-                    events = events + 1,
-                    complete = events + 1 = CASE WHEN missed = 1 THEN 2 ELSE 4 END",
-            )?
-            .execute(params![id, caller, callee, t, n.error_code, ended_by(n)])?,
-        _ => tx
-            .prepare_cached(
-                "INSERT INTO calls (call_id, caller, callee, events) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT (call_id) DO UPDATE SET events = events + 1,
-                    complete = events + 1 = CASE WHEN missed = 1 THEN 2 ELSE 4 END",
-            )?
-            .execute(params![id, caller, callee])?,
-    };
-    Ok(())
 }
 
 const COLUMNS: &str =
@@ -999,10 +1033,23 @@ mod tests {
         }
     }
 
-    fn store(conn: &mut Connection, n: &pb::CallEventNotice, rang: Option<i64>) {
-        let tx = conn.transaction().unwrap();
-        apply(&tx, n, rang).unwrap();
-        tx.commit().unwrap();
+    /// A notice in a transaction of its own.
+    fn store(s: &mut Store, n: &pb::CallEventNotice, rang: Option<i64>) {
+        s.commit([(n.clone(), rang)].iter()).unwrap();
+    }
+
+    fn store_at(path: &Path) -> Store {
+        Store::new(open(path).unwrap())
+    }
+
+    /// The kinds bits of a call's row.
+    fn kinds(c: &Connection, call_id: &str) -> u8 {
+        c.query_row(
+            "SELECT kinds FROM calls WHERE call_id = ?1",
+            params![call_id],
+            |r| r.get(0),
+        )
+        .unwrap()
     }
 
     fn answered_call(call: &str) -> Vec<pb::CallEventNotice> {
@@ -1017,18 +1064,22 @@ mod tests {
     #[test]
     fn a_record_is_the_same_whatever_the_order_and_duplicates() {
         let dir = tempdir();
-        let mut a = open(&dir.path().join("a.db")).unwrap();
-        let mut b = open(&dir.path().join("b.db")).unwrap();
+        let mut a = store_at(&dir.path().join("a.db"));
+        let mut b = store_at(&dir.path().join("b.db"));
         let events = answered_call("c1");
         for n in &events {
             store(&mut a, n, None);
         }
-        // Reversed, and everything twice.
-        for n in events.iter().rev().chain(events.iter()) {
+        // Reversed, and everything twice; the second time with the row
+        // read from the database, not from the writer's memory.
+        for (i, n) in events.iter().rev().chain(events.iter()).enumerate() {
+            if i >= events.len() {
+                b.rows.clear();
+            }
             store(&mut b, n, None);
         }
-        let ra = query(&a, Query::Call("c1"), 1).unwrap();
-        let rb = query(&b, Query::Call("c1"), 1).unwrap();
+        let ra = query(&a.conn, Query::Call("c1"), 1).unwrap();
+        let rb = query(&b.conn, Query::Call("c1"), 1).unwrap();
         assert_eq!(ra, rb);
         let r = &ra[0];
         assert!(r.complete && !r.missed);
@@ -1045,10 +1096,12 @@ mod tests {
             (r.room_id, r.end_code, r.ended_by.as_deref()),
             (Some(77), Some(0), Some("bob"))
         );
-        let events_stored: i64 = b
-            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(events_stored, 4);
+        assert_eq!(kinds(&b.conn, "c1"), 15);
+        // All four in one transaction: the same record.
+        let mut c = store_at(&dir.path().join("c.db"));
+        let together: Vec<_> = events.iter().rev().map(|n| (n.clone(), None)).collect();
+        c.commit(together.iter()).unwrap();
+        assert_eq!(query(&c.conn, Query::Call("c1"), 1).unwrap(), ra);
     }
 
     /// Every order of an answered call's events, each twice, and every order
@@ -1072,7 +1125,7 @@ mod tests {
             all
         }
         let dir = tempdir();
-        let mut c = open(&dir.path().join("o.db")).unwrap();
+        let mut c = store_at(&dir.path().join("o.db"));
         let missed = |id: &str| {
             vec![
                 notice(id, 1, 1, 0, pb::Initiator::Caller),
@@ -1084,7 +1137,8 @@ mod tests {
                 let rang = (n.event_type == 1).then_some(1_001_500);
                 store(&mut c, n, rang);
             }
-            let mut want = query(&c, Query::Call(&format!("{kind}-ref")), 1).unwrap()[0].clone();
+            let mut want =
+                query(&c.conn, Query::Call(&format!("{kind}-ref")), 1).unwrap()[0].clone();
             assert!(want.complete);
             for (i, order) in permutations(&events).into_iter().enumerate() {
                 let id = format!("{kind}-{i}");
@@ -1100,19 +1154,25 @@ mod tests {
                 order.extend(order.clone());
                 for (k, n) in order.iter().enumerate() {
                     let approval = n.event_type == 1 && (k >= events.len()) == approval_last;
+                    // Every other permutation reads the row back each time.
+                    if i % 4 >= 2 {
+                        c.rows.clear();
+                    }
                     store(&mut c, n, approval.then_some(1_001_500));
-                    let partial = query(&c, Query::Call(&id), 1).unwrap()[0].clone();
+                    let partial = query(&c.conn, Query::Call(&id), 1).unwrap()[0].clone();
                     assert_eq!(partial.complete, k + 1 >= events.len(), "{id} after {k}");
                 }
                 want.call_id.clone_from(&id);
-                let got = query(&c, Query::Call(&id), 1).unwrap()[0].clone();
+                let got = query(&c.conn, Query::Call(&id), 1).unwrap()[0].clone();
                 assert_eq!(got, want, "{id}");
             }
         }
     }
 
-    /// A database of the schema before events were kept WITHOUT ROWID keeps
-    /// its events and records, and still sees their duplicates.
+    /// A database of an older schema (events in a table of their own,
+    /// counted in the row) keeps its records; which events each call has
+    /// is carried into its row, so they are still seen as duplicates, and
+    /// the rest complete it.
     #[test]
     fn an_older_database_is_migrated() {
         let dir = tempdir();
@@ -1125,29 +1185,44 @@ mod tests {
             c.pragma_update(None, "user_version", 2).unwrap();
             c.execute_batch(
                 "INSERT INTO events VALUES ('old-1', 'old', 1, 1, 'alice', 'bob', 0, 3, 5, 'hi', 1, 1001000);
+                 INSERT INTO events VALUES ('old-3', 'old', 3, 3, 'alice', 'bob', 0, 3, 77, 'hi', 3, 1003000);
+                 INSERT INTO calls (call_id, caller, callee, requested_ms, room_id, answered_ms, events)
+                 VALUES ('old', 'alice', 'bob', 1001000, 77, 1003000, 2);
                  INSERT INTO calls (call_id, caller, callee, requested_ms, events)
-                 VALUES ('old', 'alice', 'bob', 1001000, 1);",
+                 VALUES ('none', 'alice', 'bob', 1001000, 0);",
             )
             .unwrap();
         }
-        let mut c = open(&path).unwrap();
+        let mut c = store_at(&path);
         let v: i64 = c
+            .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
-        let mut request = answered_call("old").remove(0);
-        request.event_id = "old-1".into();
-        store(&mut c, &request, None);
-        let r = &query(&c, Query::Call("old"), 1).unwrap()[0];
-        assert_eq!((r.requested_ms, r.complete), (Some(1_001_000), false));
-        let events: i64 = c
-            .query_row("SELECT events FROM calls WHERE call_id = 'old'", [], |r| {
-                r.get(0)
-            })
+        assert_eq!(kinds(&c.conn, "old"), 1 | 4);
+        assert_eq!(kinds(&c.conn, "none"), 0);
+        let tables: i64 = c
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'events'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
+        assert_eq!(tables, 0);
+        let before = query(&c.conn, Query::Call("old"), 1).unwrap();
+        let events = answered_call("old");
+        // The REQUEST and START stored before the migration, again: nothing
+        // changes.
+        store(&mut c, &events[0], None);
+        store(&mut c, &events[2], None);
+        assert_eq!(query(&c.conn, Query::Call("old"), 1).unwrap(), before);
+        store(&mut c, &events[1], None);
+        store(&mut c, &events[3], None);
+        let r = &query(&c.conn, Query::Call("old"), 1).unwrap()[0];
         assert_eq!(
-            events, 1,
-            "the REQUEST stored before the migration is a duplicate"
+            (r.requested_ms, r.answered_ms, r.duration_ms, r.complete),
+            (Some(1_001_000), Some(1_002_000), Some(2_000), true)
         );
     }
 
@@ -1156,8 +1231,9 @@ mod tests {
     #[test]
     fn a_users_calls_newest_first() {
         let dir = tempdir();
-        let mut c = open(&dir.path().join("u.db")).unwrap();
+        let mut c = store_at(&dir.path().join("u.db"));
         let indexes: i64 = c
+            .conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls'
                  AND name NOT LIKE 'sqlite_autoindex%'",
@@ -1180,7 +1256,7 @@ mod tests {
             store(&mut c, &n, None);
         }
         let ids = |q| -> Vec<String> {
-            query(&c, q, 3)
+            query(&c.conn, q, 3)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.call_id)
@@ -1194,29 +1270,33 @@ mod tests {
     #[test]
     fn missed_calls_and_partial_records() {
         let dir = tempdir();
-        let mut c = open(&dir.path().join("c.db")).unwrap();
+        let mut c = store_at(&dir.path().join("c.db"));
         store(
             &mut c,
             &notice("m1", 1, 1, 0, pb::Initiator::Caller),
             Some(1_001_500),
         );
         // Only the REQUEST so far: not complete.
-        assert!(!query(&c, Query::Call("m1"), 1).unwrap()[0].complete);
+        assert!(!query(&c.conn, Query::Call("m1"), 1).unwrap()[0].complete);
         store(
             &mut c,
             &notice("m1", 2, 2, 100_105, pb::Initiator::Service),
             None,
         );
-        let r = &query(&c, Query::Missed("bob"), 10).unwrap()[0];
+        let r = &query(&c.conn, Query::Missed("bob"), 10).unwrap()[0];
         assert!(r.complete && r.missed);
         assert_eq!(
             (r.end_code, r.ended_by.as_deref(), r.rang_ms, r.duration_ms),
             (Some(100_105), Some("service"), Some(1_001_500), None)
         );
-        assert!(query(&c, Query::Missed("alice"), 10).unwrap().is_empty());
-        assert_eq!(query(&c, Query::User("alice"), 10).unwrap().len(), 1);
+        assert!(
+            query(&c.conn, Query::Missed("alice"), 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(query(&c.conn, Query::User("alice"), 10).unwrap().len(), 1);
         let mut csv = Vec::new();
-        write_csv(&mut csv, &query(&c, Query::Recent, 10).unwrap()).unwrap();
+        write_csv(&mut csv, &query(&c.conn, Query::Recent, 10).unwrap()).unwrap();
         let text = String::from_utf8(csv).unwrap();
         assert!(text.starts_with("call_id,caller,callee"));
         assert!(
@@ -1232,7 +1312,7 @@ mod tests {
         let dir = tempdir();
         let path = dir.path().join("r.db");
         {
-            let mut c = open(&path).unwrap();
+            let mut c = store_at(&path);
             for n in answered_call("k1") {
                 store(&mut c, &n, None);
             }
@@ -1485,11 +1565,7 @@ mod tests {
             .store(notice("lost", 0, 1, 0, pb::Initiator::Caller))
             .await
             .unwrap();
-        let events: i64 = conn
-            .query_row("SELECT events FROM calls WHERE call_id = 'lost'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(events, 1);
+        assert_eq!(query(&conn, Query::Call("lost"), 1).unwrap(), lost);
+        assert_eq!(kinds(&conn, "lost"), 1);
     }
 }
