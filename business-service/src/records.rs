@@ -605,6 +605,14 @@ impl Records {
     }
 }
 
+/// The columns of a [`CallRecord`], in [`record`]'s order (a macro, for
+/// `concat!`).
+macro_rules! columns {
+    () => {
+        "call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms, answered_ms,
+        ended_ms, duration_ms, end_code, ended_by, room_id, missed, complete"
+    };
+}
 /// The writer's side of the database: its connection, and the rows of the
 /// calls in progress, as last committed, so that a call's next events fold
 /// into its row without reading it back.
@@ -663,20 +671,23 @@ impl Store {
         // The calls this transaction touches, in the order they came.
         let mut touched: Vec<(Row, bool)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        let result = (|| {
-            // The write lock first: a transaction that reads before it
-            // writes could not take it later while another connection
-            // holds it (SQLite answers BUSY at once instead of waiting).
-            let tx = self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let conn = &self.conn;
+        // The write lock first: a transaction that reads before it writes
+        // could not take it later while another connection holds it
+        // (SQLite answers BUSY at once instead of waiting). BEGIN and
+        // COMMIT prepared once, like the rest: parsed, they were a tenth of
+        // a small transaction's instructions.
+        let result = conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]));
+        let result = result.and_then(|_| {
             for (n, rang_ms) in notices {
                 let i = match index.get(n.call_id.as_str()) {
                     Some(&i) => i,
                     None => {
                         let row = match self.rows.take(&n.call_id) {
                             Some(row) => row,
-                            None => read_row(&tx, &n.call_id)?.unwrap_or_else(|| Row::new(n)),
+                            None => read_row(conn, &n.call_id)?.unwrap_or_else(|| Row::new(n)),
                         };
                         touched.push((row, false));
                         index.insert(&n.call_id, touched.len() - 1);
@@ -687,10 +698,10 @@ impl Store {
                 *changed |= row.fold(n, *rang_ms);
             }
             for (row, _) in touched.iter().filter(|(_, changed)| *changed) {
-                write_row(&tx, row)?;
+                write_row(conn, row)?;
             }
-            tx.commit()
-        })();
+            conn.prepare_cached("COMMIT")?.execute([]).map(|_| ())
+        });
         match result {
             Ok(()) => {
                 // A complete call's row is not looked for again (a late
@@ -703,8 +714,11 @@ impl Store {
                 Ok(())
             }
             Err(e) => {
-                // Rolled back: what the cache holds may be newer than the
-                // database; the rows are read again.
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                // What the cache holds may be newer than the database: the
+                // rows are read again.
                 self.rows.clear();
                 tracing::error!(error = %e, "call records not written");
                 Err(e.to_string())
@@ -714,9 +728,11 @@ impl Store {
 }
 
 /// A call's row as committed, if it has one.
-fn read_row(tx: &rusqlite::Transaction<'_>, call_id: &str) -> rusqlite::Result<Option<Row>> {
-    tx.prepare_cached(&format!(
-        "SELECT {COLUMNS}, kinds FROM calls WHERE call_id = ?1"
+fn read_row(conn: &Connection, call_id: &str) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(concat!(
+        "SELECT ",
+        columns!(),
+        ", kinds FROM calls WHERE call_id = ?1"
     ))?
     .query_row(params![call_id], |r| {
         Ok(Row {
@@ -729,9 +745,9 @@ fn read_row(tx: &rusqlite::Transaction<'_>, call_id: &str) -> rusqlite::Result<O
 
 /// Writes a call's whole row, new or not: one statement whatever the
 /// events that changed it.
-fn write_row(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Result<()> {
+fn write_row(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     let r = &row.record;
-    tx.prepare_cached(
+    conn.prepare_cached(
         "INSERT INTO calls (call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms,
             answered_ms, ended_ms, duration_ms, end_code, ended_by, room_id, missed, complete, kinds)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
@@ -885,9 +901,7 @@ fn take_waiting(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>, count: &mut u
     }
 }
 
-const COLUMNS: &str =
-    "call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms, answered_ms,
-    ended_ms, duration_ms, end_code, ended_by, room_id, missed, complete";
+const COLUMNS: &str = columns!();
 
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRecord> {
     Ok(CallRecord {
