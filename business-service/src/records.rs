@@ -747,17 +747,18 @@ fn read_row(conn: &Connection, call_id: &str) -> rusqlite::Result<Option<Row>> {
 /// events that changed it.
 fn write_row(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     let r = &row.record;
-    conn.prepare_cached(
-        "INSERT INTO calls (call_id, caller, callee, flags, param, user_str, requested_ms, rang_ms,
-            answered_ms, ended_ms, duration_ms, end_code, ended_by, room_id, missed, complete, kinds)
+    conn.prepare_cached(concat!(
+        "INSERT INTO calls (",
+        columns!(),
+        ", kinds)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
          ON CONFLICT (call_id) DO UPDATE SET flags = excluded.flags, param = excluded.param,
             user_str = excluded.user_str, requested_ms = excluded.requested_ms,
             rang_ms = excluded.rang_ms, answered_ms = excluded.answered_ms,
             ended_ms = excluded.ended_ms, duration_ms = excluded.duration_ms,
             end_code = excluded.end_code, ended_by = excluded.ended_by, room_id = excluded.room_id,
-            missed = excluded.missed, complete = excluded.complete, kinds = excluded.kinds",
-    )?
+            missed = excluded.missed, complete = excluded.complete, kinds = excluded.kinds"
+    ))?
     .execute(params![
         r.call_id,
         r.caller,

@@ -54,7 +54,7 @@ impl Row {
     /// allowed); returns whether the row changed. An event already in
     /// changes nothing, except an approval's `rang_ms` that was not known.
     pub fn fold(&mut self, n: &pb::CallEventNotice, rang_ms: Option<i64>) -> bool {
-        let before = self.clone();
+        let (kinds, rang) = (self.kinds, self.record.rang_ms);
         let r = &mut self.record;
         let t = millis(n);
         match pb::EventType::try_from(n.event_type) {
@@ -99,6 +99,11 @@ impl Row {
             // An event already in, or of a type no record has a column for.
             _ => {}
         }
+        // Every column but `rang_ms` is set with its event's bit, and the
+        // rest follows from them.
+        if self.kinds == kinds {
+            return r.rang_ms != rang;
+        }
         r.duration_ms = match (r.missed, r.answered_ms, r.ended_ms) {
             (false, Some(a), Some(e)) if self.kinds & FINISH != 0 => Some(e - a),
             _ => None,
@@ -108,7 +113,7 @@ impl Row {
         } else {
             self.kinds == REQUEST | REPLY | START | FINISH
         };
-        *self != before
+        true
     }
 }
 
