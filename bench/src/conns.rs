@@ -3,7 +3,9 @@
 //! (one address has about 28k ephemeral ports), or their streams spread over
 //! a few shared connections (as behind an HTTP/2 proxy or gateway, where one
 //! process's file descriptors no longer bound the count). Measures the call
-//! service's resident memory per connected device and per active call.
+//! service's resident memory per connected device and per active call. With
+//! several nodes (`--nodes`), the clients are spread over them in turn, and
+//! memory is the nodes' together.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -48,14 +50,19 @@ pub struct ConnResult {
     pub shared_connections: usize,
     pub connect_s: f64,
     pub connects_per_s: f64,
+    /// Call-service nodes the clients were spread over.
+    pub nodes: usize,
     /// The call service's RSS before the first client and with all
-    /// connected (KiB).
+    /// connected (KiB; all nodes together).
     pub server_rss_before_kib: u64,
     pub server_rss_connected_kib: u64,
     /// (connected − before) / connected, KiB and bytes.
     pub server_kib_per_client: f64,
-    /// Devices the service counts (its `videocall_connected_devices`).
+    /// Devices the service counts (its `videocall_connected_devices`, all
+    /// nodes together).
     pub server_reports_connected: f64,
+    /// The same, node by node.
+    pub node_reports_connected: Vec<f64>,
     pub active_calls: usize,
     pub server_rss_calls_kib: u64,
     /// Extra RSS per call in the talking state (KiB).
@@ -70,16 +77,18 @@ pub struct ConnResult {
 
 type Device = (Client, Events);
 
-/// Connects `spec.clients` idle devices to `url` (the node `call_service`);
-/// with `services` on Redis, Redis's memory per device too.
-pub async fn run(
-    url: &str,
-    call_service: &Server,
-    services: &crate::procs::Services,
-    spec: &ConnSpec,
-) -> anyhow::Result<ConnResult> {
-    let metrics = call_service.addr("metrics")?;
-    let before = call_service.sample();
+/// Connects `spec.clients` idle devices to the call service's nodes, client
+/// `i` to node `i mod n` (shared connections are divided among the nodes,
+/// at least one each); on Redis, Redis's memory per device too.
+pub async fn run(services: &crate::procs::Services, spec: &ConnSpec) -> anyhow::Result<ConnResult> {
+    let nodes: Vec<&Server> = services.call_nodes().collect();
+    let urls = services.client_urls()?;
+    let metrics = nodes
+        .iter()
+        .map(|n| n.addr("metrics"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss = || nodes.iter().map(|n| n.sample().rss_kib).sum::<u64>();
+    let before = rss();
     let redis_before = services.redis_used_memory().await?;
     let me_before = crate::procs::sample(std::process::id()).unwrap_or_default();
     let started = Instant::now();
@@ -103,16 +112,24 @@ pub async fn run(
             }
         })
     });
-    let mut shared = Vec::with_capacity(spec.shared);
-    for i in 0..spec.shared {
-        shared.push(connect(url, spec.sources[i % spec.sources.len()]).await?);
+    // shared[node]: that node's shared connections.
+    let mut shared: Vec<Vec<Channel>> = vec![Vec::new(); urls.len()];
+    if spec.shared > 0 {
+        for j in 0..spec.shared.max(urls.len()) {
+            let node = j % urls.len();
+            let source = spec.sources[j % spec.sources.len()];
+            shared[node].push(connect(&urls[node], source).await?);
+        }
     }
     for i in 0..spec.clients {
         let source = spec.sources[i % spec.sources.len()];
-        let url = url.to_owned();
+        let node = i % urls.len();
+        let url = urls[node].clone();
         let gate = gate.clone();
         let done = done.clone();
-        let channel = (!shared.is_empty()).then(|| shared[i % shared.len()].clone());
+        let on_node = &shared[node];
+        let channel =
+            (!on_node.is_empty()).then(|| on_node[(i / urls.len()) % on_node.len()].clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
             let channel = match channel {
@@ -154,16 +171,22 @@ pub async fn run(
     let connected = spec.clients - failed;
     if !spec.hold.is_zero() {
         eprintln!(
-            "holding {connected} clients for {:?} (call-service pid {})",
+            "holding {connected} clients for {:?} (call-service pids {:?})",
             spec.hold,
-            call_service.pid()
+            nodes.iter().map(|n| n.pid()).collect::<Vec<_>>()
         );
         tokio::time::sleep(spec.hold).await;
     }
-    let reported = scrape(&metrics, "videocall_connected_devices")
-        .await
-        .unwrap_or(-1.0);
-    let with_clients = call_service.sample();
+    let mut node_reports = Vec::with_capacity(metrics.len());
+    for m in &metrics {
+        node_reports.push(
+            scrape(m, "videocall_connected_devices")
+                .await
+                .unwrap_or(f64::NAN),
+        );
+    }
+    let reported = node_reports.iter().sum();
+    let with_clients = rss();
     let redis_with_clients = services.redis_used_memory().await?;
     let me_after = crate::procs::sample(std::process::id()).unwrap_or_default();
     let per = |a: u64, b: u64, n: usize| (a as f64 - b as f64) / n.max(1) as f64;
@@ -183,7 +206,7 @@ pub async fn run(
             talking += 1;
         }
     }
-    let with_calls = call_service.sample();
+    let with_calls = rss();
     for ((caller, _), (callee, _)) in &pairs {
         let _ = caller.finish(callee.user_id()).await;
     }
@@ -195,13 +218,15 @@ pub async fn run(
         shared_connections: spec.shared,
         connect_s,
         connects_per_s: connected as f64 / connect_s.max(1e-9),
-        server_rss_before_kib: before.rss_kib,
-        server_rss_connected_kib: with_clients.rss_kib,
-        server_kib_per_client: per(with_clients.rss_kib, before.rss_kib, connected),
+        nodes: nodes.len(),
+        server_rss_before_kib: before,
+        server_rss_connected_kib: with_clients,
+        server_kib_per_client: per(with_clients, before, connected),
         server_reports_connected: reported,
+        node_reports_connected: node_reports,
         active_calls: talking,
-        server_rss_calls_kib: with_calls.rss_kib,
-        server_kib_per_call: per(with_calls.rss_kib, with_clients.rss_kib, talking),
+        server_rss_calls_kib: with_calls,
+        server_kib_per_call: per(with_calls, with_clients, talking),
         generator_kib_per_client: per(me_after.rss_kib, me_before.rss_kib, connected),
         redis_bytes_per_client: redis_before
             .zip(redis_with_clients)

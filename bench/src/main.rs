@@ -180,7 +180,7 @@ struct ServiceArgs {
     #[arg(long)]
     redis: bool,
     /// Call-service nodes sharing one Redis; each pair's caller and callee
-    /// on different nodes.
+    /// on different nodes (`connections`: the clients spread over them).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
 }
@@ -550,7 +550,7 @@ async fn connections_mode(
     spec: conns::ConnSpec,
 ) -> anyhow::Result<()> {
     let started = Services::start(&services.options()).await?;
-    let result = conns::run(&started.client_url()?, &started.call, &started, &spec).await?;
+    let result = conns::run(&started, &spec).await?;
     started.stop().await;
     write_out(&out, "connections", &result, report::conns(&result))?;
     Ok(())

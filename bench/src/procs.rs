@@ -352,6 +352,11 @@ impl Services {
         Ok(format!("http://{}", self.call.addr("client")?))
     }
 
+    /// Every call-service node (the first node first).
+    pub fn call_nodes(&self) -> impl Iterator<Item = &Server> {
+        std::iter::once(&self.call).chain(&self.nodes)
+    }
+
     /// Every node's client API (the first node's first).
     pub fn client_urls(&self) -> anyhow::Result<Vec<String>> {
         std::iter::once(&self.call)

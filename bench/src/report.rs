@@ -158,6 +158,13 @@ pub fn conns(c: &ConnResult) -> String {
         c.clients, c.connected, c.failed
     );
     let _ = writeln!(m, "| source addresses | {} |", c.sources);
+    if c.nodes > 1 {
+        let _ = writeln!(
+            m,
+            "| call-service nodes | {} (clients spread over them in turn; memory is theirs together) |",
+            c.nodes
+        );
+    }
     let _ = writeln!(
         m,
         "| HTTP/2 connections | {} |",

@@ -109,6 +109,42 @@ async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connect
     }
 }
 
+/// The idle-clients mode over three nodes on one Redis: the clients are
+/// spread over the nodes in turn (each holds a third), on their own
+/// connections and on shared ones, and calls among them (between nodes)
+/// reach the talking state. Needs `redis-server` (the README's test command
+/// installs it).
+#[tokio::test]
+async fn the_load_generator_spreads_idle_clients_over_a_clusters_nodes() {
+    for shared in [0, 6] {
+        let (doc, stdout) = bench(&[
+            "connections",
+            "--clients",
+            "300",
+            "--active-calls",
+            "20",
+            "--nodes",
+            "3",
+            "--quiet",
+            "--shared-connections",
+            &shared.to_string(),
+        ])
+        .await;
+        let r = &doc["result"];
+        assert_eq!(r["nodes"], 3);
+        assert_eq!(r["connected"], 300, "{stdout}");
+        assert_eq!(r["server_reports_connected"], 300.0, "{stdout}");
+        let per_node: Vec<f64> = r["node_reports_connected"]
+            .as_array()
+            .expect("per node")
+            .iter()
+            .map(|n| n.as_f64().expect("a count"))
+            .collect();
+        assert_eq!(per_node, [100.0, 100.0, 100.0], "{stdout}");
+        assert_eq!(r["active_calls"], 20, "{stdout}");
+    }
+}
+
 /// The floor relay (`--floor`) serves the same clients: answered and
 /// rejected calls go through it with approval by the business service, every
 /// one as planned; a plan it cannot relay (cancelling needs call state) is
