@@ -16,8 +16,10 @@
 #       records on, mixed outcomes: memory over time, every record complete);
 #   (e) the call state three ways: one node in memory (the ramp of (c)), one
 #       node on Redis, three nodes on one Redis (each call's caller and
-#       callee on different nodes): highest clean rate, and 1,000 calls/s
-#       side by side (latency, Redis round trips, commands and CPU per call).
+#       callee on different nodes): highest clean rate, 1,000 calls/s
+#       side by side (latency, Redis round trips, commands and CPU per call),
+#       and the idle clients of (c) over 64 shared connections on one node on
+#       Redis and spread over the three nodes (Redis's memory per client too).
 # Installs what it needs (Debian: kamailio, sip-tester; PyPI: matplotlib in
 # target/benchenv), builds in release mode, and writes JSON, REPORT.md and
 # PNG plots to the output directory (default target/bench/<date-time>).
@@ -114,6 +116,13 @@ for store in memory redis cluster; do
     --json "$out/calls-$store.json" --markdown "$out/calls-$store.md"
 done
 
+for store in redis cluster; do
+  case $store in redis) flags=(--redis) ;; cluster) flags=(--nodes 3) ;; esac
+  echo "== (e) $clients idle clients over 64 shared connections, $store"
+  "$bench" connections --clients "$clients" --shared-connections 64 --active-calls 1000 --quiet "${flags[@]}" \
+    --json "$out/connections-$store.json" --markdown "$out/connections-$store.md"
+done
+
 echo "== (c) soak: half the highest clean rate for $soak_duration, records on, mixed outcomes"
 soak_rate=$(python3 -c "import json; r = json.load(open('$out/ramp.json'))['result']; print(int((r.get('max_clean_rate') or 2000) / 2))")
 "$bench" soak --rate "$soak_rate" --duration "$soak_duration" "${mixed[@]}" \
@@ -133,6 +142,10 @@ soak_rate=$(python3 -c "import json; r = json.load(open('$out/ramp.json'))['resu
   echo "### Ramp, one node on Redis"; echo; cat "$out/ramp-redis.md"
   echo
   echo "### Ramp, three nodes on one Redis"; echo; cat "$out/ramp-cluster.md"
+  echo
+  echo "### Idle clients over 64 shared connections, one node on Redis"; echo; cat "$out/connections-redis.md"
+  echo
+  echo "### Idle clients over 64 shared connections, spread over three nodes on one Redis"; echo; cat "$out/connections-cluster.md"
 } >> "$out/REPORT.md"
 echo
 sed -n '1,/^## Call service ramp/p' "$out/REPORT.md" | head -n -1
