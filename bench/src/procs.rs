@@ -348,10 +348,6 @@ impl Services {
         }
     }
 
-    pub fn client_url(&self) -> anyhow::Result<String> {
-        Ok(format!("http://{}", self.call.addr("client")?))
-    }
-
     /// Every call-service node (the first node first).
     pub fn call_nodes(&self) -> impl Iterator<Item = &Server> {
         std::iter::once(&self.call).chain(&self.nodes)
@@ -359,8 +355,7 @@ impl Services {
 
     /// Every node's client API (the first node's first).
     pub fn client_urls(&self) -> anyhow::Result<Vec<String>> {
-        std::iter::once(&self.call)
-            .chain(&self.nodes)
+        self.call_nodes()
             .map(|n| Ok(format!("http://{}", n.addr("client")?)))
             .collect()
     }
@@ -370,10 +365,7 @@ impl Services {
         if self.floor {
             return Ok(Vec::new());
         }
-        std::iter::once(&self.call)
-            .chain(&self.nodes)
-            .map(|n| n.addr("metrics"))
-            .collect()
+        self.call_nodes().map(|n| n.addr("metrics")).collect()
     }
 
     /// A section of Redis's `INFO`, if there is a Redis.

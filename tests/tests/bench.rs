@@ -79,25 +79,31 @@ async fn the_load_generator_places_every_kind_of_call_without_failures() {
     assert!(stdout.contains("REQUEST→START"), "{stdout}");
 }
 
+/// The idle-clients mode: 300 clients, `shared` shared connections (0:
+/// each its own), 20 calls among them, and `more` arguments.
+async fn idle_clients(shared: usize, more: &[&str]) -> (serde_json::Value, String) {
+    let shared = shared.to_string();
+    let mut args = vec![
+        "connections",
+        "--clients",
+        "300",
+        "--active-calls",
+        "20",
+        "--quiet",
+        "--shared-connections",
+        &shared,
+    ];
+    args.extend_from_slice(more);
+    bench(&args).await
+}
+
 /// The idle-clients mode, once with a connection per client and once with
 /// the clients' streams sharing a few connections: every client connects,
 /// the service counts them all, and calls among them reach the talking state.
 #[tokio::test]
 async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connections() {
     for shared in [0, 4] {
-        let (doc, stdout) = bench(&[
-            "connections",
-            "--clients",
-            "300",
-            "--active-calls",
-            "20",
-            "--sources",
-            "2",
-            "--quiet",
-            "--shared-connections",
-            &shared.to_string(),
-        ])
-        .await;
+        let (doc, stdout) = idle_clients(shared, &["--sources", "2"]).await;
         let r = &doc["result"];
         assert_eq!(doc["mode"], "connections");
         assert_eq!(r["shared_connections"], shared);
@@ -117,19 +123,7 @@ async fn the_load_generator_connects_idle_clients_on_their_own_or_shared_connect
 #[tokio::test]
 async fn the_load_generator_spreads_idle_clients_over_a_clusters_nodes() {
     for shared in [0, 6] {
-        let (doc, stdout) = bench(&[
-            "connections",
-            "--clients",
-            "300",
-            "--active-calls",
-            "20",
-            "--nodes",
-            "3",
-            "--quiet",
-            "--shared-connections",
-            &shared.to_string(),
-        ])
-        .await;
+        let (doc, stdout) = idle_clients(shared, &["--nodes", "3"]).await;
         let r = &doc["result"];
         assert_eq!(r["nodes"], 3);
         assert_eq!(r["connected"], 300, "{stdout}");
